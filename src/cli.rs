@@ -1,0 +1,195 @@
+//! The command line (SPEC §2): parses arguments and runs one command,
+//! returning the process exit code (0 clean, 2 configuration error, 1 other).
+
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use secrecy::SecretString;
+
+use crate::config::{ClientSettings, ConfigError, Scope, Settings, Sources};
+use crate::http::auth::key_sha256;
+use crate::simulator::{Simulator, random_hex};
+use crate::startup::{Application, shutdown_signal};
+use crate::telemetry;
+
+#[derive(Debug, Parser)]
+#[command(name = "token-broker", version, about = "Hands internal callers BotPenguin user tokens without exposing the partner key")]
+pub struct Cli {
+    /// Configuration file (TOML), layered over the built-in defaults.
+    #[arg(long, global = true, env = "TOKEN_BROKER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (the default).
+    Serve,
+    /// Run the service against a built-in simulated BotPenguin; prints a demo caller key.
+    Demo,
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig,
+    /// Read a caller key on stdin and print its `key_sha256` line.
+    HashKey,
+    /// Run only the simulated BotPenguin upstream.
+    SimulateUpstream {
+        /// Address to listen on, e.g. 127.0.0.1:8081.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Partner key the simulator accepts.
+        #[arg(long, default_value = "demo-partner-key")]
+        partner_key: String,
+    },
+}
+
+/// How a command failed: decides the exit code.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("configuration error: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Failure {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            Failure::Config(_) => ExitCode::from(2),
+            Failure::Other(_) => ExitCode::from(1),
+        }
+    }
+}
+
+fn other(e: impl std::fmt::Display) -> Failure {
+    Failure::Other(e.to_string())
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.config).await,
+        Command::Demo => demo(cli.config).await,
+        Command::CheckConfig => check_config(cli.config),
+        Command::HashKey => hash_key(),
+        Command::SimulateUpstream {
+            listen,
+            partner_key,
+        } => simulate_upstream(listen, &partner_key).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("token-broker: {failure}");
+            failure.exit_code()
+        }
+    }
+}
+
+fn load(file: Option<PathBuf>) -> Result<Settings, Failure> {
+    Ok(Settings::load(&Sources::from_process(file))?)
+}
+
+async fn serve(file: Option<PathBuf>) -> Result<(), Failure> {
+    let settings = load(file)?;
+    settings.require_serving()?;
+    let partner_key = settings.partner_key()?;
+    run_service(&settings, partner_key, |_| {}).await
+}
+
+async fn run_service(
+    settings: &Settings,
+    partner_key: SecretString,
+    on_ready: impl FnOnce(&Application),
+) -> Result<(), Failure> {
+    telemetry::init_logs(&settings.log);
+    if settings.auth.allow_anonymous {
+        tracing::warn!("auth.allow_anonymous is on: requests without a key get every scope; for local development only");
+    }
+    let app = Application::build(settings, partner_key).await.map_err(other)?;
+    tracing::info!(api = %app.api_addr(), admin = %app.admin_addr(), "listening");
+    on_ready(&app);
+    app.run_until(shutdown_signal()).await.map_err(other)
+}
+
+async fn demo(file: Option<PathBuf>) -> Result<(), Failure> {
+    let mut settings = load(file)?;
+    let partner_key = random_hex(24);
+    let caller_key = random_hex(24);
+    let simulator = Simulator::demo(&partner_key);
+    let upstream = simulator
+        .spawn(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .await
+        .map_err(|e| other(format!("cannot start the simulated upstream: {e}")))?;
+    settings.upstream.base_url = url::Url::parse(&format!("http://{upstream}"))
+        .map_err(|e| other(format!("simulated upstream address: {e}")))?;
+    settings.upstream.partner_key = None;
+    settings.upstream.partner_key_file = None;
+    settings.clients.push(ClientSettings {
+        name: "demo".into(),
+        key_sha256: key_sha256(&caller_key),
+        scopes: Scope::ALL.to_vec(),
+    });
+    let partner_key = SecretString::from(partner_key);
+    run_service(&settings, partner_key, |app| {
+        let api = reachable(app.api_addr());
+        println!(
+            "\ntoken-broker demo: a simulated BotPenguin runs at http://{upstream}; nothing real is contacted.\n\
+             Simulated users:\n{users}\n\n\
+             demo caller key: {caller_key}\n\n\
+             Try:\n  curl -s -H 'Authorization: Bearer {caller_key}' 'http://{api}/v1/tokens?email=alice%40example.com&type=AGENT'\n\n\
+             Metrics: http://{admin}/metrics   Stop: Ctrl-C\n",
+            users = simulator.describe(),
+            admin = reachable(app.admin_addr()),
+        );
+    })
+    .await
+}
+
+/// An address a local `curl` can reach: `0.0.0.0` becomes `127.0.0.1`.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+    } else {
+        addr
+    }
+}
+
+fn check_config(file: Option<PathBuf>) -> Result<(), Failure> {
+    let settings = load(file)?;
+    settings.require_serving()?;
+    settings.partner_key()?;
+    print!("{}", settings.redacted_toml());
+    eprintln!("token-broker: configuration is valid");
+    Ok(())
+}
+
+fn hash_key() -> Result<(), Failure> {
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| other(format!("cannot read the key from stdin: {e}")))?;
+    let key = SecretString::from(input.trim());
+    drop(SecretString::from(input));
+    let key = secrecy::ExposeSecret::expose_secret(&key);
+    if key.is_empty() {
+        return Err(other("no key on stdin; try: printf %s \"$KEY\" | token-broker hash-key"));
+    }
+    println!("key_sha256 = \"{}\"", key_sha256(key));
+    Ok(())
+}
+
+async fn simulate_upstream(listen: SocketAddr, partner_key: &str) -> Result<(), Failure> {
+    telemetry::init_logs(&load(None)?.log);
+    let simulator = Simulator::demo(partner_key);
+    let addr = simulator.spawn(listen).await.map_err(other)?;
+    println!(
+        "simulated BotPenguin at http://{addr}/ext/get-user-token (partner key: {partner_key})\n{}",
+        simulator.describe()
+    );
+    shutdown_signal().await;
+    Ok(())
+}

@@ -1,0 +1,474 @@
+//! Configuration: layered loading (built-in defaults → file → environment),
+//! validation that names the offending key, and redaction for display.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize, Serializer};
+use url::Url;
+
+/// The documented defaults, compiled in as the first layer.
+pub const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "TOKEN_BROKER";
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot load configuration: {0}")]
+    Source(String),
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Where configuration comes from. Tests fill this from values; `main` from
+/// the command line and the process environment.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// The file given by `--config` or `TOKEN_BROKER_CONFIG`.
+    pub file: Option<PathBuf>,
+    /// TOML text layered after the file (used by tests and `demo`).
+    pub toml: Option<String>,
+    /// Environment variables; only `TOKEN_BROKER__…` ones are read.
+    pub env: HashMap<String, String>,
+}
+
+impl Sources {
+    /// The real process environment and an optional file.
+    pub fn from_process(file: Option<PathBuf>) -> Self {
+        Self {
+            file,
+            toml: None,
+            env: std::env::vars()
+                .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    pub cache: CacheSettings,
+    pub log: LogSettings,
+    pub auth: AuthSettings,
+    #[serde(default)]
+    pub clients: Vec<ClientSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSettings {
+    pub base_url: Url,
+    #[serde(default, serialize_with = "redacted")]
+    pub partner_key: Option<SecretString>,
+    #[serde(default)]
+    pub partner_key_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    pub max_entries: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub allow_anonymous: bool,
+}
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+pub enum Scope {
+    /// Read team-member tokens (email + type).
+    #[serde(rename = "tokens:read")]
+    TokensRead,
+    /// Read customer API tokens (user id).
+    #[serde(rename = "customer_tokens:read")]
+    CustomerTokensRead,
+    /// Drop cached tokens.
+    #[serde(rename = "tokens:invalidate")]
+    TokensInvalidate,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 3] = [
+        Scope::TokensRead,
+        Scope::CustomerTokensRead,
+        Scope::TokensInvalidate,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::TokensRead => "tokens:read",
+            Scope::CustomerTokensRead => "customer_tokens:read",
+            Scope::TokensInvalidate => "tokens:invalidate",
+        }
+    }
+}
+
+/// One `[[clients]]` entry: a caller allowed in.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSettings {
+    pub name: String,
+    /// Hex SHA-256 of the caller's key, never the key itself.
+    pub key_sha256: String,
+    pub scopes: Vec<Scope>,
+}
+
+impl ClientSettings {
+    /// The decoded digest; valid once `Settings::load` has succeeded.
+    pub fn key_digest(&self) -> Option<[u8; 32]> {
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(&self.key_sha256, &mut digest).ok()?;
+        Some(digest)
+    }
+}
+
+fn redacted<S: Serializer>(value: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => s.serialize_str("[REDACTED]"),
+        None => s.serialize_none(),
+    }
+}
+
+impl Settings {
+    /// Loads and validates the layered configuration.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        if let Some(path) = &sources.file {
+            if !path.is_file() {
+                return Err(ConfigError::Source(format!(
+                    "configuration file {} does not exist or is not a file",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml));
+        }
+        if let Some(text) = &sources.toml {
+            builder = builder.add_source(File::from_str(text, FileFormat::Toml));
+        }
+        let env = Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .source(Some(sources.env.clone()));
+        let config = builder
+            .add_source(env)
+            .build()
+            .map_err(|e| ConfigError::Source(e.to_string()))?;
+        let settings: Settings = serde_path_to_error::deserialize(config).map_err(|e| {
+            let key = e.path().to_string();
+            let message = e.into_inner().to_string();
+            if key == "." || key.is_empty() {
+                ConfigError::Source(message)
+            } else {
+                ConfigError::invalid(key, message)
+            }
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("server.shutdown_grace", self.server.shutdown_grace)?;
+        positive("upstream.timeout", self.upstream.timeout)?;
+        positive("upstream.connect_timeout", self.upstream.connect_timeout)?;
+        positive("cache.ttl", self.cache.ttl)?;
+        if !matches!(self.upstream.base_url.scheme(), "http" | "https") {
+            return Err(ConfigError::invalid(
+                "upstream.base_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if self.upstream.base_url.cannot_be_a_base() || self.upstream.base_url.query().is_some() {
+            return Err(ConfigError::invalid(
+                "upstream.base_url",
+                "must be a base URL without query, such as https://api.v7.botpenguin.com",
+            ));
+        }
+        if self.upstream.partner_key.is_some() && self.upstream.partner_key_file.is_some() {
+            return Err(ConfigError::invalid(
+                "upstream.partner_key",
+                "set either upstream.partner_key or upstream.partner_key_file, not both",
+            ));
+        }
+        if let Some(key) = &self.upstream.partner_key
+            && key.expose_secret().trim().is_empty()
+        {
+            return Err(ConfigError::invalid("upstream.partner_key", "must not be empty"));
+        }
+        if self.cache.max_entries == 0 {
+            return Err(ConfigError::invalid("cache.max_entries", "must be at least 1"));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!("not a valid tracing filter directive: {e}"),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut digests = HashSet::new();
+        for (i, client) in self.clients.iter().enumerate() {
+            let key = |field: &str| format!("clients[{i}].{field}");
+            if client.name.trim().is_empty() || client.name.len() > 64 {
+                return Err(ConfigError::invalid(key("name"), "must be 1 to 64 characters"));
+            }
+            if client.name == crate::http::auth::ANONYMOUS {
+                return Err(ConfigError::invalid(key("name"), "\"anonymous\" is reserved"));
+            }
+            if !names.insert(client.name.as_str()) {
+                return Err(ConfigError::invalid(key("name"), "is used by another client"));
+            }
+            let Some(digest) = client.key_digest() else {
+                return Err(ConfigError::invalid(
+                    key("key_sha256"),
+                    "must be 64 hex characters (the SHA-256 of the caller key; `token-broker hash-key` prints it)",
+                ));
+            };
+            if !digests.insert(digest) {
+                return Err(ConfigError::invalid(
+                    key("key_sha256"),
+                    "is used by another client",
+                ));
+            }
+            if client.scopes.is_empty() {
+                return Err(ConfigError::invalid(
+                    key("scopes"),
+                    "must name at least one of tokens:read, customer_tokens:read, tokens:invalidate",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What `serve` needs beyond a valid file: a partner key and someone allowed in.
+    pub fn require_serving(&self) -> Result<(), ConfigError> {
+        if self.upstream.partner_key.is_none() && self.upstream.partner_key_file.is_none() {
+            return Err(ConfigError::invalid(
+                "upstream.partner_key_file",
+                "a partner key is required: set upstream.partner_key_file (or upstream.partner_key)",
+            ));
+        }
+        if self.clients.is_empty() && !self.auth.allow_anonymous {
+            return Err(ConfigError::invalid(
+                "clients",
+                "at least one [[clients]] entry is required unless auth.allow_anonymous = true",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the partner key from `partner_key` or `partner_key_file`.
+    pub fn partner_key(&self) -> Result<SecretString, ConfigError> {
+        match (&self.upstream.partner_key, &self.upstream.partner_key_file) {
+            (Some(key), _) => Ok(SecretString::from(key.expose_secret().trim())),
+            (None, Some(path)) => read_key_file(path),
+            (None, None) => Err(ConfigError::invalid(
+                "upstream.partner_key_file",
+                "a partner key is required",
+            )),
+        }
+    }
+
+    /// The effective configuration as TOML, every secret replaced by `[REDACTED]`.
+    pub fn redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Reads a secret file, trimming the whitespace editors and `echo` leave behind.
+pub fn read_key_file(path: &Path) -> Result<SecretString, ConfigError> {
+    let key = "upstream.partner_key_file";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    let secret = SecretString::from(text.trim());
+    drop(SecretString::from(text));
+    if secret.expose_secret().is_empty() {
+        return Err(ConfigError::invalid(key, format!("{} is empty", path.display())));
+    }
+    Ok(secret)
+}
+
+fn positive(key: &str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(ConfigError::invalid(key, "must be greater than zero"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLIENT: &str = r#"
+        [upstream]
+        partner_key = "pk-secret"
+        [[clients]]
+        name = "app"
+        key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        scopes = ["tokens:read"]
+    "#;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load(&Sources {
+            file: None,
+            toml: Some(toml.to_owned()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    }
+
+    fn error_key(result: Result<Settings, ConfigError>) -> String {
+        match result {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let s = load("", &[]).unwrap();
+        assert_eq!(s.server.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(s.server.admin_listen.to_string(), "0.0.0.0:9090");
+        assert_eq!(s.server.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(s.upstream.base_url.as_str(), "https://api.v7.botpenguin.com/");
+        assert_eq!(s.upstream.timeout, Duration::from_secs(5));
+        assert_eq!(s.upstream.connect_timeout, Duration::from_secs(2));
+        assert_eq!(s.cache.ttl, Duration::from_secs(600));
+        assert_eq!(s.cache.max_entries, 100_000);
+        assert_eq!(s.log.format, LogFormat::Json);
+        assert!(!s.auth.allow_anonymous);
+        assert!(s.clients.is_empty());
+    }
+
+    #[test]
+    fn environment_overrides_file_with_double_underscores() {
+        let s = load(
+            CLIENT,
+            &[
+                ("TOKEN_BROKER__UPSTREAM__BASE_URL", "http://127.0.0.1:1"),
+                ("TOKEN_BROKER__CACHE__TTL", "250ms"),
+                ("TOKEN_BROKER__CACHE__MAX_ENTRIES", "7"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.upstream.base_url.as_str(), "http://127.0.0.1:1/");
+        assert_eq!(s.cache.ttl, Duration::from_millis(250));
+        assert_eq!(s.cache.max_entries, 7);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let err = load("[cache]\nttl_typo = \"1m\"\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("cache") && err.contains("ttl_typo"), "{err}");
+        let err = load("", &[("TOKEN_BROKER__SERVER__PORT", "1")]).unwrap_err().to_string();
+        assert!(err.contains("server") && err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        assert_eq!(error_key(load("[cache]\nttl = \"soon\"\n", &[])), "cache.ttl");
+        assert_eq!(error_key(load("[cache]\nttl = \"0s\"\n", &[])), "cache.ttl");
+        assert_eq!(error_key(load("[server]\nlisten = \"nowhere\"\n", &[])), "server.listen");
+        assert_eq!(error_key(load("[log]\nformat = \"xml\"\n", &[])), "log.format");
+        assert_eq!(error_key(load("[log]\nlevel = \"=[\"\n", &[])), "log.level");
+        assert_eq!(
+            error_key(load("[upstream]\nbase_url = \"ftp://x\"\n", &[])),
+            "upstream.base_url"
+        );
+        let bad_hash = CLIENT.replace("9f86d0", "zz86d0");
+        assert_eq!(error_key(load(&bad_hash, &[])), "clients[0].key_sha256");
+        let bad_scope = CLIENT.replace("tokens:read", "tokens:write");
+        assert!(error_key(load(&bad_scope, &[])).starts_with("clients[0].scopes"));
+    }
+
+    #[test]
+    fn serving_needs_a_partner_key_and_a_client() {
+        let s = load("", &[]).unwrap();
+        assert_eq!(
+            error_key(s.require_serving().map(|_| s.clone())),
+            "upstream.partner_key_file"
+        );
+        let s = load("[upstream]\npartner_key = \"k\"\n", &[]).unwrap();
+        assert_eq!(error_key(s.require_serving().map(|_| s.clone())), "clients");
+        let s = load(
+            "[upstream]\npartner_key = \"k\"\n[auth]\nallow_anonymous = true\n",
+            &[],
+        )
+        .unwrap();
+        assert!(s.require_serving().is_ok());
+        assert!(load(CLIENT, &[]).unwrap().require_serving().is_ok());
+    }
+
+    #[test]
+    fn partner_key_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "pk-from-file\n").unwrap();
+        let toml = format!("[upstream]\npartner_key_file = {:?}\n", path.display().to_string());
+        let s = load(&toml, &[]).unwrap();
+        assert_eq!(s.partner_key().unwrap().expose_secret(), "pk-from-file");
+        std::fs::write(&path, "  \n").unwrap();
+        assert!(s.partner_key().is_err());
+    }
+
+    #[test]
+    fn redacted_output_hides_the_partner_key() {
+        let s = load(CLIENT, &[]).unwrap();
+        let text = s.redacted_toml();
+        assert!(!text.contains("pk-secret"));
+        assert!(text.contains("[REDACTED]"));
+        assert!(text.contains("ttl = \"10m\""));
+        assert!(!format!("{s:?}").contains("pk-secret"));
+    }
+}

@@ -1,0 +1,52 @@
+//! The API listener: router, request middleware, caller auth, query parsing
+//! and the problem+json error type.
+
+pub mod auth;
+pub mod error;
+pub mod observe;
+pub mod query;
+pub mod tokens;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::middleware;
+use axum::routing::get;
+
+use crate::broker::Broker;
+use crate::http::auth::Callers;
+use crate::http::error::ApiError;
+use crate::telemetry::metrics::Metrics;
+
+/// The route of the native token API.
+pub const TOKENS_ROUTE: &str = "/v1/tokens";
+/// The drop-in route, same as the vendor's.
+pub const VENDOR_ROUTE: &str = "/ext/get-user-token";
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub broker: Arc<Broker>,
+    pub callers: Arc<Callers>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The API router, without a listener, so tests can call it in-process.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            TOKENS_ROUTE,
+            get(tokens::get_token).delete(tokens::delete_token),
+        )
+        .route(VENDOR_ROUTE, get(tokens::get_vendor_token))
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                tracing::error!("handler panicked");
+                axum::response::IntoResponse::into_response(ApiError::Internal)
+            },
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), observe::observe))
+        .with_state(state)
+}

@@ -1,0 +1,205 @@
+//! The one place where failures become RFC 9457 `application/problem+json`
+//! responses. Clients get a stable slug, title and short detail; causes go to
+//! the log, never into a body.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::broker::BrokerError;
+use crate::broker::identity::InvalidInput;
+use crate::upstream::UpstreamError;
+
+/// Seconds a caller is told to wait after the vendor was unavailable.
+const UPSTREAM_RETRY_AFTER_SECS: u64 = 5;
+
+/// Every error the API answers with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("missing or unknown caller key")]
+    Unauthorized,
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("the vendor has no such user")]
+    UserNotFound,
+    #[error("the token is inactive")]
+    TokenInactive,
+    #[error("the vendor answered with something unusable")]
+    UpstreamBadResponse,
+    #[error("the vendor is unavailable")]
+    UpstreamUnavailable { retry_after_secs: u64 },
+    #[error("the vendor did not answer in time")]
+    UpstreamTimeout,
+    #[error("request URI too long")]
+    UriTooLong,
+    #[error("request headers too large")]
+    HeadersTooLarge,
+    #[error("request body not accepted")]
+    BodyNotAllowed,
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("internal error")]
+    Internal,
+}
+
+/// The problem+json document.
+#[derive(Debug, Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    detail: &'a str,
+}
+
+impl ApiError {
+    /// (status, slug, title, detail)
+    fn describe(&self) -> (StatusCode, &'static str, &'static str, &str) {
+        match self {
+            ApiError::BadRequest(detail) => (
+                StatusCode::BAD_REQUEST,
+                "invalid-request",
+                "Invalid request",
+                detail,
+            ),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Unauthorized",
+                "present a known caller key as 'Authorization: Bearer <key>'",
+            ),
+            ApiError::Forbidden(detail) => {
+                (StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
+            }
+            ApiError::UserNotFound => (
+                StatusCode::NOT_FOUND,
+                "user-not-found",
+                "No such user",
+                "BotPenguin has no user with this identity",
+            ),
+            ApiError::TokenInactive => (
+                StatusCode::CONFLICT,
+                "token-inactive",
+                "Token inactive",
+                "BotPenguin reports this user's token as inactive",
+            ),
+            ApiError::UpstreamBadResponse => (
+                StatusCode::BAD_GATEWAY,
+                "upstream-bad-response",
+                "Bad upstream response",
+                "BotPenguin answered with something unusable; the cause is logged",
+            ),
+            ApiError::UpstreamUnavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream-unavailable",
+                "Upstream unavailable",
+                "BotPenguin is unavailable and no cached token can be served; retry later",
+            ),
+            ApiError::UpstreamTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream-timeout",
+                "Upstream timeout",
+                "BotPenguin did not answer within upstream.timeout",
+            ),
+            ApiError::UriTooLong => (
+                StatusCode::URI_TOO_LONG,
+                "uri-too-long",
+                "URI too long",
+                "the request line must be at most 8 KiB",
+            ),
+            ApiError::HeadersTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers-too-large",
+                "Request headers too large",
+                "the request headers must be at most 8 KiB",
+            ),
+            ApiError::BodyNotAllowed => (
+                StatusCode::BAD_REQUEST,
+                "body-not-allowed",
+                "Request body not accepted",
+                "requests to this API carry no body",
+            ),
+            ApiError::RouteNotFound => (
+                StatusCode::NOT_FOUND,
+                "route-not-found",
+                "Not found",
+                "no such route; see the README for the API",
+            ),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                "this route does not accept that method",
+            ),
+            ApiError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+                "an unexpected error happened; the cause is logged",
+            ),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.describe().0
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, slug, title, detail) = self.describe();
+        let problem = Problem {
+            kind: format!("urn:token-broker:problem:{slug}"),
+            title,
+            status: status.as_u16(),
+            detail,
+        };
+        let mut response = (status, Json(problem)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match self {
+            ApiError::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::UpstreamUnavailable { retry_after_secs } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<InvalidInput> for ApiError {
+    fn from(e: InvalidInput) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+impl From<&BrokerError> for ApiError {
+    fn from(e: &BrokerError) -> Self {
+        match e {
+            BrokerError::Upstream(upstream) => match upstream {
+                UpstreamError::Timeout => ApiError::UpstreamTimeout,
+                UpstreamError::NotFound => ApiError::UserNotFound,
+                UpstreamError::Connect(_)
+                | UpstreamError::Unavailable(_)
+                | UpstreamError::Transport(_) => ApiError::UpstreamUnavailable {
+                    retry_after_secs: UPSTREAM_RETRY_AFTER_SECS,
+                },
+                UpstreamError::Rejected(_)
+                | UpstreamError::Malformed(_)
+                | UpstreamError::UnexpectedStatus(_) => ApiError::UpstreamBadResponse,
+            },
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Per-request middleware: request id, the request span, the size limits of
+//! SPEC §7, one log event and the HTTP metrics for every request.
+
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
+
+use crate::http::auth::CallerSlot;
+use crate::http::error::ApiError;
+use crate::http::{AppState, TOKENS_ROUTE, VENDOR_ROUTE};
+use crate::telemetry::metrics::{HttpLabels, RouteLabels};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Longest accepted request target and header block (SPEC §7).
+pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The `route` label: a known path or `unmatched`, so labels stay a closed set.
+fn route_label(path: &str) -> &'static str {
+    match path {
+        TOKENS_ROUTE => TOKENS_ROUTE,
+        VENDOR_ROUTE => VENDOR_ROUTE,
+        _ => "unmatched",
+    }
+}
+
+/// The caller's `x-request-id` if it is a sane token, else a new UUID.
+fn request_id(request: &Request) -> HeaderValue {
+    request
+        .headers()
+        .get(&X_REQUEST_ID)
+        .filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty()
+                && b.len() <= MAX_REQUEST_ID_LEN
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                .unwrap_or(HeaderValue::from_static("invalid"))
+        })
+}
+
+/// Refuses oversized requests and bodies before any handler runs.
+fn check_limits(request: &Request) -> Result<(), ApiError> {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |pq| pq.as_str().len());
+    if target > MAX_REQUEST_LINE_BYTES {
+        return Err(ApiError::UriTooLong);
+    }
+    let header_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return Err(ApiError::HeadersTooLarge);
+    }
+    if matches!(*request.method(), Method::GET | Method::DELETE | Method::HEAD) {
+        let has_length = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+        if has_length || request.headers().contains_key(header::TRANSFER_ENCODING) {
+            return Err(ApiError::BodyNotAllowed);
+        }
+    }
+    Ok(())
+}
+
+/// The `result` label of `token_broker_client_requests_total`.
+fn client_result(status: u16) -> &'static str {
+    match status {
+        200..=299 => "ok",
+        400 => "bad_request",
+        403 => "forbidden",
+        404 => "not_found",
+        409 => "inactive",
+        429 => "rate_limited",
+        500..=599 => "error",
+        _ => "refused",
+    }
+}
+
+pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request_id(&request);
+    let route = route_label(request.uri().path());
+    let method = request.method().clone();
+    let span = tracing::info_span!(
+        "request",
+        request_id = id.to_str().unwrap_or_default(),
+        method = %method,
+        route,
+        client = tracing::field::Empty,
+    );
+    let slot = CallerSlot::default();
+    request.extensions_mut().insert(slot.clone());
+
+    let mut response = match check_limits(&request) {
+        Ok(()) => next.run(request).instrument(span.clone()).await,
+        Err(refusal) => refusal.into_response(),
+    };
+
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&HttpLabels { route, status })
+        .inc();
+    state
+        .metrics
+        .http_duration
+        .get_or_create(&RouteLabels { route })
+        .observe(elapsed.as_secs_f64());
+    if let Some(client) = slot.0.get() {
+        state.metrics.client_request(client, client_result(status));
+    }
+    span.in_scope(|| {
+        tracing::info!(
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            cache = response
+                .headers()
+                .get(crate::http::tokens::X_CACHE)
+                .and_then(|v| v.to_str().ok()),
+            "request completed"
+        );
+    });
+    response.headers_mut().insert(X_REQUEST_ID, id);
+    response
+}

@@ -1,0 +1,135 @@
+//! Token handlers: `GET`/`DELETE /v1/tokens` and the drop-in
+//! `GET /ext/get-user-token`.
+
+use axum::Json;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::broker::Issued;
+use crate::broker::identity::Identity;
+use crate::config::Scope;
+use crate::http::AppState;
+use crate::http::auth::Caller;
+use crate::http::error::ApiError;
+use crate::http::query;
+
+/// `X-Cache`: where the token came from.
+pub const X_CACHE: &str = "x-cache";
+
+#[derive(Serialize)]
+struct TokenBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<&'a str>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    user_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+    token: &'a str,
+    active: bool,
+}
+
+/// The vendor's answer shape, field order included.
+#[derive(Serialize)]
+struct VendorBody<'a> {
+    success: bool,
+    message: &'static str,
+    data: VendorData<'a>,
+    code: u16,
+}
+
+#[derive(Serialize)]
+struct VendorData<'a> {
+    #[serde(rename = "permanentToken")]
+    permanent_token: VendorToken<'a>,
+}
+
+#[derive(Serialize)]
+struct VendorToken<'a> {
+    key: &'a str,
+    active: bool,
+}
+
+/// `GET /v1/tokens`
+pub async fn get_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let identity = query::identity(raw.as_deref(), query::V1)?;
+    let issued = lookup(&state, &caller, &identity).await?;
+    if !issued.active {
+        return Err(ApiError::TokenInactive);
+    }
+    let (email, user_type, user_id) = match &identity {
+        Identity::TeamMember { email, user_type } => {
+            (Some(email.as_str()), Some(user_type.as_str()), None)
+        }
+        Identity::Customer(id) => (None, None, Some(id.as_str())),
+    };
+    let body = TokenBody {
+        email,
+        user_type,
+        user_id,
+        token: issued.token.expose(),
+        active: issued.active,
+    };
+    Ok(with_token_headers(Json(body).into_response(), &issued))
+}
+
+/// `GET /ext/get-user-token`: the vendor's path, parameters and body.
+pub async fn get_vendor_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let identity = query::identity(raw.as_deref(), query::VENDOR)?;
+    let issued = lookup(&state, &caller, &identity).await?;
+    let body = VendorBody {
+        success: true,
+        message: "",
+        data: VendorData {
+            permanent_token: VendorToken {
+                key: issued.token.expose(),
+                active: issued.active,
+            },
+        },
+        code: 200,
+    };
+    Ok(with_token_headers(Json(body).into_response(), &issued))
+}
+
+/// `DELETE /v1/tokens`
+pub async fn delete_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    RawQuery(raw): RawQuery,
+) -> Result<StatusCode, ApiError> {
+    let identity = query::identity(raw.as_deref(), query::V1)?;
+    caller.require(Scope::TokensInvalidate)?;
+    state.broker.invalidate(&identity).await;
+    tracing::info!(identity = identity.kind(), "cached token invalidated");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn lookup(state: &AppState, caller: &Caller, identity: &Identity) -> Result<Issued, ApiError> {
+    caller.authorize_read(identity)?;
+    state.broker.lookup(identity).await.map_err(|error| {
+        tracing::warn!(
+            identity = identity.kind(),
+            outcome = error.outcome(),
+            error = %error,
+            "no token from the vendor"
+        );
+        ApiError::from(&error)
+    })
+}
+
+fn with_token_headers(mut response: Response, issued: &Issued) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(X_CACHE, HeaderValue::from_static(issued.cache.as_str()));
+    headers.insert(header::AGE, HeaderValue::from(issued.age.as_secs()));
+    response
+}

@@ -1,0 +1,13 @@
+//! token-broker: holds the BotPenguin partner key and hands internal callers
+//! cached user tokens over HTTP. See `docs/ARCHITECTURE.md` for the map.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod simulator;
+pub mod startup;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,187 @@
+//! The Prometheus metrics of SPEC §6, in one registry owned by the
+//! application (no global recorder), encoded on `/metrics`.
+//!
+//! Labels are closed sets or configured client names: never an email, a
+//! token or a key.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientLabels {
+    pub client: String,
+    pub result: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Buckets from 50 µs (a cache hit) to 10 s (a slow vendor call).
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// Every metric the service exports.
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_duration: HistogramFamily<RouteLabels>,
+    pub cache_lookups: Family<ResultLabels, Counter>,
+    pub cache_entries: Gauge,
+    pub upstream_requests: Family<OutcomeLabels, Counter>,
+    pub upstream_duration: Histogram,
+    pub client_requests: Family<ClientLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("token_broker");
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "API requests by route and status",
+            http_requests.clone(),
+        );
+        let http_duration: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "http_request_duration_seconds",
+            "API request latency by route",
+            http_duration.clone(),
+        );
+        let cache_lookups = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "cache_lookups",
+            "Token lookups by cache result (hit, miss, stale, negative)",
+            cache_lookups.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "cache_entries",
+            "Tokens held in the in-memory cache",
+            cache_entries.clone(),
+        );
+        let upstream_requests = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "upstream_requests",
+            "Requests to the BotPenguin API by outcome",
+            upstream_requests.clone(),
+        );
+        let upstream_duration = latency_histogram();
+        registry.register(
+            "upstream_request_duration_seconds",
+            "Latency of requests to the BotPenguin API",
+            upstream_duration.clone(),
+        );
+        let client_requests = Family::<ClientLabels, Counter>::default();
+        registry.register(
+            "client_requests",
+            "Authenticated requests by caller and result",
+            client_requests.clone(),
+        );
+        for result in ["hit", "miss", "stale", "negative"] {
+            let _ = cache_lookups.get_or_create(&ResultLabels { result });
+        }
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            cache_lookups,
+            cache_entries,
+            upstream_requests,
+            upstream_duration,
+            client_requests,
+        }
+    }
+
+    pub fn cache_lookup(&self, result: &'static str) {
+        self.cache_lookups.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn client_request(&self, client: &str, result: &'static str) {
+        self.client_requests
+            .get_or_create(&ClientLabels {
+                client: client.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    /// The registry in the OpenMetrics text format Prometheus scrapes.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_spec() {
+        let m = Metrics::new();
+        m.http_requests
+            .get_or_create(&HttpLabels {
+                route: "/v1/tokens",
+                status: 200,
+            })
+            .inc();
+        m.upstream_requests
+            .get_or_create(&OutcomeLabels { outcome: "ok" })
+            .inc();
+        m.client_request("app", "ok");
+        m.http_duration
+            .get_or_create(&RouteLabels { route: "/v1/tokens" })
+            .observe(0.001);
+        let text = m.encode();
+        for name in [
+            "token_broker_http_requests_total{route=\"/v1/tokens\",status=\"200\"} 1",
+            "token_broker_http_request_duration_seconds_bucket{",
+            "token_broker_cache_lookups_total{result=\"negative\"} 0",
+            "token_broker_cache_entries 0",
+            "token_broker_upstream_requests_total{outcome=\"ok\"} 1",
+            "token_broker_upstream_request_duration_seconds_count 0",
+            "token_broker_client_requests_total{client=\"app\",result=\"ok\"} 1",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

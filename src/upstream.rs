@@ -1,0 +1,333 @@
+//! The BotPenguin client: one pooled `reqwest` client that asks
+//! `GET /ext/get-user-token` for a token and turns every answer into either
+//! a `Fetched` token or a typed `UpstreamError`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use reqwest::header::{ACCEPT, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use url::Url;
+
+use crate::broker::identity::Identity;
+use crate::config::UpstreamSettings;
+use crate::telemetry::metrics::{Metrics, OutcomeLabels};
+
+/// The vendor endpoint, relative to `upstream.base_url`.
+pub const TOKEN_PATH: &str = "ext/get-user-token";
+/// Largest vendor answer read; a token answer is a few hundred bytes.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A permanent token. Redacted in `Debug`, zeroised on drop; exposed only
+/// where a response body is written.
+#[derive(Clone)]
+pub struct Token(SecretString);
+
+impl Token {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(SecretString::from(value.into()))
+    }
+
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token([REDACTED])")
+    }
+}
+
+/// What the vendor handed out.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub token: Token,
+    pub active: bool,
+}
+
+/// Every way asking the vendor can fail. Messages carry no URL, body, key or token.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the vendor did not answer within the timeout")]
+    Timeout,
+    #[error("cannot connect to the vendor: {0}")]
+    Connect(String),
+    #[error("the vendor rejected the partner key (status {0})")]
+    Rejected(u16),
+    #[error("the vendor has no such user")]
+    NotFound,
+    #[error("the vendor is unavailable (status {0})")]
+    Unavailable(u16),
+    #[error("the vendor answered with an unusable body: {0}")]
+    Malformed(String),
+    #[error("the vendor answered with unexpected status {0}")]
+    UnexpectedStatus(u16),
+    #[error("request to the vendor failed: {0}")]
+    Transport(String),
+}
+
+impl UpstreamError {
+    /// The `outcome` label of `token_broker_upstream_requests_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::Connect(_) => "connect_error",
+            UpstreamError::Rejected(_) => "rejected",
+            UpstreamError::NotFound => "not_found",
+            UpstreamError::Unavailable(_) => "unavailable",
+            UpstreamError::Malformed(_) => "malformed",
+            UpstreamError::UnexpectedStatus(_) => "unexpected_status",
+            UpstreamError::Transport(_) => "transport_error",
+        }
+    }
+
+    /// Maps a vendor status (HTTP, or the body's `code`) that is not success.
+    fn from_status(status: u16) -> Self {
+        match status {
+            401 | 403 => UpstreamError::Rejected(status),
+            404 => UpstreamError::NotFound,
+            429 | 500..=599 => UpstreamError::Unavailable(status),
+            _ => UpstreamError::UnexpectedStatus(status),
+        }
+    }
+
+    fn from_reqwest(err: reqwest::Error) -> Self {
+        // `without_url`: the URL holds the email address.
+        let err = err.without_url();
+        if err.is_timeout() {
+            UpstreamError::Timeout
+        } else if err.is_connect() {
+            UpstreamError::Connect(error_chain(&err))
+        } else {
+            UpstreamError::Transport(error_chain(&err))
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[derive(Deserialize)]
+struct VendorBody {
+    success: Option<bool>,
+    code: Option<i64>,
+    data: Option<VendorData>,
+}
+
+#[derive(Deserialize)]
+struct VendorData {
+    #[serde(rename = "permanentToken")]
+    permanent_token: Option<VendorToken>,
+}
+
+#[derive(Deserialize)]
+struct VendorToken {
+    key: String,
+    active: bool,
+}
+
+/// Interprets a vendor answer. The vendor may say HTTP 200 with
+/// `"success":false` and the real status in `code`: the body's code wins.
+fn parse_answer(status: StatusCode, body: &[u8]) -> Result<Fetched, UpstreamError> {
+    if !status.is_success() {
+        return Err(UpstreamError::from_status(status.as_u16()));
+    }
+    let body: VendorBody = serde_json::from_slice(body)
+        .map_err(|e| UpstreamError::Malformed(format!("not the documented JSON shape: {e}")))?;
+    let code = body.code.unwrap_or(i64::from(status.as_u16()));
+    if code != 200 {
+        let code = u16::try_from(code).unwrap_or(0);
+        return Err(UpstreamError::from_status(code));
+    }
+    if body.success != Some(true) {
+        return Err(UpstreamError::Malformed("success is not true".into()));
+    }
+    let token = body
+        .data
+        .and_then(|d| d.permanent_token)
+        .ok_or_else(|| UpstreamError::Malformed("data.permanentToken is missing".into()))?;
+    if token.key.is_empty() {
+        return Err(UpstreamError::Malformed("data.permanentToken.key is empty".into()));
+    }
+    Ok(Fetched {
+        token: Token::new(token.key),
+        active: token.active,
+    })
+}
+
+/// The one long-lived client for the vendor API.
+pub struct UpstreamClient {
+    http: reqwest::Client,
+    endpoint: Url,
+    partner_key: SecretString,
+    metrics: Arc<Metrics>,
+}
+
+impl UpstreamClient {
+    pub fn new(
+        settings: &UpstreamSettings,
+        partner_key: SecretString,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
+            .timeout(settings.timeout)
+            .connect_timeout(settings.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Self {
+            http,
+            endpoint: endpoint(&settings.base_url),
+            partner_key,
+            metrics,
+        })
+    }
+
+    /// Asks the vendor once for the token of `identity`.
+    pub async fn fetch(&self, identity: &Identity) -> Result<Fetched, UpstreamError> {
+        let started = Instant::now();
+        let result = self.attempt(identity).await;
+        self.metrics
+            .upstream_duration
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(fetched) if fetched.active => "ok",
+            Ok(_) => "inactive",
+            Err(e) => e.outcome(),
+        };
+        self.metrics
+            .upstream_requests
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        result
+    }
+
+    async fn attempt(&self, identity: &Identity) -> Result<Fetched, UpstreamError> {
+        let mut url = self.endpoint.clone();
+        {
+            let mut query = url.query_pairs_mut();
+            match identity {
+                Identity::TeamMember { email, user_type } => {
+                    query
+                        .append_pair("email", email.as_str())
+                        .append_pair("type", user_type.as_str());
+                }
+                Identity::Customer(user_id) => {
+                    query.append_pair("userId", user_id.as_str());
+                }
+            }
+        }
+        let mut response = self
+            .http
+            .get(url)
+            .bearer_auth(self.partner_key.expose_secret())
+            .header("authtype", HeaderValue::from_static("Key"))
+            .header(ACCEPT, HeaderValue::from_static("application/json"))
+            .send()
+            .await
+            .map_err(UpstreamError::from_reqwest)?;
+        let status = response.status();
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(UpstreamError::from_reqwest)?
+        {
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(UpstreamError::Malformed("answer is too large".into()));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        parse_answer(status, &body)
+    }
+}
+
+/// `{base_url}/ext/get-user-token`, keeping any path prefix of the base URL.
+fn endpoint(base: &Url) -> Url {
+    let mut base = base.clone();
+    if !base.path().ends_with('/') {
+        let path = format!("{}/", base.path());
+        base.set_path(&path);
+    }
+    // A base URL validated by `config` always joins with a relative path.
+    base.join(TOKEN_PATH).unwrap_or(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str) -> Result<Fetched, UpstreamError> {
+        parse_answer(StatusCode::OK, body.as_bytes())
+    }
+
+    #[test]
+    fn documented_success_body_parses() {
+        let f = ok(r#"{"success":true,"message":"","data":{"permanentToken":{"key":"t1","active":true}},"code":200}"#).unwrap();
+        assert_eq!(f.token.expose(), "t1");
+        assert!(f.active);
+    }
+
+    #[test]
+    fn body_code_wins_over_http_200() {
+        let r = ok(r#"{"success":false,"message":"User not found","data":null,"code":404}"#);
+        assert!(matches!(r, Err(UpstreamError::NotFound)));
+        let r = ok(r#"{"success":false,"message":"bad key","code":401}"#);
+        assert!(matches!(r, Err(UpstreamError::Rejected(401))));
+        let r = ok(r#"{"success":false,"message":"busy","code":503}"#);
+        assert!(matches!(r, Err(UpstreamError::Unavailable(503))));
+    }
+
+    #[test]
+    fn unusable_bodies_are_malformed() {
+        for body in [
+            "<html>",
+            "",
+            r#"{"success":true,"code":200}"#,
+            r#"{"success":true,"code":200,"data":{"permanentToken":{"key":"","active":true}}}"#,
+            r#"{"success":true,"code":200,"data":{"permanentToken":{"key":7,"active":true}}}"#,
+            r#"{"code":200,"data":{"permanentToken":{"key":"k","active":true}}}"#,
+        ] {
+            assert!(
+                matches!(ok(body), Err(UpstreamError::Malformed(_))),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn http_statuses_map_to_typed_errors() {
+        let at = |s: u16| parse_answer(StatusCode::from_u16(s).unwrap(), b"{}");
+        assert!(matches!(at(401), Err(UpstreamError::Rejected(401))));
+        assert!(matches!(at(403), Err(UpstreamError::Rejected(403))));
+        assert!(matches!(at(404), Err(UpstreamError::NotFound)));
+        assert!(matches!(at(429), Err(UpstreamError::Unavailable(429))));
+        assert!(matches!(at(502), Err(UpstreamError::Unavailable(502))));
+        assert!(matches!(at(418), Err(UpstreamError::UnexpectedStatus(418))));
+    }
+
+    #[test]
+    fn endpoint_keeps_a_base_path() {
+        let e = endpoint(&Url::parse("https://api.v7.botpenguin.com").unwrap());
+        assert_eq!(e.as_str(), "https://api.v7.botpenguin.com/ext/get-user-token");
+        let e = endpoint(&Url::parse("http://gw.internal/botpenguin").unwrap());
+        assert_eq!(e.as_str(), "http://gw.internal/botpenguin/ext/get-user-token");
+    }
+
+    #[test]
+    fn token_debug_is_redacted() {
+        assert_eq!(format!("{:?}", Token::new("very-secret")), "Token([REDACTED])");
+    }
+}
