@@ -23,7 +23,8 @@ use crate::upstream::{Fetched, Token, UpstreamClient, UpstreamError};
 use identity::Identity;
 
 /// A future returned by a `TokenSource`.
-pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<Fetched, UpstreamError>> + Send + 'a>>;
+pub type FetchFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Fetched, UpstreamError>> + Send + 'a>>;
 
 /// Where tokens come from: the vendor client in production, a double in unit tests.
 pub trait TokenSource: Send + Sync + 'static {
@@ -106,7 +107,11 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(settings: &CacheSettings, source: Arc<dyn TokenSource>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        settings: &CacheSettings,
+        source: Arc<dyn TokenSource>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let store = Cache::builder()
             .max_capacity(settings.max_entries)
             .time_to_live(settings.ttl)
@@ -184,8 +189,8 @@ impl Broker {
 mod tests {
     use super::*;
     use crate::broker::identity::{Email, UserId, UserType};
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Hands out `token-<n>` for the n-th call, after `delay`.
     struct Counting {
@@ -308,13 +313,19 @@ mod tests {
     async fn types_of_one_email_are_separate_keys() {
         let source = Counting::new();
         let broker = broker(source.clone(), Duration::from_secs(600), 100);
-        let agent = broker.lookup(&member("a@example.com", UserType::Agent)).await.unwrap();
+        let agent = broker
+            .lookup(&member("a@example.com", UserType::Agent))
+            .await
+            .unwrap();
         let custom = broker
             .lookup(&member("a@EXAMPLE.com", UserType::CustomUser))
             .await
             .unwrap();
         assert_ne!(agent.token.expose(), custom.token.expose());
-        let agent_again = broker.lookup(&member("a@Example.Com", UserType::Agent)).await.unwrap();
+        let agent_again = broker
+            .lookup(&member("a@Example.Com", UserType::Agent))
+            .await
+            .unwrap();
         assert_eq!(agent_again.token.expose(), agent.token.expose());
         assert_eq!(source.calls(), 2);
     }

@@ -16,7 +16,11 @@ use crate::startup::{Application, shutdown_signal};
 use crate::telemetry;
 
 #[derive(Debug, Parser)]
-#[command(name = "token-broker", version, about = "Hands internal callers BotPenguin user tokens without exposing the partner key")]
+#[command(
+    name = "token-broker",
+    version,
+    about = "Hands internal callers BotPenguin user tokens without exposing the partner key"
+)]
 pub struct Cli {
     /// Configuration file (TOML), layered over the built-in defaults.
     #[arg(long, global = true, env = "TOKEN_BROKER_CONFIG", value_name = "FILE")]
@@ -107,9 +111,13 @@ async fn run_service(
 ) -> Result<(), Failure> {
     telemetry::init_logs(&settings.log);
     if settings.auth.allow_anonymous {
-        tracing::warn!("auth.allow_anonymous is on: requests without a key get every scope; for local development only");
+        tracing::warn!(
+            "auth.allow_anonymous is on: requests without a key get every scope; for local development only"
+        );
     }
-    let app = Application::build(settings, partner_key).await.map_err(other)?;
+    let app = Application::build(settings, partner_key)
+        .await
+        .map_err(other)?;
     tracing::info!(api = %app.api_addr(), admin = %app.admin_addr(), "listening");
     on_ready(&app);
     app.run_until(shutdown_signal()).await.map_err(other)
@@ -176,7 +184,9 @@ fn hash_key() -> Result<(), Failure> {
     drop(SecretString::from(input));
     let key = secrecy::ExposeSecret::expose_secret(&key);
     if key.is_empty() {
-        return Err(other("no key on stdin; try: printf %s \"$KEY\" | token-broker hash-key"));
+        return Err(other(
+            "no key on stdin; try: printf %s \"$KEY\" | token-broker hash-key",
+        ));
     }
     println!("key_sha256 = \"{}\"", key_sha256(key));
     Ok(())

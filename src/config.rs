@@ -41,8 +41,8 @@ impl ConfigError {
 pub struct Sources {
     /// The file given by `--config` or `TOKEN_BROKER_CONFIG`.
     pub file: Option<PathBuf>,
-    /// TOML text layered after the file (used by tests and `demo`).
-    pub toml: Option<String>,
+    /// TOML texts layered after the file, in order (tests build config this way).
+    pub layers: Vec<String>,
     /// Environment variables; only `TOKEN_BROKER__…` ones are read.
     pub env: HashMap<String, String>,
 }
@@ -52,7 +52,7 @@ impl Sources {
     pub fn from_process(file: Option<PathBuf>) -> Self {
         Self {
             file,
-            toml: None,
+            layers: Vec::new(),
             env: std::env::vars()
                 .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
                 .collect(),
@@ -182,8 +182,7 @@ fn redacted<S: Serializer>(value: &Option<SecretString>, s: S) -> Result<S::Ok, 
 impl Settings {
     /// Loads and validates the layered configuration.
     pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
-        let mut builder =
-            Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
         if let Some(path) = &sources.file {
             if !path.is_file() {
                 return Err(ConfigError::Source(format!(
@@ -193,7 +192,7 @@ impl Settings {
             }
             builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml));
         }
-        if let Some(text) = &sources.toml {
+        for text in &sources.layers {
             builder = builder.add_source(File::from_str(text, FileFormat::Toml));
         }
         let env = Environment::with_prefix(ENV_PREFIX)
@@ -243,10 +242,16 @@ impl Settings {
         if let Some(key) = &self.upstream.partner_key
             && key.expose_secret().trim().is_empty()
         {
-            return Err(ConfigError::invalid("upstream.partner_key", "must not be empty"));
+            return Err(ConfigError::invalid(
+                "upstream.partner_key",
+                "must not be empty",
+            ));
         }
         if self.cache.max_entries == 0 {
-            return Err(ConfigError::invalid("cache.max_entries", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "cache.max_entries",
+                "must be at least 1",
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::invalid(
@@ -259,13 +264,22 @@ impl Settings {
         for (i, client) in self.clients.iter().enumerate() {
             let key = |field: &str| format!("clients[{i}].{field}");
             if client.name.trim().is_empty() || client.name.len() > 64 {
-                return Err(ConfigError::invalid(key("name"), "must be 1 to 64 characters"));
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    "must be 1 to 64 characters",
+                ));
             }
             if client.name == crate::http::auth::ANONYMOUS {
-                return Err(ConfigError::invalid(key("name"), "\"anonymous\" is reserved"));
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    "\"anonymous\" is reserved",
+                ));
             }
             if !names.insert(client.name.as_str()) {
-                return Err(ConfigError::invalid(key("name"), "is used by another client"));
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    "is used by another client",
+                ));
             }
             let Some(digest) = client.key_digest() else {
                 return Err(ConfigError::invalid(
@@ -332,7 +346,10 @@ pub fn read_key_file(path: &Path) -> Result<SecretString, ConfigError> {
     let secret = SecretString::from(text.trim());
     drop(SecretString::from(text));
     if secret.expose_secret().is_empty() {
-        return Err(ConfigError::invalid(key, format!("{} is empty", path.display())));
+        return Err(ConfigError::invalid(
+            key,
+            format!("{} is empty", path.display()),
+        ));
     }
     Ok(secret)
 }
@@ -360,7 +377,7 @@ mod tests {
     fn load(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         Settings::load(&Sources {
             file: None,
-            toml: Some(toml.to_owned()),
+            layers: vec![toml.to_owned()],
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -381,7 +398,10 @@ mod tests {
         assert_eq!(s.server.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(s.server.admin_listen.to_string(), "0.0.0.0:9090");
         assert_eq!(s.server.shutdown_grace, Duration::from_secs(20));
-        assert_eq!(s.upstream.base_url.as_str(), "https://api.v7.botpenguin.com/");
+        assert_eq!(
+            s.upstream.base_url.as_str(),
+            "https://api.v7.botpenguin.com/"
+        );
         assert_eq!(s.upstream.timeout, Duration::from_secs(5));
         assert_eq!(s.upstream.connect_timeout, Duration::from_secs(2));
         assert_eq!(s.cache.ttl, Duration::from_secs(600));
@@ -409,18 +429,31 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_errors_naming_the_key() {
-        let err = load("[cache]\nttl_typo = \"1m\"\n", &[]).unwrap_err().to_string();
+        let err = load("[cache]\nttl_typo = \"1m\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cache") && err.contains("ttl_typo"), "{err}");
-        let err = load("", &[("TOKEN_BROKER__SERVER__PORT", "1")]).unwrap_err().to_string();
+        let err = load("", &[("TOKEN_BROKER__SERVER__PORT", "1")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("server") && err.contains("port"), "{err}");
     }
 
     #[test]
     fn bad_values_name_their_key() {
-        assert_eq!(error_key(load("[cache]\nttl = \"soon\"\n", &[])), "cache.ttl");
+        assert_eq!(
+            error_key(load("[cache]\nttl = \"soon\"\n", &[])),
+            "cache.ttl"
+        );
         assert_eq!(error_key(load("[cache]\nttl = \"0s\"\n", &[])), "cache.ttl");
-        assert_eq!(error_key(load("[server]\nlisten = \"nowhere\"\n", &[])), "server.listen");
-        assert_eq!(error_key(load("[log]\nformat = \"xml\"\n", &[])), "log.format");
+        assert_eq!(
+            error_key(load("[server]\nlisten = \"nowhere\"\n", &[])),
+            "server.listen"
+        );
+        assert_eq!(
+            error_key(load("[log]\nformat = \"xml\"\n", &[])),
+            "log.format"
+        );
         assert_eq!(error_key(load("[log]\nlevel = \"=[\"\n", &[])), "log.level");
         assert_eq!(
             error_key(load("[upstream]\nbase_url = \"ftp://x\"\n", &[])),
@@ -455,7 +488,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("key");
         std::fs::write(&path, "pk-from-file\n").unwrap();
-        let toml = format!("[upstream]\npartner_key_file = {:?}\n", path.display().to_string());
+        let toml = format!(
+            "[upstream]\npartner_key_file = {:?}\n",
+            path.display().to_string()
+        );
         let s = load(&toml, &[]).unwrap();
         assert_eq!(s.partner_key().unwrap().expose_secret(), "pk-from-file");
         std::fs::write(&path, "  \n").unwrap();

@@ -47,6 +47,9 @@ pub fn router(state: AppState) -> Router {
                 axum::response::IntoResponse::into_response(ApiError::Internal)
             },
         ))
-        .layer(middleware::from_fn_with_state(state.clone(), observe::observe))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ))
         .with_state(state)
 }

@@ -6,9 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{
-    Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
-};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use axum::Router;
@@ -227,7 +225,11 @@ fn lock<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn inactive(token: &SimToken) -> &'static str {
-    if token.active { "" } else { "  (inactive token)" }
+    if token.active {
+        ""
+    } else {
+        "  (inactive token)"
+    }
 }
 
 /// Random lowercase hex of `bytes` bytes.
@@ -291,7 +293,10 @@ async fn get_user_token(
         Fault::None => {}
         Fault::Hang => std::future::pending::<()>().await,
         Fault::Malformed => {
-            return (StatusCode::OK, "<html><body>Service temporarily unavailable</body></html>")
+            return (
+                StatusCode::OK,
+                "<html><body>Service temporarily unavailable</body></html>",
+            )
                 .into_response();
         }
         Fault::Status(status) => {
@@ -306,7 +311,12 @@ async fn get_user_token(
         return vendor_error(StatusCode::UNAUTHORIZED, 401, "Unauthorized");
     }
 
-    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let found = match (param("email"), param("type"), param("userId")) {
         (Some(email), Some(t), None) => {
             let Ok(user_type) = UserType::parse(t) else {
@@ -317,7 +327,13 @@ async fn get_user_token(
                 .cloned()
         }
         (None, None, Some(id)) => read(&state.customers).get(id).cloned(),
-        _ => return vendor_error(StatusCode::BAD_REQUEST, 400, "email and type, or userId, required"),
+        _ => {
+            return vendor_error(
+                StatusCode::BAD_REQUEST,
+                400,
+                "email and type, or userId, required",
+            );
+        }
     };
     match found {
         Some(token) => axum::Json(json!({

@@ -45,11 +45,21 @@ pub struct Application {
 
 impl Application {
     /// Wires the service from validated settings and the partner key.
-    pub async fn build(settings: &Settings, partner_key: SecretString) -> Result<Self, StartupError> {
+    pub async fn build(
+        settings: &Settings,
+        partner_key: SecretString,
+    ) -> Result<Self, StartupError> {
         let metrics = Arc::new(Metrics::new());
         let upstream = UpstreamClient::new(&settings.upstream, partner_key, metrics.clone())?;
-        let broker = Arc::new(Broker::new(&settings.cache, Arc::new(upstream), metrics.clone()));
-        let callers = Arc::new(Callers::new(&settings.clients, settings.auth.allow_anonymous));
+        let broker = Arc::new(Broker::new(
+            &settings.cache,
+            Arc::new(upstream),
+            metrics.clone(),
+        ));
+        let callers = Arc::new(Callers::new(
+            &settings.clients,
+            settings.auth.allow_anonymous,
+        ));
         let readiness = Readiness::default();
         let api_router = http::router(AppState {
             broker: broker.clone(),

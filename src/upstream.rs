@@ -159,7 +159,9 @@ fn parse_answer(status: StatusCode, body: &[u8]) -> Result<Fetched, UpstreamErro
         .and_then(|d| d.permanent_token)
         .ok_or_else(|| UpstreamError::Malformed("data.permanentToken is missing".into()))?;
     if token.key.is_empty() {
-        return Err(UpstreamError::Malformed("data.permanentToken.key is empty".into()));
+        return Err(UpstreamError::Malformed(
+            "data.permanentToken.key is empty".into(),
+        ));
     }
     Ok(Fetched {
         token: Token::new(token.key),
@@ -321,13 +323,22 @@ mod tests {
     #[test]
     fn endpoint_keeps_a_base_path() {
         let e = endpoint(&Url::parse("https://api.v7.botpenguin.com").unwrap());
-        assert_eq!(e.as_str(), "https://api.v7.botpenguin.com/ext/get-user-token");
+        assert_eq!(
+            e.as_str(),
+            "https://api.v7.botpenguin.com/ext/get-user-token"
+        );
         let e = endpoint(&Url::parse("http://gw.internal/botpenguin").unwrap());
-        assert_eq!(e.as_str(), "http://gw.internal/botpenguin/ext/get-user-token");
+        assert_eq!(
+            e.as_str(),
+            "http://gw.internal/botpenguin/ext/get-user-token"
+        );
     }
 
     #[test]
     fn token_debug_is_redacted() {
-        assert_eq!(format!("{:?}", Token::new("very-secret")), "Token([REDACTED])");
+        assert_eq!(
+            format!("{:?}", Token::new("very-secret")),
+            "Token([REDACTED])"
+        );
     }
 }

@@ -27,7 +27,9 @@ pub const MAX_EMAIL_BYTES: usize = 254;
 pub const MAX_USER_ID_CHARS: usize = 64;
 
 /// A team member's role as the vendor names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum UserType {
     Agent,
@@ -44,9 +46,7 @@ impl UserType {
         Self::ALL
             .into_iter()
             .find(|t| t.as_str().eq_ignore_ascii_case(raw))
-            .ok_or_else(|| {
-                InvalidInput::new("type", "must be one of AGENT, CUSTOM_USER, CUSTOMER")
-            })
+            .ok_or_else(|| InvalidInput::new("type", "must be one of AGENT, CUSTOM_USER, CUSTOMER"))
     }
 
     /// The vendor's spelling.
@@ -205,7 +205,10 @@ mod tests {
     #[test]
     fn user_type_is_case_insensitive_on_input() {
         assert_eq!(UserType::parse("agent").unwrap(), UserType::Agent);
-        assert_eq!(UserType::parse("Custom_User").unwrap(), UserType::CustomUser);
+        assert_eq!(
+            UserType::parse("Custom_User").unwrap(),
+            UserType::CustomUser
+        );
         let err = UserType::parse("ADMIN").unwrap_err();
         assert!(err.reason.contains("AGENT, CUSTOM_USER, CUSTOMER"));
     }

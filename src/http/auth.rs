@@ -7,7 +7,7 @@ use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use sha2::{Digest, Sha256};
-use subtle::{ConstantTimeEq, ConditionallySelectable};
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::broker::identity::Identity;
 use crate::config::{ClientSettings, Scope};
@@ -166,8 +166,14 @@ mod tests {
     #[test]
     fn the_matching_client_is_found() {
         let c = callers();
-        assert_eq!(&*c.authenticate(Some(b"Bearer admin-key")).unwrap().name, "admin");
-        assert_eq!(&*c.authenticate(Some(b"bearer reader-key")).unwrap().name, "reader");
+        assert_eq!(
+            &*c.authenticate(Some(b"Bearer admin-key")).unwrap().name,
+            "admin"
+        );
+        assert_eq!(
+            &*c.authenticate(Some(b"bearer reader-key")).unwrap().name,
+            "reader"
+        );
     }
 
     #[test]
@@ -180,7 +186,10 @@ mod tests {
             b"Bearer",
             b"reader-key",
         ] {
-            assert_eq!(c.authenticate(Some(header)).unwrap_err(), ApiError::Unauthorized);
+            assert_eq!(
+                c.authenticate(Some(header)).unwrap_err(),
+                ApiError::Unauthorized
+            );
         }
         assert_eq!(c.authenticate(None).unwrap_err(), ApiError::Unauthorized);
     }

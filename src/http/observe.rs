@@ -65,7 +65,10 @@ fn check_limits(request: &Request) -> Result<(), ApiError> {
     if header_bytes > MAX_HEADER_BYTES {
         return Err(ApiError::HeadersTooLarge);
     }
-    if matches!(*request.method(), Method::GET | Method::DELETE | Method::HEAD) {
+    if matches!(
+        *request.method(),
+        Method::GET | Method::DELETE | Method::HEAD
+    ) {
         let has_length = request
             .headers()
             .get(header::CONTENT_LENGTH)

@@ -29,7 +29,10 @@ pub fn identity(raw: Option<&str>, customer: CustomerParam) -> Result<Identity, 
             return Err(unknown(customer));
         };
         let value = decode(value).map_err(|_| {
-            ApiError::BadRequest(format!("{}: is not valid percent-encoded UTF-8", allowed[slot]))
+            ApiError::BadRequest(format!(
+                "{}: is not valid percent-encoded UTF-8",
+                allowed[slot]
+            ))
         })?;
         if values[slot].replace(value).is_some() {
             return Err(ApiError::BadRequest(format!(

@@ -113,7 +113,11 @@ pub async fn delete_token(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn lookup(state: &AppState, caller: &Caller, identity: &Identity) -> Result<Issued, ApiError> {
+async fn lookup(
+    state: &AppState,
+    caller: &Caller,
+    identity: &Identity,
+) -> Result<Issued, ApiError> {
     caller.authorize_read(identity)?;
     state.broker.lookup(identity).await.map_err(|error| {
         tracing::warn!(

@@ -42,8 +42,8 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Buckets from 50 µs (a cache hit) to 10 s (a slow vendor call).
 const LATENCY_BUCKETS: [f64; 16] = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 10.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0,
 ];
 
 fn latency_histogram() -> Histogram {
@@ -130,7 +130,9 @@ impl Metrics {
     }
 
     pub fn cache_lookup(&self, result: &'static str) {
-        self.cache_lookups.get_or_create(&ResultLabels { result }).inc();
+        self.cache_lookups
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     pub fn client_request(&self, client: &str, result: &'static str) {
@@ -169,7 +171,9 @@ mod tests {
             .inc();
         m.client_request("app", "ok");
         m.http_duration
-            .get_or_create(&RouteLabels { route: "/v1/tokens" })
+            .get_or_create(&RouteLabels {
+                route: "/v1/tokens",
+            })
             .observe(0.001);
         let text = m.encode();
         for name in [

@@ -1,0 +1,10 @@
+//! Integration tests: the broker and the simulated vendor on port 0,
+//! driven over HTTP. `process` runs the real binary.
+
+mod admin;
+mod auth;
+mod helpers;
+mod process;
+mod tokens;
+mod upstream_failures;
+mod validation;
