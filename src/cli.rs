@@ -12,7 +12,7 @@ use secrecy::SecretString;
 use crate::config::{ClientSettings, ConfigError, Scope, Settings, Sources};
 use crate::http::auth::key_sha256;
 use crate::simulator::{Simulator, random_hex};
-use crate::startup::{Application, shutdown_signal};
+use crate::startup::{Application, StartupError, shutdown_signal};
 use crate::telemetry;
 
 #[derive(Debug, Parser)]
@@ -100,27 +100,43 @@ fn load(file: Option<PathBuf>) -> Result<Settings, Failure> {
 async fn serve(file: Option<PathBuf>) -> Result<(), Failure> {
     let settings = load(file)?;
     settings.require_serving()?;
-    let partner_key = settings.partner_key()?;
-    run_service(&settings, partner_key, |_| {}).await
+    run_service(&settings, |_| {}).await
 }
 
 async fn run_service(
     settings: &Settings,
-    partner_key: SecretString,
     on_ready: impl FnOnce(&Application),
 ) -> Result<(), Failure> {
     telemetry::init_logs(&settings.log);
+    disable_core_dumps();
     if settings.auth.allow_anonymous {
         tracing::warn!(
             "auth.allow_anonymous is on: requests without a key get every scope; for local development only"
         );
     }
-    let app = Application::build(settings, partner_key)
-        .await
-        .map_err(other)?;
+    let app = Application::build(settings).await.map_err(|e| match e {
+        StartupError::Config(e) => Failure::Config(e),
+        other => Failure::Other(other.to_string()),
+    })?;
     tracing::info!(api = %app.api_addr(), admin = %app.admin_addr(), "listening");
     on_ready(&app);
-    app.run_until(shutdown_signal()).await.map_err(other)
+    app.run_until(shutdown_signal()).await;
+    Ok(())
+}
+
+/// A core dump would hold the partner key and tokens: never write one.
+fn disable_core_dumps() {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{Resource, Rlimit, setrlimit};
+        let none = Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        };
+        if let Err(error) = setrlimit(Resource::Core, none) {
+            tracing::warn!(%error, "cannot disable core dumps");
+        }
+    }
 }
 
 async fn demo(file: Option<PathBuf>) -> Result<(), Failure> {
@@ -134,15 +150,14 @@ async fn demo(file: Option<PathBuf>) -> Result<(), Failure> {
         .map_err(|e| other(format!("cannot start the simulated upstream: {e}")))?;
     settings.upstream.base_url = url::Url::parse(&format!("http://{upstream}"))
         .map_err(|e| other(format!("simulated upstream address: {e}")))?;
-    settings.upstream.partner_key = None;
+    settings.upstream.partner_key = Some(SecretString::from(partner_key));
     settings.upstream.partner_key_file = None;
-    settings.clients.push(ClientSettings {
-        name: "demo".into(),
-        key_sha256: key_sha256(&caller_key),
-        scopes: Scope::ALL.to_vec(),
-    });
-    let partner_key = SecretString::from(partner_key);
-    run_service(&settings, partner_key, |app| {
+    settings.clients.push(ClientSettings::new(
+        "demo",
+        key_sha256(&caller_key),
+        Scope::ALL.to_vec(),
+    ));
+    run_service(&settings, |app| {
         let api = reachable(app.api_addr());
         println!(
             "\ntoken-broker demo: a simulated BotPenguin runs at http://{upstream}; nothing real is contacted.\n\

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,6 +11,8 @@ use config::{Config, Environment, File, FileFormat};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 use url::Url;
+
+use crate::broker::identity::UserType;
 
 /// The documented defaults, compiled in as the first layer.
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
@@ -69,6 +72,8 @@ pub struct Settings {
     pub log: LogSettings,
     pub auth: AuthSettings,
     #[serde(default)]
+    pub audit: AuditSettings,
+    #[serde(default)]
     pub clients: Vec<ClientSettings>,
 }
 
@@ -79,6 +84,11 @@ pub struct ServerSettings {
     pub admin_listen: SocketAddr,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A connection that has not sent a whole request head within this is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Open connections per listener; beyond it new connections get a 503 and are closed.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -123,6 +133,14 @@ pub struct AuthSettings {
     pub allow_anonymous: bool,
 }
 
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    /// Key for the HMAC that pseudonymises emails and user ids in audit events.
+    #[serde(default)]
+    pub hash_key_file: Option<PathBuf>,
+}
+
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 pub enum Scope {
@@ -161,9 +179,30 @@ pub struct ClientSettings {
     /// Hex SHA-256 of the caller's key, never the key itself.
     pub key_sha256: String,
     pub scopes: Vec<Scope>,
+    /// Team-member types this caller may read; all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_types: Option<Vec<UserType>>,
+    /// Email domains this caller may read; a domain admits its subdomains. Any when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_email_domains: Option<Vec<String>>,
+    /// Requests per minute (burst of the same size); unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_minute: Option<NonZeroU32>,
 }
 
 impl ClientSettings {
+    /// A caller with these scopes and no other restriction.
+    pub fn new(name: &str, key_sha256: String, scopes: Vec<Scope>) -> Self {
+        Self {
+            name: name.to_owned(),
+            key_sha256,
+            scopes,
+            allowed_types: None,
+            allowed_email_domains: None,
+            rate_limit_per_minute: None,
+        }
+    }
+
     /// The decoded digest; valid once `Settings::load` has succeeded.
     pub fn key_digest(&self) -> Option<[u8; 32]> {
         let mut digest = [0u8; 32];
@@ -218,6 +257,16 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         positive("server.shutdown_grace", self.server.shutdown_grace)?;
+        positive(
+            "server.header_read_timeout",
+            self.server.header_read_timeout,
+        )?;
+        if self.server.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "server.max_connections",
+                "must be at least 1",
+            ));
+        }
         positive("upstream.timeout", self.upstream.timeout)?;
         positive("upstream.connect_timeout", self.upstream.connect_timeout)?;
         positive("cache.ttl", self.cache.ttl)?;
@@ -293,6 +342,26 @@ impl Settings {
                     "is used by another client",
                 ));
             }
+            if client.allowed_types.as_ref().is_some_and(Vec::is_empty) {
+                return Err(ConfigError::invalid(
+                    key("allowed_types"),
+                    "must name at least one of AGENT, CUSTOM_USER, CUSTOMER (omit it to allow all)",
+                ));
+            }
+            if let Some(domains) = &client.allowed_email_domains {
+                if domains.is_empty() {
+                    return Err(ConfigError::invalid(
+                        key("allowed_email_domains"),
+                        "must name at least one domain (omit it to allow any)",
+                    ));
+                }
+                if let Some(bad) = domains.iter().position(|d| !valid_domain(d)) {
+                    return Err(ConfigError::invalid(
+                        format!("clients[{i}].allowed_email_domains[{bad}]"),
+                        "must be a domain such as example.com (no '@', no spaces, at least one dot)",
+                    ));
+                }
+            }
             if client.scopes.is_empty() {
                 return Err(ConfigError::invalid(
                     key("scopes"),
@@ -352,6 +421,14 @@ pub fn read_key_file(path: &Path) -> Result<SecretString, ConfigError> {
         ));
     }
     Ok(secret)
+}
+
+fn valid_domain(domain: &str) -> bool {
+    domain.contains('.')
+        && !domain.split('.').any(str::is_empty)
+        && !domain
+            .chars()
+            .any(|c| c == '@' || c.is_whitespace() || c.is_control())
 }
 
 fn positive(key: &str, value: Duration) -> Result<(), ConfigError> {
@@ -461,6 +538,18 @@ mod tests {
         );
         let bad_hash = CLIENT.replace("9f86d0", "zz86d0");
         assert_eq!(error_key(load(&bad_hash, &[])), "clients[0].key_sha256");
+        let bad_domain = format!("{CLIENT}allowed_email_domains = [\"example.com\", \"@x.com\"]\n");
+        assert_eq!(
+            error_key(load(&bad_domain, &[])),
+            "clients[0].allowed_email_domains[1]"
+        );
+        let bad_type = format!("{CLIENT}allowed_types = [\"ADMIN\"]\n");
+        assert!(error_key(load(&bad_type, &[])).starts_with("clients[0].allowed_types"));
+        let no_rate = format!("{CLIENT}rate_limit_per_minute = 0\n");
+        assert_eq!(
+            error_key(load(&no_rate, &[])),
+            "clients[0].rate_limit_per_minute"
+        );
         let bad_scope = CLIENT.replace("tokens:read", "tokens:write");
         assert!(error_key(load(&bad_scope, &[])).starts_with("clients[0].scopes"));
     }

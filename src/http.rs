@@ -13,6 +13,7 @@ use axum::Router;
 use axum::middleware;
 use axum::routing::get;
 
+use crate::audit::Auditor;
 use crate::broker::Broker;
 use crate::http::auth::Callers;
 use crate::http::error::ApiError;
@@ -27,6 +28,7 @@ pub const VENDOR_ROUTE: &str = "/ext/get-user-token";
 #[derive(Clone)]
 pub struct AppState {
     pub broker: Arc<Broker>,
+    pub auditor: Arc<Auditor>,
     pub callers: Arc<Callers>,
     pub metrics: Arc<Metrics>,
 }

@@ -2,22 +2,26 @@
 //! (port 0 works and the real ports are reported), and serves until a
 //! shutdown signal, then drains within `server.shutdown_grace`.
 
-use std::future::{Future, IntoFuture};
+pub mod listener;
+
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{self, AdminState, Readiness};
+use crate::audit::Auditor;
 use crate::broker::Broker;
-use crate::config::Settings;
+use crate::config::{ConfigError, Settings};
 use crate::http::{self, AppState, auth::Callers};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::UpstreamClient;
+use crate::upstream::partner_key::{PartnerKey, Reloaders};
+use listener::Limits;
 
 /// Why the service could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -27,10 +31,12 @@ pub enum StartupError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
-    #[error("server failed: {0}")]
-    Serve(#[from] std::io::Error),
+    #[error("cannot watch the partner key file or SIGHUP: {0}")]
+    Watch(#[from] std::io::Error),
 }
 
 /// The running service: both listeners bound, not yet serving.
@@ -41,15 +47,21 @@ pub struct Application {
     admin_router: Router,
     readiness: Readiness,
     grace: Duration,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    reloaders: Option<Reloaders>,
 }
 
 impl Application {
-    /// Wires the service from validated settings and the partner key.
-    pub async fn build(
-        settings: &Settings,
-        partner_key: SecretString,
-    ) -> Result<Self, StartupError> {
+    /// Wires the service from validated settings; reads the partner key.
+    pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
         let metrics = Arc::new(Metrics::new());
+        let partner_key = PartnerKey::load(&settings.upstream, metrics.clone())?;
+        let auditor = Arc::new(Auditor::from_settings(
+            &settings.audit,
+            &partner_key.current(),
+        )?);
+        let reloaders = partner_key.spawn_reloaders()?;
         let upstream = UpstreamClient::new(&settings.upstream, partner_key, metrics.clone())?;
         let broker = Arc::new(Broker::new(
             &settings.cache,
@@ -63,12 +75,13 @@ impl Application {
         let readiness = Readiness::default();
         let api_router = http::router(AppState {
             broker: broker.clone(),
+            auditor,
             callers,
             metrics: metrics.clone(),
         });
         let admin_router = admin::router(AdminState {
             readiness: readiness.clone(),
-            metrics,
+            metrics: metrics.clone(),
             broker,
         });
         Ok(Self {
@@ -78,6 +91,12 @@ impl Application {
             admin_router,
             readiness,
             grace: settings.server.shutdown_grace,
+            limits: Limits {
+                header_read_timeout: settings.server.header_read_timeout,
+                max_connections: settings.server.max_connections,
+            },
+            metrics,
+            reloaders,
         })
     }
 
@@ -91,30 +110,29 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then drains: readiness turns 503,
     /// new connections are refused, in-flight requests get `shutdown_grace`.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         let (stop_api, api_stopped) = watch::channel(false);
         let (stop_admin, admin_stopped) = watch::channel(false);
-        let mut api = tokio::spawn(
-            axum::serve(self.api, self.api_router)
-                .with_graceful_shutdown(stopped(api_stopped))
-                .into_future(),
-        );
-        let admin = tokio::spawn(
-            axum::serve(self.admin, self.admin_router)
-                .with_graceful_shutdown(stopped(admin_stopped))
-                .into_future(),
-        );
+        let mut api = tokio::spawn(listener::serve(
+            self.api,
+            self.api_router,
+            self.limits,
+            "api",
+            self.metrics.clone(),
+            api_stopped,
+        ));
+        let admin = tokio::spawn(listener::serve(
+            self.admin,
+            self.admin_router,
+            self.limits,
+            "admin",
+            self.metrics,
+            admin_stopped,
+        ));
         self.readiness.set(true);
         tracing::info!("token-broker is ready");
 
-        tokio::select! {
-            () = shutdown => {}
-            result = &mut api => {
-                let _ = stop_admin.send(true);
-                return result.map_err(|e| StartupError::Serve(std::io::Error::other(e)))?
-                    .map_err(StartupError::Serve);
-            }
-        }
+        shutdown.await;
         self.readiness.set(false);
         tracing::info!(grace = ?self.grace, "shutdown signal received, draining");
         let _ = stop_api.send(true);
@@ -127,7 +145,7 @@ impl Application {
         }
         let _ = stop_admin.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
-        Ok(())
+        drop(self.reloaders);
     }
 }
 
@@ -135,10 +153,6 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| StartupError::Bind { addr, source })
-}
-
-async fn stopped(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 fn unspecified() -> SocketAddr {

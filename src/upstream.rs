@@ -2,6 +2,8 @@
 //! `GET /ext/get-user-token` for a token and turns every answer into either
 //! a `Fetched` token or a typed `UpstreamError`.
 
+pub mod partner_key;
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,6 +11,8 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
+
+use partner_key::PartnerKey;
 use serde::Deserialize;
 use url::Url;
 
@@ -173,14 +177,14 @@ fn parse_answer(status: StatusCode, body: &[u8]) -> Result<Fetched, UpstreamErro
 pub struct UpstreamClient {
     http: reqwest::Client,
     endpoint: Url,
-    partner_key: SecretString,
+    partner_key: Arc<PartnerKey>,
     metrics: Arc<Metrics>,
 }
 
 impl UpstreamClient {
     pub fn new(
         settings: &UpstreamSettings,
-        partner_key: SecretString,
+        partner_key: Arc<PartnerKey>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
@@ -231,10 +235,11 @@ impl UpstreamClient {
                 }
             }
         }
+        let partner_key = self.partner_key.current();
         let mut response = self
             .http
             .get(url)
-            .bearer_auth(self.partner_key.expose_secret())
+            .bearer_auth(partner_key.expose_secret())
             .header("authtype", HeaderValue::from_static("Key"))
             .header(ACCEPT, HeaderValue::from_static("application/json"))
             .send()

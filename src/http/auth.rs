@@ -1,15 +1,19 @@
-//! Caller authentication: `Authorization: Bearer <key>` checked in constant
-//! time against the configured SHA-256 digests, and scope checks.
+//! Callers: authentication (`Authorization: Bearer <key>` checked in constant
+//! time against the configured SHA-256 digests), per-caller policy (scopes,
+//! types, email domains) and per-caller rate limits.
 
+use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock};
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use crate::broker::identity::Identity;
+use crate::broker::identity::{Identity, UserType};
 use crate::config::{ClientSettings, Scope};
 use crate::http::AppState;
 use crate::http::error::ApiError;
@@ -22,30 +26,36 @@ pub fn key_sha256(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-#[derive(Debug)]
-struct Client {
-    caller: Caller,
-    digest: [u8; 32],
+/// What a caller wants to do with a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Read,
+    Invalidate,
 }
 
-/// The configured callers.
+/// One caller's name and rules.
 #[derive(Debug)]
-pub struct Callers {
-    clients: Vec<Client>,
-    allow_anonymous: bool,
-}
-
-/// An authenticated caller.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub name: Arc<str>,
+struct Policy {
+    name: Arc<str>,
     scopes: Vec<Scope>,
+    allowed_types: Option<Vec<UserType>>,
+    /// Lower-cased, without a leading dot.
+    allowed_domains: Option<Vec<String>>,
+    limiter: Option<DefaultDirectRateLimiter>,
 }
+
+/// An authenticated caller; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Caller(Arc<Policy>);
 
 impl Caller {
+    pub fn name(&self) -> &Arc<str> {
+        &self.0.name
+    }
+
     /// Refuses unless the caller holds `scope`.
-    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
-        if self.scopes.contains(&scope) {
+    fn require(&self, scope: Scope) -> Result<(), ApiError> {
+        if self.0.scopes.contains(&scope) {
             Ok(())
         } else {
             Err(ApiError::Forbidden(format!(
@@ -55,13 +65,62 @@ impl Caller {
         }
     }
 
-    /// Refuses unless the caller may read the token of `identity`.
-    pub fn authorize_read(&self, identity: &Identity) -> Result<(), ApiError> {
-        match identity {
-            Identity::TeamMember { .. } => self.require(Scope::TokensRead),
-            Identity::Customer(_) => self.require(Scope::CustomerTokensRead),
+    /// Refuses unless this caller may do `action` on the token of `identity`.
+    /// The detail names the rule, never the caller's configured values.
+    pub fn authorize(&self, action: Action, identity: &Identity) -> Result<(), ApiError> {
+        let scope = match (action, identity) {
+            (Action::Invalidate, _) => Scope::TokensInvalidate,
+            (Action::Read, Identity::TeamMember { .. }) => Scope::TokensRead,
+            (Action::Read, Identity::Customer(_)) => Scope::CustomerTokensRead,
+        };
+        self.require(scope)?;
+        let Identity::TeamMember { email, user_type } = identity else {
+            return Ok(());
+        };
+        if let Some(types) = &self.0.allowed_types
+            && !types.contains(user_type)
+        {
+            return Err(ApiError::Forbidden(format!(
+                "this caller may not use tokens of type {user_type}"
+            )));
         }
+        if let Some(domains) = &self.0.allowed_domains
+            && !domains.iter().any(|d| domain_admits(d, email.domain()))
+        {
+            return Err(ApiError::Forbidden(
+                "this caller may not use tokens for this email domain".into(),
+            ));
+        }
+        Ok(())
     }
+
+    /// Takes one request from the caller's rate limit.
+    fn admit(&self) -> Result<(), ApiError> {
+        let Some(limiter) = &self.0.limiter else {
+            return Ok(());
+        };
+        limiter.check().map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            ApiError::RateLimited {
+                retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+            }
+        })
+    }
+}
+
+/// `example.com` admits `example.com` and `eu.example.com`, not `badexample.com`.
+fn domain_admits(allowed: &str, domain: &str) -> bool {
+    domain == allowed
+        || domain
+            .strip_suffix(allowed)
+            .is_some_and(|prefix| prefix.ends_with('.'))
+}
+
+/// The configured callers.
+#[derive(Debug)]
+pub struct Callers {
+    clients: Vec<(Caller, [u8; 32])>,
+    anonymous: Option<Caller>,
 }
 
 impl Callers {
@@ -69,49 +128,58 @@ impl Callers {
         let clients = clients
             .iter()
             .filter_map(|c| {
-                Some(Client {
-                    digest: c.key_digest()?,
-                    caller: Caller {
-                        name: Arc::from(c.name.as_str()),
-                        scopes: c.scopes.clone(),
-                    },
-                })
+                let policy = Policy {
+                    name: Arc::from(c.name.as_str()),
+                    scopes: c.scopes.clone(),
+                    allowed_types: c.allowed_types.clone(),
+                    allowed_domains: c.allowed_email_domains.as_ref().map(|domains| {
+                        domains
+                            .iter()
+                            .map(|d| d.trim_start_matches('.').to_lowercase())
+                            .collect()
+                    }),
+                    limiter: c.rate_limit_per_minute.map(per_minute),
+                };
+                Some((Caller(Arc::new(policy)), c.key_digest()?))
             })
             .collect();
-        Self {
-            clients,
-            allow_anonymous,
-        }
+        let anonymous = allow_anonymous.then(|| {
+            Caller(Arc::new(Policy {
+                name: Arc::from(ANONYMOUS),
+                scopes: Scope::ALL.to_vec(),
+                allowed_types: None,
+                allowed_domains: None,
+                limiter: None,
+            }))
+        });
+        Self { clients, anonymous }
     }
 
     /// Finds the caller presenting `authorization` (the header value, if any).
     pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Caller, ApiError> {
         let Some(value) = authorization else {
-            return if self.allow_anonymous {
-                Ok(Caller {
-                    name: Arc::from(ANONYMOUS),
-                    scopes: Scope::ALL.to_vec(),
-                })
-            } else {
-                Err(ApiError::Unauthorized)
-            };
+            return self.anonymous.clone().ok_or(ApiError::Unauthorized);
         };
         let key = bearer_key(value).ok_or(ApiError::Unauthorized)?;
         let presented: [u8; 32] = Sha256::digest(key).into();
         // Every digest is compared, so timing does not tell which (or whether) one matched.
         let mut found = subtle::Choice::from(0);
         let mut index = 0u32;
-        for (i, client) in self.clients.iter().enumerate() {
-            let matches = client.digest.ct_eq(&presented);
+        for (i, (_, digest)) in self.clients.iter().enumerate() {
+            let matches = digest.ct_eq(&presented);
             index.conditional_assign(&(i as u32), matches);
             found |= matches;
         }
         if bool::from(found) {
-            Ok(self.clients[index as usize].caller.clone())
+            Ok(self.clients[index as usize].0.clone())
         } else {
             Err(ApiError::Unauthorized)
         }
     }
+}
+
+fn per_minute(limit: NonZeroU32) -> DefaultDirectRateLimiter {
+    RateLimiter::direct(Quota::per_minute(limit))
 }
 
 /// The key of `Bearer <key>` (scheme case-insensitive), if well-formed.
@@ -129,16 +197,18 @@ fn bearer_key(value: &[u8]) -> Option<&[u8]> {
 #[derive(Clone, Default)]
 pub struct CallerSlot(pub Arc<OnceLock<Arc<str>>>);
 
+/// Authenticates and rate-limits: 401 before 429 before anything else.
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
         let caller = state.callers.authenticate(header)?;
-        tracing::Span::current().record("client", &*caller.name);
+        tracing::Span::current().record("client", &**caller.name());
         if let Some(slot) = parts.extensions.get::<CallerSlot>() {
-            let _ = slot.0.set(caller.name.clone());
+            let _ = slot.0.set(caller.name().clone());
         }
+        caller.admit()?;
         Ok(caller)
     }
 }
@@ -146,32 +216,42 @@ impl FromRequestParts<AppState> for Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::identity::{Email, UserId};
+
+    fn client(name: &str, key: &str, scopes: Vec<Scope>) -> ClientSettings {
+        ClientSettings::new(name, key_sha256(key), scopes)
+    }
 
     fn callers() -> Callers {
-        let clients = [
-            ClientSettings {
-                name: "reader".into(),
-                key_sha256: key_sha256("reader-key"),
-                scopes: vec![Scope::TokensRead],
-            },
-            ClientSettings {
-                name: "admin".into(),
-                key_sha256: key_sha256("admin-key"),
-                scopes: vec![Scope::TokensInvalidate],
-            },
-        ];
-        Callers::new(&clients, false)
+        let mut restricted = client("restricted", "restricted-key", vec![Scope::TokensRead]);
+        restricted.allowed_types = Some(vec![UserType::Agent]);
+        restricted.allowed_email_domains = Some(vec!["Example.com".into()]);
+        Callers::new(
+            &[
+                client("reader", "reader-key", vec![Scope::TokensRead]),
+                client("admin", "admin-key", vec![Scope::TokensInvalidate]),
+                restricted,
+            ],
+            false,
+        )
+    }
+
+    fn member(email: &str, user_type: UserType) -> Identity {
+        Identity::TeamMember {
+            email: Email::parse(email).unwrap(),
+            user_type,
+        }
     }
 
     #[test]
     fn the_matching_client_is_found() {
         let c = callers();
         assert_eq!(
-            &*c.authenticate(Some(b"Bearer admin-key")).unwrap().name,
+            &**c.authenticate(Some(b"Bearer admin-key")).unwrap().name(),
             "admin"
         );
         assert_eq!(
-            &*c.authenticate(Some(b"bearer reader-key")).unwrap().name,
+            &**c.authenticate(Some(b"bearer reader-key")).unwrap().name(),
             "reader"
         );
     }
@@ -198,9 +278,58 @@ mod tests {
     fn anonymous_has_every_scope_but_a_presented_key_is_still_checked() {
         let c = Callers::new(&[], true);
         let anon = c.authenticate(None).unwrap();
-        assert_eq!(&*anon.name, ANONYMOUS);
-        assert!(Scope::ALL.iter().all(|s| anon.require(*s).is_ok()));
+        assert_eq!(&**anon.name(), ANONYMOUS);
+        let customer = Identity::Customer(UserId::parse("c1").unwrap());
+        assert!(anon.authorize(Action::Read, &customer).is_ok());
+        assert!(anon.authorize(Action::Invalidate, &customer).is_ok());
         assert!(c.authenticate(Some(b"Bearer whatever")).is_err());
+    }
+
+    #[test]
+    fn a_domain_admits_its_subdomains_but_not_look_alikes() {
+        assert!(domain_admits("example.com", "example.com"));
+        assert!(domain_admits("example.com", "eu.example.com"));
+        assert!(domain_admits("example.com", "a.b.example.com"));
+        assert!(!domain_admits("example.com", "badexample.com"));
+        assert!(!domain_admits("example.com", "example.com.evil.org"));
+        assert!(!domain_admits("example.com", "example.co"));
+    }
+
+    #[test]
+    fn policy_refusals_name_the_rule() {
+        let c = callers();
+        let restricted = c.authenticate(Some(b"Bearer restricted-key")).unwrap();
+        assert!(
+            restricted
+                .authorize(Action::Read, &member("a@eu.EXAMPLE.com", UserType::Agent))
+                .is_ok()
+        );
+        let type_refusal = restricted
+            .authorize(Action::Read, &member("a@example.com", UserType::CustomUser))
+            .unwrap_err();
+        assert!(type_refusal.to_string().contains("type CUSTOM_USER"));
+        let domain_refusal = restricted
+            .authorize(Action::Read, &member("a@badexample.com", UserType::Agent))
+            .unwrap_err();
+        assert!(domain_refusal.to_string().contains("email domain"));
+        assert!(!domain_refusal.to_string().contains("example.com"));
+        let customer = Identity::Customer(UserId::parse("c1").unwrap());
+        let scope = restricted.authorize(Action::Read, &customer).unwrap_err();
+        assert!(scope.to_string().contains("customer_tokens:read"));
+    }
+
+    #[test]
+    fn the_rate_limit_refuses_beyond_the_burst_with_a_wait() {
+        let mut limited = client("limited", "limited-key", vec![Scope::TokensRead]);
+        limited.rate_limit_per_minute = NonZeroU32::new(2);
+        let c = Callers::new(&[limited], false);
+        let caller = c.authenticate(Some(b"Bearer limited-key")).unwrap();
+        assert!(caller.admit().is_ok());
+        assert!(caller.admit().is_ok());
+        let Err(ApiError::RateLimited { retry_after_secs }) = caller.admit() else {
+            panic!("third request in a minute should be limited");
+        };
+        assert!((1..=30).contains(&retry_after_secs), "{retry_after_secs}");
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub enum ApiError {
     UpstreamUnavailable { retry_after_secs: u64 },
     #[error("the vendor did not answer in time")]
     UpstreamTimeout,
+    #[error("rate limit exceeded")]
+    RateLimited { retry_after_secs: u64 },
     #[error("request URI too long")]
     UriTooLong,
     #[error("request headers too large")]
@@ -87,6 +89,12 @@ impl ApiError {
                 "token-inactive",
                 "Token inactive",
                 "BotPenguin reports this user's token as inactive",
+            ),
+            ApiError::RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
+                "this caller is over its rate_limit_per_minute; retry after Retry-After seconds",
             ),
             ApiError::UpstreamBadResponse => (
                 StatusCode::BAD_GATEWAY,
@@ -170,7 +178,8 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ApiError::UpstreamUnavailable { retry_after_secs } => {
+            ApiError::UpstreamUnavailable { retry_after_secs }
+            | ApiError::RateLimited { retry_after_secs } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
             _ => {}

@@ -20,6 +20,16 @@ pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 const MAX_REQUEST_ID_LEN: usize = 128;
 
+/// The request id, put into request extensions for handlers (audit events).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub HeaderValue);
+
+impl RequestId {
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
 /// The `route` label: a known path or `unmatched`, so labels stay a closed set.
 fn route_label(path: &str) -> &'static str {
     match path {
@@ -108,6 +118,7 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     );
     let slot = CallerSlot::default();
     request.extensions_mut().insert(slot.clone());
+    request.extensions_mut().insert(RequestId(id.clone()));
 
     let mut response = match check_limits(&request) {
         Ok(()) => next.run(request).instrument(span.clone()).await,

@@ -1,6 +1,7 @@
 //! Token handlers: `GET`/`DELETE /v1/tokens` and the drop-in
 //! `GET /ext/get-user-token`.
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -9,10 +10,10 @@ use serde::Serialize;
 
 use crate::broker::Issued;
 use crate::broker::identity::Identity;
-use crate::config::Scope;
 use crate::http::AppState;
-use crate::http::auth::Caller;
+use crate::http::auth::{Action, Caller};
 use crate::http::error::ApiError;
+use crate::http::observe::RequestId;
 use crate::http::query;
 
 /// `X-Cache`: where the token came from.
@@ -55,6 +56,7 @@ struct VendorToken<'a> {
 pub async fn get_token(
     State(state): State<AppState>,
     caller: Caller,
+    Extension(request_id): Extension<RequestId>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let identity = query::identity(raw.as_deref(), query::V1)?;
@@ -62,6 +64,7 @@ pub async fn get_token(
     if !issued.active {
         return Err(ApiError::TokenInactive);
     }
+    audit_issued(&state, &caller, &identity, &issued, &request_id);
     let (email, user_type, user_id) = match &identity {
         Identity::TeamMember { email, user_type } => {
             (Some(email.as_str()), Some(user_type.as_str()), None)
@@ -82,10 +85,12 @@ pub async fn get_token(
 pub async fn get_vendor_token(
     State(state): State<AppState>,
     caller: Caller,
+    Extension(request_id): Extension<RequestId>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let identity = query::identity(raw.as_deref(), query::VENDOR)?;
     let issued = lookup(&state, &caller, &identity).await?;
+    audit_issued(&state, &caller, &identity, &issued, &request_id);
     let body = VendorBody {
         success: true,
         message: "",
@@ -104,13 +109,32 @@ pub async fn get_vendor_token(
 pub async fn delete_token(
     State(state): State<AppState>,
     caller: Caller,
+    Extension(request_id): Extension<RequestId>,
     RawQuery(raw): RawQuery,
 ) -> Result<StatusCode, ApiError> {
     let identity = query::identity(raw.as_deref(), query::V1)?;
-    caller.require(Scope::TokensInvalidate)?;
+    caller.authorize(Action::Invalidate, &identity)?;
     state.broker.invalidate(&identity).await;
-    tracing::info!(identity = identity.kind(), "cached token invalidated");
+    state
+        .auditor
+        .invalidated(caller.name(), &identity, request_id.as_str());
     Ok(StatusCode::NO_CONTENT)
+}
+
+fn audit_issued(
+    state: &AppState,
+    caller: &Caller,
+    identity: &Identity,
+    issued: &Issued,
+    request_id: &RequestId,
+) {
+    state.auditor.issued(
+        caller.name(),
+        identity,
+        issued.cache.as_str(),
+        issued.active,
+        request_id.as_str(),
+    );
 }
 
 async fn lookup(
@@ -118,7 +142,7 @@ async fn lookup(
     caller: &Caller,
     identity: &Identity,
 ) -> Result<Issued, ApiError> {
-    caller.authorize_read(identity)?;
+    caller.authorize(Action::Read, identity)?;
     state.broker.lookup(identity).await.map_err(|error| {
         tracing::warn!(
             identity = identity.kind(),

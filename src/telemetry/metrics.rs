@@ -33,6 +33,11 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClientLabels {
     pub client: String,
     pub result: &'static str,
@@ -60,6 +65,8 @@ pub struct Metrics {
     pub upstream_requests: Family<OutcomeLabels, Counter>,
     pub upstream_duration: Histogram,
     pub client_requests: Family<ClientLabels, Counter>,
+    pub partner_key_reloads: Family<ResultLabels, Counter>,
+    pub connections_shed: Family<ListenerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -114,6 +121,24 @@ impl Metrics {
             "Authenticated requests by caller and result",
             client_requests.clone(),
         );
+        let partner_key_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "partner_key_reloads",
+            "Re-reads of the partner key file (changed, unchanged, failed)",
+            partner_key_reloads.clone(),
+        );
+        let connections_shed = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "connections_shed",
+            "Connections refused with 503 because server.max_connections were open",
+            connections_shed.clone(),
+        );
+        for result in ["changed", "unchanged", "failed"] {
+            let _ = partner_key_reloads.get_or_create(&ResultLabels { result });
+        }
+        for listener in ["api", "admin"] {
+            let _ = connections_shed.get_or_create(&ListenerLabels { listener });
+        }
         for result in ["hit", "miss", "stale", "negative"] {
             let _ = cache_lookups.get_or_create(&ResultLabels { result });
         }
@@ -126,6 +151,8 @@ impl Metrics {
             upstream_requests,
             upstream_duration,
             client_requests,
+            partner_key_reloads,
+            connections_shed,
         }
     }
 

@@ -95,7 +95,7 @@ impl TestAppBuilder {
         settings
             .require_serving()
             .expect("test configuration can serve");
-        let app = Application::build(&settings, settings.partner_key().unwrap())
+        let app = Application::build(&settings)
             .await
             .expect("application builds");
         let api = app.api_addr();
@@ -105,7 +105,7 @@ impl TestAppBuilder {
             app.run_until(async {
                 let _ = stopped.await;
             })
-            .await
+            .await;
         });
         TestApp {
             api,

@@ -1,0 +1,220 @@
+//! The partner key, swappable at run time. With `upstream.partner_key_file`
+//! the file is re-read when its directory changes (which also catches the
+//! atomic `..data` symlink swap Kubernetes uses for mounted Secrets) and on
+//! SIGHUP. A request takes the key once, so in-flight requests finish with
+//! the key they started with. A file that turns empty or unreadable keeps the
+//! current key and logs an error.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::{ConfigError, UpstreamSettings, read_key_file};
+use crate::telemetry::metrics::{Metrics, ResultLabels};
+
+/// Lets a burst of file-system events (a Secret update makes several) settle.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    Changed,
+    Unchanged,
+    Failed,
+}
+
+impl Reload {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reload::Changed => "changed",
+            Reload::Unchanged => "unchanged",
+            Reload::Failed => "failed",
+        }
+    }
+}
+
+/// The current partner key and where it comes from.
+pub struct PartnerKey {
+    current: ArcSwap<SecretString>,
+    file: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+}
+
+impl PartnerKey {
+    /// Reads the key from `upstream.partner_key` or `upstream.partner_key_file`.
+    pub fn load(
+        settings: &UpstreamSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, ConfigError> {
+        let key = match (&settings.partner_key, &settings.partner_key_file) {
+            (Some(key), _) => SecretString::from(key.expose_secret().trim()),
+            (None, Some(path)) => read_key_file(path)?,
+            (None, None) => {
+                return Err(ConfigError::Invalid {
+                    key: "upstream.partner_key_file".into(),
+                    message: "a partner key is required".into(),
+                });
+            }
+        };
+        Ok(Arc::new(Self {
+            current: ArcSwap::from_pointee(key),
+            file: settings
+                .partner_key
+                .is_none()
+                .then(|| settings.partner_key_file.clone())
+                .flatten(),
+            metrics,
+        }))
+    }
+
+    /// The key to use for one request.
+    pub fn current(&self) -> Arc<SecretString> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the key file; keeps the current key if it cannot.
+    pub fn reload(&self) -> Reload {
+        let Some(path) = &self.file else {
+            return Reload::Unchanged;
+        };
+        let outcome = match read_key_file(path) {
+            Ok(key) if key.expose_secret() == self.current.load().expose_secret() => {
+                Reload::Unchanged
+            }
+            Ok(key) => {
+                self.current.store(Arc::new(key));
+                tracing::info!(file = %path.display(), "partner key reloaded");
+                Reload::Changed
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot reload the partner key; keeping the current one");
+                Reload::Failed
+            }
+        };
+        self.metrics
+            .partner_key_reloads
+            .get_or_create(&ResultLabels {
+                result: outcome.as_str(),
+            })
+            .inc();
+        outcome
+    }
+
+    /// Starts watching the key file's directory and SIGHUP. Nothing to do
+    /// for an inline key. Stops when the returned value is dropped.
+    pub fn spawn_reloaders(self: &Arc<Self>) -> std::io::Result<Option<Reloaders>> {
+        let Some(path) = &self.file else {
+            return Ok(None);
+        };
+        let (changed, mut changes) = mpsc::unbounded_channel::<()>();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok() {
+                    let _ = changed.send(());
+                }
+            })
+            .map_err(std::io::Error::other)?;
+        watcher
+            .watch(watched_dir(path), RecursiveMode::NonRecursive)
+            .map_err(std::io::Error::other)?;
+        let key = self.clone();
+        let mut tasks = vec![tokio::spawn(async move {
+            while changes.recv().await.is_some() {
+                tokio::time::sleep(SETTLE).await;
+                while changes.try_recv().is_ok() {}
+                key.reload();
+            }
+        })];
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut hangups = signal(SignalKind::hangup())?;
+            let key = self.clone();
+            tasks.push(tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::info!("SIGHUP received, re-reading the partner key");
+                    key.reload();
+                }
+            }));
+        }
+        Ok(Some(Reloaders {
+            _watcher: watcher,
+            tasks,
+        }))
+    }
+}
+
+/// The directory to watch: the file's parent, or `.` for a bare file name.
+fn watched_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+/// The background reloaders; dropping this stops them.
+pub struct Reloaders {
+    _watcher: RecommendedWatcher,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Reloaders {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(file: &Path) -> UpstreamSettings {
+        UpstreamSettings {
+            base_url: url::Url::parse("http://127.0.0.1:1").unwrap(),
+            partner_key: None,
+            partner_key_file: Some(file.to_owned()),
+            timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn a_changed_file_replaces_the_key_and_a_broken_one_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("partner-key");
+        std::fs::write(&path, "first\n").unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let key = PartnerKey::load(&settings(&path), metrics.clone()).unwrap();
+        let in_flight = key.current();
+
+        assert_eq!(key.reload(), Reload::Unchanged);
+        std::fs::write(&path, "second\n").unwrap();
+        assert_eq!(key.reload(), Reload::Changed);
+        assert_eq!(key.current().expose_secret(), "second");
+        assert_eq!(
+            in_flight.expose_secret(),
+            "first",
+            "a request keeps the key it took"
+        );
+
+        std::fs::write(&path, "  \n").unwrap();
+        assert_eq!(key.reload(), Reload::Failed);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(key.reload(), Reload::Failed);
+        assert_eq!(key.current().expose_secret(), "second");
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"token_broker_partner_key_reloads_total{result="failed"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"token_broker_partner_key_reloads_total{result="changed"} 1"#));
+    }
+}
