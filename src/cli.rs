@@ -184,7 +184,7 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
 fn check_config(file: Option<PathBuf>) -> Result<(), Failure> {
     let settings = load(file)?;
     settings.require_serving()?;
-    settings.partner_key()?;
+    settings.upstream.read_partner_key()?;
     print!("{}", settings.redacted_toml());
     eprintln!("token-broker: configuration is valid");
     Ok(())

@@ -105,6 +105,20 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
 }
 
+impl UpstreamSettings {
+    /// Reads the partner key from `partner_key` or `partner_key_file`.
+    pub fn read_partner_key(&self) -> Result<SecretString, ConfigError> {
+        match (&self.partner_key, &self.partner_key_file) {
+            (Some(key), _) => Ok(SecretString::from(key.expose_secret().trim())),
+            (None, Some(path)) => read_key_file(path),
+            (None, None) => Err(ConfigError::invalid(
+                "upstream.partner_key_file",
+                "a partner key is required",
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheSettings {
@@ -389,18 +403,6 @@ impl Settings {
         Ok(())
     }
 
-    /// Reads the partner key from `partner_key` or `partner_key_file`.
-    pub fn partner_key(&self) -> Result<SecretString, ConfigError> {
-        match (&self.upstream.partner_key, &self.upstream.partner_key_file) {
-            (Some(key), _) => Ok(SecretString::from(key.expose_secret().trim())),
-            (None, Some(path)) => read_key_file(path),
-            (None, None) => Err(ConfigError::invalid(
-                "upstream.partner_key_file",
-                "a partner key is required",
-            )),
-        }
-    }
-
     /// The effective configuration as TOML, every secret replaced by `[REDACTED]`.
     pub fn redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
@@ -582,9 +584,12 @@ mod tests {
             path.display().to_string()
         );
         let s = load(&toml, &[]).unwrap();
-        assert_eq!(s.partner_key().unwrap().expose_secret(), "pk-from-file");
+        assert_eq!(
+            s.upstream.read_partner_key().unwrap().expose_secret(),
+            "pk-from-file"
+        );
         std::fs::write(&path, "  \n").unwrap();
-        assert!(s.partner_key().is_err());
+        assert!(s.upstream.read_partner_key().is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod error;
 pub mod observe;
+pub mod openapi;
 pub mod query;
 pub mod tokens;
 
@@ -41,6 +42,7 @@ pub fn router(state: AppState) -> Router {
             get(tokens::get_token).delete(tokens::delete_token),
         )
         .route(VENDOR_ROUTE, get(tokens::get_vendor_token))
+        .route(openapi::OPENAPI_ROUTE, get(openapi::serve))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(

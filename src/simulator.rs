@@ -65,7 +65,7 @@ struct SimToken {
 
 #[derive(Default)]
 struct SimState {
-    partner_key: RwLock<String>,
+    partner_keys: RwLock<Vec<String>>,
     members: RwLock<HashMap<(String, UserType), SimToken>>,
     customers: RwLock<HashMap<String, SimToken>>,
     fault: RwLock<Fault>,
@@ -130,8 +130,14 @@ impl Simulator {
         lines.join("\n")
     }
 
+    /// Accept only `key` from now on.
     pub fn set_partner_key(&self, key: &str) {
-        *write(&self.state.partner_key) = key.to_owned();
+        self.set_partner_keys(&[key]);
+    }
+
+    /// Accept each of `keys`, as a vendor does while a key is being rotated.
+    pub fn set_partner_keys(&self, keys: &[&str]) {
+        *write(&self.state.partner_keys) = keys.iter().map(|k| (*k).to_owned()).collect();
     }
 
     pub fn add_team_member(&self, email: &str, user_type: UserType, token: &str) {
@@ -306,8 +312,11 @@ async fn get_user_token(
         Fault::BodyCode(code) => return vendor_error(StatusCode::OK, code, "simulated failure"),
     }
 
-    let expected = format!("Bearer {}", read(&state.partner_key));
-    if authorization.as_deref() != Some(expected.as_str()) || authtype.as_deref() != Some("Key") {
+    let presented = authorization
+        .as_deref()
+        .and_then(|a| a.strip_prefix("Bearer "));
+    let known = presented.is_some_and(|key| read(&state.partner_keys).iter().any(|k| k == key));
+    if !known || authtype.as_deref() != Some("Key") {
         return vendor_error(StatusCode::UNAUTHORIZED, 401, "Unauthorized");
     }
 

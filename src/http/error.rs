@@ -49,13 +49,16 @@ pub enum ApiError {
     Internal,
 }
 
-/// The problem+json document.
-#[derive(Debug, Serialize)]
-struct Problem<'a> {
+/// An RFC 9457 problem document.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Problem<'a> {
+    /// `urn:token-broker:problem:<slug>`
     #[serde(rename = "type")]
+    #[schema(example = "urn:token-broker:problem:user-not-found")]
     kind: String,
     title: &'a str,
     status: u16,
+    /// What went wrong, naming the parameter or rule; never a secret.
     detail: &'a str,
 }
 

@@ -11,6 +11,7 @@ use tracing::Instrument;
 
 use crate::http::auth::CallerSlot;
 use crate::http::error::ApiError;
+use crate::http::openapi::OPENAPI_ROUTE;
 use crate::http::{AppState, TOKENS_ROUTE, VENDOR_ROUTE};
 use crate::telemetry::metrics::{HttpLabels, RouteLabels};
 
@@ -35,6 +36,7 @@ fn route_label(path: &str) -> &'static str {
     match path {
         TOKENS_ROUTE => TOKENS_ROUTE,
         VENDOR_ROUTE => VENDOR_ROUTE,
+        OPENAPI_ROUTE => OPENAPI_ROUTE,
         _ => "unmatched",
     }
 }

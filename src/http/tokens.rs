@@ -12,47 +12,77 @@ use crate::broker::Issued;
 use crate::broker::identity::Identity;
 use crate::http::AppState;
 use crate::http::auth::{Action, Caller};
-use crate::http::error::ApiError;
+use crate::http::error::{ApiError, Problem};
 use crate::http::observe::RequestId;
 use crate::http::query;
 
 /// `X-Cache`: where the token came from.
 pub const X_CACHE: &str = "x-cache";
 
-#[derive(Serialize)]
-struct TokenBody<'a> {
+/// A token, with the identity it belongs to (`email` + `type`, or `user_id`).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TokenBody<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     email: Option<&'a str>,
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "AGENT")]
     user_type: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     user_id: Option<&'a str>,
+    /// The permanent token.
     token: &'a str,
     active: bool,
 }
 
 /// The vendor's answer shape, field order included.
-#[derive(Serialize)]
-struct VendorBody<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct VendorBody<'a> {
     success: bool,
     message: &'static str,
     data: VendorData<'a>,
     code: u16,
 }
 
-#[derive(Serialize)]
-struct VendorData<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct VendorData<'a> {
     #[serde(rename = "permanentToken")]
     permanent_token: VendorToken<'a>,
 }
 
-#[derive(Serialize)]
-struct VendorToken<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct VendorToken<'a> {
+    /// The permanent token.
     key: &'a str,
+    /// As the vendor sent it; an inactive token is passed through.
     active: bool,
 }
 
 /// `GET /v1/tokens`
+#[utoipa::path(
+    get,
+    path = "/v1/tokens",
+    tag = "tokens",
+    summary = "Get a team member's or a customer's token",
+    description = "Give `email` and `type` (a team member, scope `tokens:read`) or `user_id` \
+                   (a customer, scope `customer_tokens:read`). Answered from the cache when fresh.",
+    params(crate::http::openapi::V1Query),
+    responses(
+        (status = 200, description = "The active token", body = TokenBody, headers(
+            ("Cache-Control" = String, description = "Always `no-store`"),
+            ("X-Cache" = String, description = "`hit`, `miss` or `stale`"),
+            ("Age" = u64, description = "Seconds since the vendor handed the token out"),
+        )),
+        (status = 400, description = "Bad, missing, repeated or unknown parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or unknown caller key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The caller lacks the scope, type or email domain", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The vendor has no such user", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The vendor's token is inactive", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Caller over its rate limit (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The vendor answered with something unusable", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The vendor is unavailable (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The vendor did not answer in time", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn get_token(
     State(state): State<AppState>,
     caller: Caller,
@@ -82,6 +112,31 @@ pub async fn get_token(
 }
 
 /// `GET /ext/get-user-token`: the vendor's path, parameters and body.
+#[utoipa::path(
+    get,
+    path = "/ext/get-user-token",
+    tag = "tokens",
+    summary = "Drop-in for the vendor's endpoint",
+    description = "Same path, parameters and 200 body as BotPenguin's, so an app that called the \
+                   vendor only changes its base URL and bearer key. An inactive token is passed \
+                   through with `active: false`.",
+    params(crate::http::openapi::VendorQuery),
+    responses(
+        (status = 200, description = "The token as the vendor sent it", body = VendorBody, headers(
+            ("Cache-Control" = String, description = "Always `no-store`"),
+            ("X-Cache" = String, description = "`hit`, `miss` or `stale`"),
+            ("Age" = u64, description = "Seconds since the vendor handed the token out"),
+        )),
+        (status = 400, description = "Bad, missing, repeated or unknown parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or unknown caller key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The caller lacks the scope, type or email domain", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The vendor has no such user", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Caller over its rate limit (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The vendor answered with something unusable", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The vendor is unavailable (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The vendor did not answer in time", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn get_vendor_token(
     State(state): State<AppState>,
     caller: Caller,
@@ -106,6 +161,21 @@ pub async fn get_vendor_token(
 }
 
 /// `DELETE /v1/tokens`
+#[utoipa::path(
+    delete,
+    path = "/v1/tokens",
+    tag = "tokens",
+    summary = "Drop a cached token",
+    description = "Scope `tokens:invalidate`. The next read of that identity asks the vendor.",
+    params(crate::http::openapi::V1Query),
+    responses(
+        (status = 204, description = "The cached token, if any, is gone"),
+        (status = 400, description = "Bad, missing, repeated or unknown parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or unknown caller key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The caller lacks the scope, type or email domain", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Caller over its rate limit (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn delete_token(
     State(state): State<AppState>,
     caller: Caller,

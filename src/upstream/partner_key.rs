@@ -52,18 +52,8 @@ impl PartnerKey {
         settings: &UpstreamSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, ConfigError> {
-        let key = match (&settings.partner_key, &settings.partner_key_file) {
-            (Some(key), _) => SecretString::from(key.expose_secret().trim()),
-            (None, Some(path)) => read_key_file(path)?,
-            (None, None) => {
-                return Err(ConfigError::Invalid {
-                    key: "upstream.partner_key_file".into(),
-                    message: "a partner key is required".into(),
-                });
-            }
-        };
         Ok(Arc::new(Self {
-            current: ArcSwap::from_pointee(key),
+            current: ArcSwap::from_pointee(settings.read_partner_key()?),
             file: settings
                 .partner_key
                 .is_none()

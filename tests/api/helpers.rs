@@ -63,6 +63,7 @@ scopes = ["tokens:invalidate"]
 pub struct TestAppBuilder {
     sections: Vec<String>,
     simulator: Simulator,
+    partner_key_file: Option<std::path::PathBuf>,
 }
 
 impl TestAppBuilder {
@@ -72,15 +73,25 @@ impl TestAppBuilder {
         self
     }
 
+    /// Read the partner key from this file (and watch it) instead of inline.
+    pub fn partner_key_file(mut self, path: &std::path::Path) -> Self {
+        self.partner_key_file = Some(path.to_owned());
+        self
+    }
+
     pub async fn spawn(self) -> TestApp {
         let upstream = self
             .simulator
             .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .expect("simulator binds");
+        let key = match &self.partner_key_file {
+            Some(path) => format!("partner_key_file = {:?}", path.display().to_string()),
+            None => format!("partner_key = \"{PARTNER_KEY}\""),
+        };
         let base = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n\
-             [upstream]\nbase_url = \"http://{upstream}\"\npartner_key = \"{PARTNER_KEY}\"\n"
+             [upstream]\nbase_url = \"http://{upstream}\"\n{key}\n"
         );
         let mut layers = vec![base];
         if !self.sections.iter().any(|s| s.contains("[[clients]]")) {
@@ -130,6 +141,7 @@ impl TestApp {
         TestAppBuilder {
             sections: Vec::new(),
             simulator: simulator(),
+            partner_key_file: None,
         }
     }
 

@@ -4,7 +4,11 @@
 mod admin;
 mod auth;
 mod helpers;
+mod hostile;
+mod openapi;
+mod policy;
 mod process;
+mod rotation;
 mod tokens;
 mod upstream_failures;
 mod validation;

@@ -110,7 +110,7 @@ fn config_file(dir: &tempfile::TempDir, upstream: SocketAddr, extra: &str) -> st
     std::fs::write(
         &path,
         format!(
-            "[upstream]\nbase_url = \"http://{upstream}\"\npartner_key_file = {key_file:?}\ntimeout = \"2s\"\n\
+            "[upstream]\nbase_url = \"http://{upstream}\"\npartner_key_file = {key_file:?}\ntimeout = \"1s\"\n\
              [server]\nshutdown_grace = \"10s\"\n{extra}\n{}",
             clients_toml()
         ),
@@ -135,7 +135,7 @@ async fn get(client: &reqwest::Client, url: String, key: &str) -> reqwest::Respo
 #[tokio::test]
 async fn sigterm_drains_an_in_flight_slow_request_and_exits_zero() {
     let (sim, upstream) = upstream().await;
-    sim.set_latency(Duration::from_millis(1500));
+    sim.set_latency(Duration::from_millis(700));
     let dir = tempfile::tempdir().unwrap();
     let mut command = command();
     command
@@ -175,85 +175,342 @@ async fn sigterm_drains_an_in_flight_slow_request_and_exits_zero() {
     assert!(broker.output().contains("all requests finished"));
 }
 
+const LIMITED_KEY: &str = "limited-caller-key-5d1f";
+const ROTATED_KEY: &str = "pk-rotated-in-logs-test-77aa";
+
+/// A caller allowed one request a minute, for the 429 path.
+fn limited_client() -> String {
+    format!(
+        "[[clients]]\nname = \"limited\"\nkey_sha256 = \"{}\"\nscopes = [\"tokens:read\"]\nrate_limit_per_minute = 1\n",
+        token_broker::http::auth::key_sha256(LIMITED_KEY)
+    )
+}
+
+/// The JSON events a broker logged.
+fn events(output: &str) -> Vec<serde_json::Value> {
+    output
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
 #[tokio::test]
-async fn neither_the_partner_key_nor_tokens_nor_emails_appear_in_logs() {
+async fn no_secret_or_email_appears_in_the_logs_of_a_full_scenario() {
+    use token_broker::simulator::Fault;
     let (sim, upstream) = upstream().await;
+    sim.set_partner_keys(&[PARTNER_KEY, ROTATED_KEY]);
     let dir = tempfile::tempdir().unwrap();
     let mut command = command();
-    command
-        .arg("--config")
-        .arg(config_file(&dir, upstream, "[log]\nlevel = \"trace\"\n"));
+    command.arg("--config").arg(config_file(
+        &dir,
+        upstream,
+        &format!("[log]\nlevel = \"trace\"\n{}", limited_client()),
+    ));
     let mut broker = Running::start(command).await;
     let client = reqwest::Client::new();
     let base = format!("http://{}", broker.api);
+    let alice = member_query(ALICE, "AGENT");
+    let mut statuses = Vec::new();
+    let mut call = async |path: String, key: &str| {
+        statuses.push(
+            get(&client, format!("{base}{path}"), key)
+                .await
+                .status()
+                .as_u16(),
+        );
+    };
 
-    for (path, key) in [
-        (
-            format!("/v1/tokens?{}", member_query(ALICE, "AGENT")),
+    call(format!("/v1/tokens?{alice}"), READER_KEY).await;
+    call(format!("/v1/tokens?{alice}"), READER_KEY).await;
+    call(
+        format!("/ext/get-user-token?userId={CUSTOMER_ID}"),
+        READER_KEY,
+    )
+    .await;
+    call(
+        format!("/ext/get-user-token?{}", member_query(INACTIVE, "AGENT")),
+        READER_KEY,
+    )
+    .await;
+    call(
+        format!("/v1/tokens?{}", member_query(INACTIVE, "AGENT")),
+        READER_KEY,
+    )
+    .await;
+    call(
+        format!("/v1/tokens?{}", member_query("ghost@example.com", "AGENT")),
+        READER_KEY,
+    )
+    .await;
+    call(format!("/v1/tokens?{alice}"), "wrong-caller-key").await;
+    call(
+        format!("/v1/tokens?{}", member_query(ALICE, "ADMIN")),
+        READER_KEY,
+    )
+    .await;
+    call(format!("/v1/tokens?user_id={CUSTOMER_ID}"), TEAM_ONLY_KEY).await;
+    call(format!("/v1/tokens?{alice}"), LIMITED_KEY).await;
+    call(format!("/v1/tokens?{alice}"), LIMITED_KEY).await;
+    for fault in [Fault::Malformed, Fault::Status(500), Fault::Hang] {
+        sim.set_fault(fault);
+        call(
+            format!("/v1/tokens?{}", member_query(ALICE, "CUSTOM_USER")),
             READER_KEY,
-        ),
-        (
-            format!("/v1/tokens?{}", member_query(ALICE, "AGENT")),
-            READER_KEY,
-        ),
-        (
-            format!("/ext/get-user-token?userId={CUSTOMER_ID}"),
-            READER_KEY,
-        ),
-        (
-            format!("/v1/tokens?{}", member_query(INACTIVE, "AGENT")),
-            READER_KEY,
-        ),
-        (
-            format!("/v1/tokens?{}", member_query("ghost@example.com", "AGENT")),
-            READER_KEY,
-        ),
-        (
-            format!("/v1/tokens?{}", member_query(ALICE, "AGENT")),
-            "wrong-caller-key",
-        ),
-        (
-            format!("/v1/tokens?{}", member_query(ALICE, "ADMIN")),
-            READER_KEY,
-        ),
-    ] {
-        get(&client, format!("{base}{path}"), key).await;
+        )
+        .await;
     }
-    sim.set_fault(token_broker::simulator::Fault::Malformed);
-    get(
-        &client,
-        format!("{base}/v1/tokens?{}", member_query(ALICE, "CUSTOM_USER")),
+    sim.set_fault(Fault::None);
+    sim.set_partner_key("only-the-vendor-knows");
+    call(
+        format!("/v1/tokens?{}", member_query(ALICE, "CUSTOM_USER")),
         READER_KEY,
     )
     .await;
-    sim.set_fault(token_broker::simulator::Fault::None);
-    sim.set_partner_key("something-else");
-    get(
-        &client,
-        format!("{base}/v1/tokens?{}", member_query(ALICE, "CUSTOM_USER")),
+    sim.set_partner_keys(&[PARTNER_KEY, ROTATED_KEY]);
+    std::fs::write(dir.path().join("partner-key"), ROTATED_KEY).unwrap();
+    while !broker.output().contains("partner key reloaded") {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    call(
+        format!("/v1/tokens?{}", member_query(ALICE, "CUSTOM_USER")),
         READER_KEY,
     )
     .await;
+    let deleted = client
+        .delete(format!("{base}/v1/tokens?{alice}"))
+        .bearer_auth(INVALIDATOR_KEY)
+        .send()
+        .await
+        .unwrap();
     broker.terminate();
     assert_eq!(broker.wait().await, 0);
 
+    assert_eq!(
+        statuses,
+        [
+            200, 200, 200, 200, 409, 404, 401, 400, 403, 200, 429, 502, 503, 504, 502, 200
+        ]
+    );
+    assert_eq!(deleted.status(), 204);
     let logs = broker.output();
     assert!(logs.contains("request completed"), "{logs}");
     for secret in [
         PARTNER_KEY,
+        ROTATED_KEY,
         ALICE_AGENT_TOKEN,
         ALICE_CUSTOM_TOKEN,
         INACTIVE_TOKEN,
         CUSTOMER_TOKEN,
         READER_KEY,
+        LIMITED_KEY,
+        INVALIDATOR_KEY,
         "wrong-caller-key",
         ALICE,
         INACTIVE,
         "ghost@example.com",
         "example.com",
+        CUSTOMER_ID,
     ] {
         assert!(!logs.contains(secret), "logs contain {secret}:\n{logs}");
     }
+}
+
+#[tokio::test]
+async fn every_issued_token_and_invalidation_writes_one_audit_event() {
+    let (_sim, upstream) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = command();
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(config_file(&dir, upstream, ""));
+    let mut broker = Running::start(command).await;
+    let client = reqwest::Client::new();
+    let base = format!("http://{}", broker.api);
+    let alice = member_query(ALICE, "AGENT");
+    let requests = [
+        (
+            reqwest::Method::GET,
+            format!("/v1/tokens?{alice}"),
+            READER_KEY,
+            "audit-1",
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/v1/tokens?{alice}"),
+            READER_KEY,
+            "audit-2",
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/ext/get-user-token?userId={CUSTOMER_ID}"),
+            READER_KEY,
+            "audit-3",
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("/v1/tokens?{alice}"),
+            INVALIDATOR_KEY,
+            "audit-4",
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/v1/tokens?{}", member_query(INACTIVE, "AGENT")),
+            READER_KEY,
+            "refused-1",
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/v1/tokens?user_id={CUSTOMER_ID}"),
+            TEAM_ONLY_KEY,
+            "refused-2",
+        ),
+    ];
+    for (method, path, key, id) in requests {
+        client
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(key)
+            .header("x-request-id", id)
+            .send()
+            .await
+            .unwrap();
+    }
+    broker.terminate();
+    assert_eq!(broker.wait().await, 0);
+
+    let output = broker.output();
+    let audit: Vec<_> = events(&output)
+        .into_iter()
+        .filter(|e| e["target"] == "audit")
+        .collect();
+    let ids: Vec<_> = audit
+        .iter()
+        .map(|e| e["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["audit-1", "audit-2", "audit-3", "audit-4"],
+        "{output}"
+    );
+    let expect = [
+        (
+            "issued",
+            "reader",
+            "team_member",
+            Some("AGENT"),
+            Some("miss"),
+        ),
+        (
+            "issued",
+            "reader",
+            "team_member",
+            Some("AGENT"),
+            Some("hit"),
+        ),
+        ("issued", "reader", "customer", None, Some("miss")),
+        (
+            "invalidated",
+            "invalidator",
+            "team_member",
+            Some("AGENT"),
+            None,
+        ),
+    ];
+    for (event, (outcome, caller, kind, user_type, cache)) in audit.iter().zip(expect) {
+        assert_eq!(event["outcome"], outcome);
+        assert_eq!(event["caller"], caller);
+        assert_eq!(event["identity"], kind);
+        assert_eq!(event["user_type"].as_str(), user_type);
+        assert_eq!(event["cache"].as_str(), cache);
+        let subject = event["subject"].as_str().unwrap();
+        assert_eq!(subject.len(), 32);
+        assert!(subject.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+    assert_eq!(
+        audit[0]["subject"], audit[1]["subject"],
+        "one person, one subject"
+    );
+    assert_eq!(audit[0]["subject"], audit[3]["subject"]);
+    assert_ne!(audit[0]["subject"], audit[2]["subject"]);
+    for line in output.lines().filter(|l| l.contains("\"audit\"")) {
+        for secret in [ALICE, ALICE_AGENT_TOKEN, CUSTOMER_ID, CUSTOMER_TOKEN] {
+            assert!(!line.contains(secret), "audit event holds {secret}: {line}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn sighup_rereads_a_key_file_the_watcher_cannot_see() {
+    let (sim, upstream) = upstream().await;
+    sim.set_partner_keys(&[PARTNER_KEY, ROTATED_KEY]);
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let config = config_file(&dir, upstream, "[cache]\nttl = \"1ms\"\n");
+    // The key file is a link into a directory nobody watches: only SIGHUP tells.
+    let real_key = elsewhere.path().join("real-key");
+    std::fs::write(&real_key, PARTNER_KEY).unwrap();
+    std::fs::remove_file(dir.path().join("partner-key")).unwrap();
+    std::os::unix::fs::symlink(&real_key, dir.path().join("partner-key")).unwrap();
+    let mut command = command();
+    command.arg("--config").arg(config);
+    let mut broker = Running::start(command).await;
+    let client = reqwest::Client::new();
+    let url = format!(
+        "http://{}/v1/tokens?{}",
+        broker.api,
+        member_query(ALICE, "AGENT")
+    );
+    let last_bearer = || sim.requests().pop().and_then(|r| r.authorization).unwrap();
+
+    assert_eq!(get(&client, url.clone(), READER_KEY).await.status(), 200);
+    std::fs::write(&real_key, ROTATED_KEY).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(&client, url.clone(), READER_KEY).await.status(), 200);
+    assert_eq!(last_bearer(), format!("Bearer {PARTNER_KEY}"));
+    let pid = broker.child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(get(&client, url.clone(), READER_KEY).await.status(), 200);
+        if last_bearer() == format!("Bearer {ROTATED_KEY}") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP did not reload the key"
+        );
+    }
+
+    broker.terminate();
+    assert_eq!(broker.wait().await, 0, "SIGHUP does not stop the service");
+}
+
+#[tokio::test]
+async fn core_dumps_are_disabled() {
+    let (_sim, upstream) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = command();
+    command.arg("--config").arg(config_file(&dir, upstream, ""));
+    let mut broker = Running::start(command).await;
+
+    let pid = broker.child.id().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    broker.terminate();
+    broker.wait().await;
+
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let values: Vec<_> = core.split_whitespace().skip(4).take(2).collect();
+    assert_eq!(values, ["0", "0"], "{core}");
 }
 
 #[tokio::test]

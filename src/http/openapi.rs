@@ -1,0 +1,121 @@
+//! The API described as OpenAPI 3.1, generated from the handlers and body
+//! types so it cannot drift; served at `GET /openapi.json` and kept in
+//! `docs/openapi.json` (a test fails when the two differ).
+
+use std::sync::LazyLock;
+
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi};
+
+use crate::http::error::Problem;
+use crate::http::tokens::{self, TokenBody, VendorBody, VendorData, VendorToken};
+
+/// The route of the document.
+pub const OPENAPI_ROUTE: &str = "/openapi.json";
+
+// The two query types below exist only to describe the parameters: requests
+// are parsed by `http::query`, which also refuses repeated and unknown ones.
+
+/// Query parameters of `/v1/tokens`: `email` + `type`, or `user_id`.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct V1Query {
+    /// A team member's email: at most 254 bytes, one `@`, a domain with a dot.
+    /// A literal `+` stays `+`. Give it with `type`.
+    email: Option<String>,
+    /// `AGENT`, `CUSTOM_USER` or `CUSTOMER` (any case). Give it with `email`.
+    #[param(rename = "type", pattern = "(?i)^(AGENT|CUSTOM_USER|CUSTOMER)$")]
+    user_type: Option<String>,
+    /// A customer's id: 1–64 characters of `A-Z a-z 0-9 _ -`. Not with `email`/`type`.
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    user_id: Option<String>,
+}
+
+/// Query parameters of the drop-in route: `email` + `type`, or `userId`.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct VendorQuery {
+    /// A team member's email. Give it with `type`.
+    email: Option<String>,
+    /// `AGENT`, `CUSTOM_USER` or `CUSTOMER` (any case). Give it with `email`.
+    #[param(rename = "type", pattern = "(?i)^(AGENT|CUSTOM_USER|CUSTOMER)$")]
+    user_type: Option<String>,
+    /// A customer's id, as the vendor names it. Not with `email`/`type`.
+    #[param(rename = "userId", pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    user_id: Option<String>,
+}
+
+struct CallerKey;
+
+impl Modify for CallerKey {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        if let Some(components) = openapi.components.as_mut() {
+            components.add_security_scheme(
+                "caller_key",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(
+                            "The caller key whose SHA-256 is configured in [[clients]]",
+                        ))
+                        .build(),
+                ),
+            );
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "token-broker",
+        description = "Hands internal callers BotPenguin user tokens without exposing the partner key. \
+                       Every error is application/problem+json (RFC 9457)."
+    ),
+    paths(tokens::get_token, tokens::delete_token, tokens::get_vendor_token),
+    components(schemas(TokenBody, VendorBody, VendorData, VendorToken, Problem)),
+    modifiers(&CallerKey),
+    security(("caller_key" = [])),
+    tags((name = "tokens", description = "Team-member and customer tokens"))
+)]
+pub struct ApiDoc;
+
+static DOCUMENT: LazyLock<String> = LazyLock::new(document);
+
+/// The document as pretty JSON with a trailing newline, as kept in `docs/openapi.json`.
+pub fn document() -> String {
+    let mut json = ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    json.push('\n');
+    json
+}
+
+/// `GET /openapi.json`
+pub async fn serve() -> Response {
+    let mut response = DOCUMENT.as_str().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_document_is_openapi_3_1_with_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(&document()).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        assert!(doc["paths"]["/v1/tokens"]["get"].is_object());
+        assert!(doc["paths"]["/v1/tokens"]["delete"].is_object());
+        assert!(doc["paths"]["/ext/get-user-token"]["get"].is_object());
+        assert!(doc["components"]["securitySchemes"]["caller_key"].is_object());
+    }
+}
