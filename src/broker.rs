@@ -1,19 +1,29 @@
 //! The domain: which token a caller gets for an identity, from the cache or
 //! from the vendor, with exactly one vendor call per key at a time.
 //!
-//! Two moka caches share the work. `store` holds the last active token per
-//! identity, bounded by `cache.max_entries`; freshness is judged here against
-//! tokio's clock (so tests can pause time). `flights` exists only to coalesce:
-//! its `try_get_with` runs one fetch per key and hands the result, or the
-//! error, to every caller that asked meanwhile. Errors are never stored.
+//! Two moka caches share the work. `store` holds what the vendor last said
+//! per identity (an active token, or "no such user"), bounded by
+//! `cache.max_entries`; moka drops an entry once it can no longer be served
+//! (`ttl + stale_if_error`, or `negative_ttl`), while freshness is judged here
+//! against tokio's clock (so tests can pause time). `flights` exists only to
+//! coalesce: its `try_get_with` runs one fetch per key and hands the result,
+//! or the error, to every caller that asked meanwhile.
+//!
+//! - fresh (`age < ttl`): a hit; past `ttl × refresh_ahead` the first hit also
+//!   starts one background refresh.
+//! - past `ttl`: fetched again; if the vendor is failing (`is_outage`), the old
+//!   token is served as stale until `ttl + stale_if_error`.
+//! - a definitive answer (no such user, inactive) replaces the entry.
 
 pub mod identity;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use moka::Expiry;
 use moka::future::Cache;
 use tokio::time::Instant;
 
@@ -42,6 +52,7 @@ impl TokenSource for UpstreamClient {
 pub enum CacheResult {
     Hit,
     Miss,
+    Stale,
 }
 
 impl CacheResult {
@@ -49,6 +60,7 @@ impl CacheResult {
         match self {
             CacheResult::Hit => "hit",
             CacheResult::Miss => "miss",
+            CacheResult::Stale => "stale",
         }
     }
 }
@@ -79,32 +91,93 @@ pub struct Issued {
     pub age: Duration,
 }
 
+/// What the vendor last said about an identity.
+#[derive(Debug)]
+enum Answer {
+    Token { token: Token, active: bool },
+    NotFound,
+}
+
 #[derive(Debug)]
 struct Entry {
-    token: Token,
-    active: bool,
+    answer: Answer,
     fetched_at: Instant,
+    /// Set by the hit that starts this entry's background refresh.
+    refreshing: AtomicBool,
 }
 
 impl Entry {
-    fn issued(&self, cache: CacheResult) -> Issued {
-        Issued {
-            token: self.token.clone(),
-            active: self.active,
-            cache,
-            age: self.fetched_at.elapsed(),
+    fn new(answer: Answer) -> Arc<Self> {
+        Arc::new(Self {
+            answer,
+            fetched_at: Instant::now(),
+            refreshing: AtomicBool::new(false),
+        })
+    }
+
+    fn issued(&self, cache: CacheResult) -> Result<Issued, BrokerError> {
+        match &self.answer {
+            Answer::Token { token, active } => Ok(Issued {
+                token: token.clone(),
+                active: *active,
+                cache,
+                age: self.fetched_at.elapsed(),
+            }),
+            Answer::NotFound => Err(UpstreamError::NotFound.into()),
         }
     }
 }
 
-/// The token cache in front of a `TokenSource`.
-pub struct Broker {
+/// How long moka keeps an entry: as long as it may still be served.
+struct Lifetime {
+    token: Duration,
+    not_found: Duration,
+}
+
+impl Lifetime {
+    fn of(&self, entry: &Entry) -> Duration {
+        match entry.answer {
+            Answer::Token { .. } => self.token,
+            Answer::NotFound => self.not_found,
+        }
+    }
+}
+
+impl Expiry<Identity, Arc<Entry>> for Lifetime {
+    fn expire_after_create(
+        &self,
+        _: &Identity,
+        entry: &Arc<Entry>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(self.of(entry))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &Identity,
+        entry: &Arc<Entry>,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.of(entry))
+    }
+}
+
+struct Inner {
     store: Cache<Identity, Arc<Entry>>,
     flights: Cache<Identity, Arc<Entry>>,
     source: Arc<dyn TokenSource>,
     ttl: Duration,
+    refresh_after: Duration,
+    stale_for: Duration,
+    negative_ttl: Duration,
     metrics: Arc<Metrics>,
 }
+
+/// The token cache in front of a `TokenSource`; clones share one cache.
+#[derive(Clone)]
+pub struct Broker(Arc<Inner>);
 
 impl Broker {
     pub fn new(
@@ -114,66 +187,132 @@ impl Broker {
     ) -> Self {
         let store = Cache::builder()
             .max_capacity(settings.max_entries)
-            .time_to_live(settings.ttl)
+            .expire_after(Lifetime {
+                token: settings.ttl + settings.stale_if_error,
+                not_found: settings.negative_ttl,
+            })
             .build();
         let flights = Cache::builder().max_capacity(settings.max_entries).build();
-        Self {
+        Self(Arc::new(Inner {
             store,
             flights,
             source,
             ttl: settings.ttl,
+            refresh_after: settings.ttl.mul_f64(settings.refresh_ahead),
+            stale_for: settings.stale_if_error,
+            negative_ttl: settings.negative_ttl,
             metrics,
+        }))
+    }
+
+    /// The token for `identity`: from the cache while fresh, else from the
+    /// vendor, else (while the vendor fails) a stale one.
+    pub async fn lookup(&self, identity: &Identity) -> Result<Issued, BrokerError> {
+        let inner = &self.0;
+        let cached = inner.store.get(identity).await;
+        if let Some(entry) = &cached {
+            let age = entry.fetched_at.elapsed();
+            match entry.answer {
+                Answer::NotFound if age < inner.negative_ttl => {
+                    inner.metrics.cache_lookup("negative");
+                    return entry.issued(CacheResult::Hit);
+                }
+                Answer::Token { .. } if age < inner.ttl => {
+                    if age >= inner.refresh_after && !entry.refreshing.swap(true, Ordering::AcqRel)
+                    {
+                        self.refresh_in_background(identity.clone());
+                    }
+                    inner.metrics.cache_lookup("hit");
+                    return entry.issued(CacheResult::Hit);
+                }
+                _ => {}
+            }
+        }
+        match self.fetch_once(identity).await {
+            Ok(entry) => {
+                inner.metrics.cache_lookup("miss");
+                entry.issued(CacheResult::Miss)
+            }
+            Err(BrokerError::Upstream(error)) => {
+                if let Some(stale) = cached.filter(|e| self.servable_when_failing(e, &error)) {
+                    tracing::warn!(%error, outcome = error.outcome(), "vendor failing, serving a stale token");
+                    inner.metrics.cache_lookup("stale");
+                    return stale.issued(CacheResult::Stale);
+                }
+                inner.metrics.cache_lookup("miss");
+                Err(error.into())
+            }
         }
     }
 
-    /// The token for `identity`: from the cache while fresh, else from the vendor.
-    pub async fn lookup(&self, identity: &Identity) -> Result<Issued, BrokerError> {
-        if let Some(entry) = self.store.get(identity).await
-            && entry.fetched_at.elapsed() < self.ttl
-        {
-            self.metrics.cache_lookup("hit");
-            return Ok(entry.issued(CacheResult::Hit));
-        }
-        self.metrics.cache_lookup("miss");
-        let entry = self.fetch_once(identity).await?;
-        Ok(entry.issued(CacheResult::Miss))
+    /// An expired token may stand in while the vendor is failing, within `stale_if_error`.
+    fn servable_when_failing(&self, entry: &Entry, error: &UpstreamError) -> bool {
+        error.is_outage()
+            && matches!(entry.answer, Answer::Token { .. })
+            && entry.fetched_at.elapsed() < self.0.ttl + self.0.stale_for
+    }
+
+    fn refresh_in_background(&self, identity: Identity) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = broker.fetch_once(&identity).await {
+                tracing::debug!(%error, "background refresh failed; the entry is served until ttl");
+            }
+        });
     }
 
     /// Drops the cached token of `identity`; the next lookup asks the vendor.
     pub async fn invalidate(&self, identity: &Identity) {
-        self.store.invalidate(identity).await;
-        self.flights.invalidate(identity).await;
+        self.0.store.invalidate(identity).await;
+        self.0.flights.invalidate(identity).await;
     }
 
-    /// Tokens currently cached.
+    /// Entries currently cached (tokens and remembered "no such user" answers).
     pub fn entry_count(&self) -> u64 {
-        self.store.entry_count()
+        self.0.store.entry_count()
     }
 
     /// Runs moka's pending maintenance (evictions, counts); for metrics and tests.
     pub async fn run_pending_tasks(&self) {
-        self.store.run_pending_tasks().await;
+        self.0.store.run_pending_tasks().await;
     }
 
+    /// Asks the vendor, one call per key however many callers ask at once,
+    /// and records the answer in `store`.
     async fn fetch_once(&self, identity: &Identity) -> Result<Arc<Entry>, BrokerError> {
+        let inner = &self.0;
         let started = Instant::now();
         loop {
-            let result = self
+            let result = inner
                 .flights
                 .try_get_with_by_ref(identity, async {
-                    let fetched = self.source.fetch(identity).await?;
-                    let entry = Arc::new(Entry {
-                        token: fetched.token,
-                        active: fetched.active,
-                        fetched_at: Instant::now(),
-                    });
-                    if entry.active {
-                        self.store.insert(identity.clone(), entry.clone()).await;
+                    match inner.source.fetch(identity).await {
+                        Ok(fetched) => {
+                            let entry = Entry::new(Answer::Token {
+                                token: fetched.token,
+                                active: fetched.active,
+                            });
+                            if fetched.active {
+                                inner.store.insert(identity.clone(), entry.clone()).await;
+                            } else {
+                                inner.store.invalidate(identity).await;
+                            }
+                            Ok(entry)
+                        }
+                        Err(UpstreamError::NotFound) => {
+                            if inner.negative_ttl.is_zero() {
+                                inner.store.invalidate(identity).await;
+                            } else {
+                                let entry = Entry::new(Answer::NotFound);
+                                inner.store.insert(identity.clone(), entry).await;
+                            }
+                            Err(UpstreamError::NotFound)
+                        }
+                        Err(error) => Err(error),
                     }
-                    Ok::<_, UpstreamError>(entry)
                 })
                 .await;
-            self.flights.invalidate(identity).await;
+            inner.flights.invalidate(identity).await;
             match result {
                 // A flight that finished before this call began was left behind by a
                 // leader whose caller went away before clearing it: never serve it.
@@ -196,7 +335,7 @@ mod tests {
     struct Counting {
         calls: AtomicUsize,
         delay: Duration,
-        active: bool,
+        active: AtomicBool,
         fail: Mutex<Option<UpstreamError>>,
     }
 
@@ -209,13 +348,17 @@ mod tests {
             Arc::new(Self {
                 calls: AtomicUsize::new(0),
                 delay,
-                active,
+                active: AtomicBool::new(active),
                 fail: Mutex::new(None),
             })
         }
 
         fn calls(&self) -> usize {
             self.calls.load(Ordering::SeqCst)
+        }
+
+        fn fail_with(&self, error: Option<UpstreamError>) {
+            *self.fail.lock().unwrap() = error;
         }
     }
 
@@ -229,15 +372,65 @@ mod tests {
                 }
                 Ok(Fetched {
                     token: Token::new(format!("token-{n}")),
-                    active: self.active,
+                    active: self.active.load(Ordering::SeqCst),
                 })
             })
         }
     }
 
+    const TTL: Duration = Duration::from_secs(600);
+    const STALE: Duration = Duration::from_secs(3600);
+    const NEGATIVE: Duration = Duration::from_secs(30);
+
+    fn settings(ttl: Duration, max_entries: u64) -> CacheSettings {
+        CacheSettings {
+            ttl,
+            refresh_ahead: 0.8,
+            stale_if_error: STALE,
+            negative_ttl: NEGATIVE,
+            max_entries,
+        }
+    }
+
     fn broker(source: Arc<Counting>, ttl: Duration, max_entries: u64) -> Broker {
-        let settings = CacheSettings { ttl, max_entries };
-        Broker::new(&settings, source, Arc::new(Metrics::new()))
+        Broker::new(
+            &settings(ttl, max_entries),
+            source,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    fn broker_with(source: Arc<Counting>, settings: CacheSettings) -> (Broker, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        (Broker::new(&settings, source, metrics.clone()), metrics)
+    }
+
+    fn lookups(metrics: &Metrics, result: &'static str) -> u64 {
+        metrics
+            .cache_lookups
+            .get_or_create(&crate::telemetry::metrics::ResultLabels { result })
+            .get()
+    }
+
+    fn outages() -> Vec<UpstreamError> {
+        vec![
+            UpstreamError::Timeout,
+            UpstreamError::Connect("refused".into()),
+            UpstreamError::Unavailable {
+                status: 503,
+                retry_after: None,
+            },
+            UpstreamError::Unavailable {
+                status: 500,
+                retry_after: None,
+            },
+            UpstreamError::Transport("reset".into()),
+            UpstreamError::Malformed("html".into()),
+            UpstreamError::CircuitOpen {
+                retry_after: Duration::from_secs(3),
+            },
+            UpstreamError::Saturated,
+        ]
     }
 
     fn member(email: &str, user_type: UserType) -> Identity {
@@ -294,7 +487,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn inactive_tokens_and_errors_are_not_cached() {
         let source = Counting::with(Duration::from_millis(1), false);
-        let broker = broker(source.clone(), Duration::from_secs(600), 100);
+        let broker = self::broker(source.clone(), Duration::from_secs(600), 100);
         let id = member("a@example.com", UserType::Agent);
         assert!(!broker.lookup(&id).await.unwrap().active);
         assert!(!broker.lookup(&id).await.unwrap().active);
@@ -351,5 +544,180 @@ mod tests {
         broker.invalidate(&id).await;
         assert_eq!(broker.lookup(&id).await.unwrap().cache, CacheResult::Miss);
         assert_eq!(source.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_token_is_served_on_each_outage_kind_within_the_window_only() {
+        let id = member("a@example.com", UserType::Agent);
+        for outage in outages() {
+            let source = Counting::new();
+            let (broker, metrics) = broker_with(source.clone(), settings(TTL, 100));
+            broker.lookup(&id).await.unwrap();
+            source.fail_with(Some(outage.clone()));
+
+            tokio::time::advance(TTL + Duration::from_secs(1)).await;
+            let stale = broker.lookup(&id).await.unwrap();
+            assert_eq!(stale.cache, CacheResult::Stale, "{outage:?}");
+            assert_eq!(stale.token.expose(), "token-1");
+            assert_eq!(lookups(&metrics, "stale"), 1);
+
+            tokio::time::advance(STALE - Duration::from_secs(2)).await;
+            assert_eq!(broker.lookup(&id).await.unwrap().cache, CacheResult::Stale);
+            tokio::time::advance(Duration::from_secs(2)).await;
+            let expired = broker.lookup(&id).await.unwrap_err();
+            assert_eq!(
+                expired.outcome(),
+                outage.outcome(),
+                "not past ttl + stale_if_error"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_vendor_gets_a_fresh_attempt_on_each_stale_lookup() {
+        let source = Counting::new();
+        let (broker, _) = broker_with(source.clone(), settings(TTL, 100));
+        let id = member("a@example.com", UserType::Agent);
+        broker.lookup(&id).await.unwrap();
+        tokio::time::advance(TTL).await;
+        source.fail_with(Some(UpstreamError::Timeout));
+        broker.lookup(&id).await.unwrap();
+        source.fail_with(None);
+        let recovered = broker.lookup(&id).await.unwrap();
+        assert_eq!(recovered.cache, CacheResult::Miss);
+        assert_eq!(recovered.token.expose(), "token-3");
+        assert_eq!(broker.lookup(&id).await.unwrap().cache, CacheResult::Hit);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_definitive_answer_replaces_the_entry_instead_of_being_masked() {
+        let id = member("a@example.com", UserType::Agent);
+        // No such user: the stale token is not served, and later outages find nothing.
+        let source = Counting::new();
+        let (broker, _) = broker_with(source.clone(), settings(TTL, 100));
+        broker.lookup(&id).await.unwrap();
+        tokio::time::advance(TTL).await;
+        source.fail_with(Some(UpstreamError::NotFound));
+        assert!(matches!(
+            broker.lookup(&id).await,
+            Err(BrokerError::Upstream(UpstreamError::NotFound))
+        ));
+        tokio::time::advance(NEGATIVE).await;
+        source.fail_with(Some(UpstreamError::Timeout));
+        assert!(broker.lookup(&id).await.is_err());
+
+        // Inactive: returned as the vendor said, and the old token is gone.
+        let source = Counting::new();
+        let (broker, _) = broker_with(source.clone(), settings(TTL, 100));
+        broker.lookup(&id).await.unwrap();
+        tokio::time::advance(TTL).await;
+        source.active.store(false, Ordering::SeqCst);
+        let inactive = broker.lookup(&id).await.unwrap();
+        assert!(!inactive.active);
+        source.fail_with(Some(UpstreamError::Timeout));
+        assert!(
+            broker.lookup(&id).await.is_err(),
+            "no stale token after inactive"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresh_ahead_makes_one_background_call_under_50_concurrent_hits() {
+        let source = Counting::with(Duration::from_millis(200), true);
+        let (broker, _) = broker_with(source.clone(), settings(TTL, 100));
+        let id = member("a@example.com", UserType::Agent);
+        broker.lookup(&id).await.unwrap();
+        tokio::time::advance(TTL.mul_f64(0.8)).await;
+
+        let hits = futures::future::join_all((0..50).map(|_| broker.lookup(&id))).await;
+        for hit in &hits {
+            let hit = hit.as_ref().unwrap();
+            assert_eq!(
+                hit.cache,
+                CacheResult::Hit,
+                "answered at once from the cache"
+            );
+            assert_eq!(hit.token.expose(), "token-1");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(source.calls(), 2, "exactly one background refresh");
+        let refreshed = broker.lookup(&id).await.unwrap();
+        assert_eq!(refreshed.token.expose(), "token-2");
+        assert!(
+            refreshed.age < Duration::from_millis(200),
+            "fetched by the refresh"
+        );
+        assert_eq!(source.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn before_the_refresh_point_hits_start_no_refresh() {
+        let source = Counting::new();
+        let (broker, _) = broker_with(source.clone(), settings(TTL, 100));
+        let id = member("a@example.com", UserType::Agent);
+        broker.lookup(&id).await.unwrap();
+        tokio::time::advance(TTL.mul_f64(0.79)).await;
+        broker.lookup(&id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(source.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_keeps_serving_until_ttl_without_retrying_each_hit() {
+        let source = Counting::new();
+        let (broker, _) = broker_with(source.clone(), settings(TTL, 100));
+        let id = member("a@example.com", UserType::Agent);
+        broker.lookup(&id).await.unwrap();
+        source.fail_with(Some(UpstreamError::Timeout));
+        tokio::time::advance(TTL.mul_f64(0.9)).await;
+        for _ in 0..10 {
+            assert_eq!(broker.lookup(&id).await.unwrap().cache, CacheResult::Hit);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(source.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_such_user_is_remembered_for_negative_ttl() {
+        let source = Counting::new();
+        source.fail_with(Some(UpstreamError::NotFound));
+        let (broker, metrics) = broker_with(source.clone(), settings(TTL, 100));
+        let id = member("ghost@example.com", UserType::Agent);
+
+        assert!(broker.lookup(&id).await.is_err());
+        tokio::time::advance(NEGATIVE - Duration::from_secs(1)).await;
+        let remembered = broker.lookup(&id).await;
+        assert!(matches!(
+            remembered,
+            Err(BrokerError::Upstream(UpstreamError::NotFound))
+        ));
+        assert_eq!(source.calls(), 1);
+        assert_eq!(lookups(&metrics, "negative"), 1);
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        source.fail_with(None);
+        assert!(broker.lookup(&id).await.is_ok(), "expired: asked again");
+        assert_eq!(source.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_negative_ttl_and_other_errors_are_never_remembered() {
+        let source = Counting::new();
+        source.fail_with(Some(UpstreamError::NotFound));
+        let mut no_negative = settings(TTL, 100);
+        no_negative.negative_ttl = Duration::ZERO;
+        let (broker, _) = broker_with(source.clone(), no_negative);
+        let id = member("ghost@example.com", UserType::Agent);
+        assert!(broker.lookup(&id).await.is_err());
+        assert!(broker.lookup(&id).await.is_err());
+        assert_eq!(source.calls(), 2);
+
+        let source = Counting::new();
+        let (broker, _) = broker_with(source.clone(), settings(TTL, 100));
+        for error in outages() {
+            source.fail_with(Some(error));
+            assert!(broker.lookup(&id).await.is_err());
+        }
+        assert_eq!(source.calls(), outages().len());
     }
 }

@@ -103,6 +103,15 @@ pub struct UpstreamSettings {
     pub timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Concurrent requests to the vendor, all keys together.
+    pub max_in_flight: usize,
+    /// Retries on connect errors, 429, 502, 503, 504.
+    pub max_retries: u32,
+    /// Consecutive failed fetches that open the circuit.
+    pub circuit_failures: u32,
+    /// How long the circuit stays open before one probe is let through.
+    #[serde(with = "humantime_serde")]
+    pub circuit_cooldown: Duration,
 }
 
 impl UpstreamSettings {
@@ -124,6 +133,14 @@ impl UpstreamSettings {
 pub struct CacheSettings {
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// Fraction of `ttl` after which a hit starts one background refresh.
+    pub refresh_ahead: f64,
+    /// How long past `ttl` an entry may be served when the vendor fails.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+    /// How long a "no such user" answer is remembered; zero turns it off.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
     pub max_entries: u64,
 }
 
@@ -310,6 +327,25 @@ impl Settings {
                 "must not be empty",
             ));
         }
+        if !(self.cache.refresh_ahead > 0.0 && self.cache.refresh_ahead <= 1.0) {
+            return Err(ConfigError::invalid(
+                "cache.refresh_ahead",
+                "must be a fraction in (0, 1]; 1 turns refresh-ahead off",
+            ));
+        }
+        if self.upstream.max_in_flight == 0 {
+            return Err(ConfigError::invalid(
+                "upstream.max_in_flight",
+                "must be at least 1",
+            ));
+        }
+        if self.upstream.circuit_failures == 0 {
+            return Err(ConfigError::invalid(
+                "upstream.circuit_failures",
+                "must be at least 1",
+            ));
+        }
+        positive("upstream.circuit_cooldown", self.upstream.circuit_cooldown)?;
         if self.cache.max_entries == 0 {
             return Err(ConfigError::invalid(
                 "cache.max_entries",
@@ -485,6 +521,13 @@ mod tests {
         assert_eq!(s.upstream.connect_timeout, Duration::from_secs(2));
         assert_eq!(s.cache.ttl, Duration::from_secs(600));
         assert_eq!(s.cache.max_entries, 100_000);
+        assert_eq!(s.cache.refresh_ahead, 0.8);
+        assert_eq!(s.cache.stale_if_error, Duration::from_secs(3600));
+        assert_eq!(s.cache.negative_ttl, Duration::from_secs(30));
+        assert_eq!(s.upstream.max_in_flight, 32);
+        assert_eq!(s.upstream.max_retries, 2);
+        assert_eq!(s.upstream.circuit_failures, 5);
+        assert_eq!(s.upstream.circuit_cooldown, Duration::from_secs(10));
         assert_eq!(s.log.format, LogFormat::Json);
         assert!(!s.auth.allow_anonymous);
         assert!(s.clients.is_empty());

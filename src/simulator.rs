@@ -31,6 +31,8 @@ pub enum Fault {
     Malformed,
     /// This HTTP status with a vendor-style error body.
     Status(u16),
+    /// This HTTP status with `Retry-After: <seconds>`.
+    StatusRetryAfter(u16, u64),
     /// HTTP 200 with `"success":false` and this `code`.
     BodyCode(u16),
 }
@@ -308,6 +310,14 @@ async fn get_user_token(
         Fault::Status(status) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return vendor_error(status, status.as_u16(), "simulated failure");
+        }
+        Fault::StatusRetryAfter(status, seconds) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            let mut response = vendor_error(status, status.as_u16(), "simulated failure");
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+            return response;
         }
         Fault::BodyCode(code) => return vendor_error(StatusCode::OK, code, "simulated failure"),
     }

@@ -3,16 +3,18 @@
 //! a `Fetched` token or a typed `UpstreamError`.
 
 pub mod partner_key;
+pub mod resilience;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use reqwest::header::{ACCEPT, HeaderValue};
+use reqwest::header::{ACCEPT, HeaderValue, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 
 use partner_key::PartnerKey;
+use resilience::Resilience;
 use serde::Deserialize;
 use url::Url;
 
@@ -64,14 +66,22 @@ pub enum UpstreamError {
     Rejected(u16),
     #[error("the vendor has no such user")]
     NotFound,
-    #[error("the vendor is unavailable (status {0})")]
-    Unavailable(u16),
+    #[error("the vendor is unavailable (status {status})")]
+    Unavailable {
+        status: u16,
+        /// The vendor's `Retry-After`, when it sent one in seconds.
+        retry_after: Option<Duration>,
+    },
     #[error("the vendor answered with an unusable body: {0}")]
     Malformed(String),
     #[error("the vendor answered with unexpected status {0}")]
     UnexpectedStatus(u16),
     #[error("request to the vendor failed: {0}")]
     Transport(String),
+    #[error("the circuit to the vendor is open")]
+    CircuitOpen { retry_after: Duration },
+    #[error("too many requests to the vendor are in flight")]
+    Saturated,
 }
 
 impl UpstreamError {
@@ -82,19 +92,51 @@ impl UpstreamError {
             UpstreamError::Connect(_) => "connect_error",
             UpstreamError::Rejected(_) => "rejected",
             UpstreamError::NotFound => "not_found",
-            UpstreamError::Unavailable(_) => "unavailable",
+            UpstreamError::Unavailable { .. } => "unavailable",
             UpstreamError::Malformed(_) => "malformed",
             UpstreamError::UnexpectedStatus(_) => "unexpected_status",
             UpstreamError::Transport(_) => "transport_error",
+            UpstreamError::CircuitOpen { .. } => "circuit_open",
+            UpstreamError::Saturated => "saturated",
         }
     }
 
+    /// Worth another attempt: connect errors, 429, 502, 503, 504.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect(_)
+                | UpstreamError::Unavailable {
+                    status: 429 | 502 | 503 | 504,
+                    ..
+                }
+        )
+    }
+
+    /// The vendor is failing (not answering, or not usefully): counts against
+    /// the circuit and lets a stale entry be served.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Timeout
+                | UpstreamError::Connect(_)
+                | UpstreamError::Unavailable { .. }
+                | UpstreamError::Transport(_)
+                | UpstreamError::Malformed(_)
+                | UpstreamError::CircuitOpen { .. }
+                | UpstreamError::Saturated
+        )
+    }
+
     /// Maps a vendor status (HTTP, or the body's `code`) that is not success.
-    fn from_status(status: u16) -> Self {
+    fn from_status(status: u16, retry_after: Option<Duration>) -> Self {
         match status {
             401 | 403 => UpstreamError::Rejected(status),
             404 => UpstreamError::NotFound,
-            429 | 500..=599 => UpstreamError::Unavailable(status),
+            429 | 500..=599 => UpstreamError::Unavailable {
+                status,
+                retry_after,
+            },
             _ => UpstreamError::UnexpectedStatus(status),
         }
     }
@@ -144,16 +186,20 @@ struct VendorToken {
 
 /// Interprets a vendor answer. The vendor may say HTTP 200 with
 /// `"success":false` and the real status in `code`: the body's code wins.
-fn parse_answer(status: StatusCode, body: &[u8]) -> Result<Fetched, UpstreamError> {
+fn parse_answer(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Result<Fetched, UpstreamError> {
     if !status.is_success() {
-        return Err(UpstreamError::from_status(status.as_u16()));
+        return Err(UpstreamError::from_status(status.as_u16(), retry_after));
     }
     let body: VendorBody = serde_json::from_slice(body)
         .map_err(|e| UpstreamError::Malformed(format!("not the documented JSON shape: {e}")))?;
     let code = body.code.unwrap_or(i64::from(status.as_u16()));
     if code != 200 {
         let code = u16::try_from(code).unwrap_or(0);
-        return Err(UpstreamError::from_status(code));
+        return Err(UpstreamError::from_status(code, retry_after));
     }
     if body.success != Some(true) {
         return Err(UpstreamError::Malformed("success is not true".into()));
@@ -173,11 +219,24 @@ fn parse_answer(status: StatusCode, body: &[u8]) -> Result<Fetched, UpstreamErro
     })
 }
 
+/// `Retry-After` in its seconds form; the date form is ignored.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let seconds = headers
+        .get(RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds))
+}
+
 /// The one long-lived client for the vendor API.
 pub struct UpstreamClient {
     http: reqwest::Client,
     endpoint: Url,
     partner_key: Arc<PartnerKey>,
+    resilience: Resilience,
     metrics: Arc<Metrics>,
 }
 
@@ -197,26 +256,45 @@ impl UpstreamClient {
             http,
             endpoint: endpoint(&settings.base_url),
             partner_key,
+            resilience: Resilience::new(settings, metrics.clone()),
             metrics,
         })
     }
 
-    /// Asks the vendor once for the token of `identity`.
+    /// Asks the vendor for the token of `identity`, within the limits of
+    /// `Resilience`: circuit, in-flight bound, retries, one overall deadline.
     pub async fn fetch(&self, identity: &Identity) -> Result<Fetched, UpstreamError> {
+        let result = self
+            .resilience
+            .run(|| self.measured_attempt(identity))
+            .await;
+        if let Err(refused @ (UpstreamError::CircuitOpen { .. } | UpstreamError::Saturated)) =
+            &result
+        {
+            self.count(refused.outcome());
+        }
+        result
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.metrics
+            .upstream_requests
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// One request to the vendor, timed and counted.
+    async fn measured_attempt(&self, identity: &Identity) -> Result<Fetched, UpstreamError> {
         let started = Instant::now();
         let result = self.attempt(identity).await;
         self.metrics
             .upstream_duration
             .observe(started.elapsed().as_secs_f64());
-        let outcome = match &result {
+        self.count(match &result {
             Ok(fetched) if fetched.active => "ok",
             Ok(_) => "inactive",
             Err(e) => e.outcome(),
-        };
-        self.metrics
-            .upstream_requests
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
+        });
         result
     }
 
@@ -246,6 +324,7 @@ impl UpstreamClient {
             .await
             .map_err(UpstreamError::from_reqwest)?;
         let status = response.status();
+        let retry_after = retry_after(response.headers());
         let mut body = Vec::new();
         while let Some(chunk) = response
             .chunk()
@@ -257,7 +336,7 @@ impl UpstreamClient {
             }
             body.extend_from_slice(&chunk);
         }
-        parse_answer(status, &body)
+        parse_answer(status, retry_after, &body)
     }
 }
 
@@ -277,7 +356,7 @@ mod tests {
     use super::*;
 
     fn ok(body: &str) -> Result<Fetched, UpstreamError> {
-        parse_answer(StatusCode::OK, body.as_bytes())
+        parse_answer(StatusCode::OK, None, body.as_bytes())
     }
 
     #[test]
@@ -294,7 +373,10 @@ mod tests {
         let r = ok(r#"{"success":false,"message":"bad key","code":401}"#);
         assert!(matches!(r, Err(UpstreamError::Rejected(401))));
         let r = ok(r#"{"success":false,"message":"busy","code":503}"#);
-        assert!(matches!(r, Err(UpstreamError::Unavailable(503))));
+        assert!(matches!(
+            r,
+            Err(UpstreamError::Unavailable { status: 503, .. })
+        ));
     }
 
     #[test]
@@ -316,13 +398,67 @@ mod tests {
 
     #[test]
     fn http_statuses_map_to_typed_errors() {
-        let at = |s: u16| parse_answer(StatusCode::from_u16(s).unwrap(), b"{}");
+        let at = |s: u16| parse_answer(StatusCode::from_u16(s).unwrap(), None, b"{}");
         assert!(matches!(at(401), Err(UpstreamError::Rejected(401))));
         assert!(matches!(at(403), Err(UpstreamError::Rejected(403))));
         assert!(matches!(at(404), Err(UpstreamError::NotFound)));
-        assert!(matches!(at(429), Err(UpstreamError::Unavailable(429))));
-        assert!(matches!(at(502), Err(UpstreamError::Unavailable(502))));
+        assert!(matches!(
+            at(429),
+            Err(UpstreamError::Unavailable { status: 429, .. })
+        ));
+        assert!(matches!(
+            at(502),
+            Err(UpstreamError::Unavailable { status: 502, .. })
+        ));
         assert!(matches!(at(418), Err(UpstreamError::UnexpectedStatus(418))));
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_form_only() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(3)));
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2026 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&headers), None);
+        let r = parse_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(Duration::from_secs(3)),
+            b"",
+        );
+        assert!(matches!(
+            r,
+            Err(UpstreamError::Unavailable { retry_after: Some(d), .. }) if d.as_secs() == 3
+        ));
+    }
+
+    #[test]
+    fn only_connect_errors_and_429_502_503_504_are_retried() {
+        let unavailable = |status| UpstreamError::Unavailable {
+            status,
+            retry_after: None,
+        };
+        for retried in [
+            UpstreamError::Connect("refused".into()),
+            unavailable(429),
+            unavailable(502),
+            unavailable(503),
+            unavailable(504),
+        ] {
+            assert!(retried.is_retryable(), "{retried:?}");
+        }
+        for not in [
+            unavailable(500),
+            UpstreamError::Timeout,
+            UpstreamError::NotFound,
+            UpstreamError::Rejected(401),
+            UpstreamError::UnexpectedStatus(400),
+            UpstreamError::Malformed("x".into()),
+        ] {
+            assert!(!not.is_retryable(), "{not:?}");
+        }
     }
 
     #[test]

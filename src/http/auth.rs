@@ -16,7 +16,7 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 use crate::broker::identity::{Identity, UserType};
 use crate::config::{ClientSettings, Scope};
 use crate::http::AppState;
-use crate::http::error::ApiError;
+use crate::http::error::{ApiError, whole_seconds};
 
 /// The caller name of requests without a key when `auth.allow_anonymous` is on.
 pub const ANONYMOUS: &str = "anonymous";
@@ -102,7 +102,7 @@ impl Caller {
         limiter.check().map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             ApiError::RateLimited {
-                retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+                retry_after_secs: whole_seconds(wait),
             }
         })
     }

@@ -191,6 +191,11 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `Retry-After` seconds for a wait: rounded up, at least 1.
+pub fn whole_seconds(wait: std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
 impl From<InvalidInput> for ApiError {
     fn from(e: InvalidInput) -> Self {
         ApiError::BadRequest(e.to_string())
@@ -204,10 +209,22 @@ impl From<&BrokerError> for ApiError {
                 UpstreamError::Timeout => ApiError::UpstreamTimeout,
                 UpstreamError::NotFound => ApiError::UserNotFound,
                 UpstreamError::Connect(_)
-                | UpstreamError::Unavailable(_)
-                | UpstreamError::Transport(_) => ApiError::UpstreamUnavailable {
+                | UpstreamError::Unavailable {
+                    retry_after: None, ..
+                }
+                | UpstreamError::Transport(_)
+                | UpstreamError::Saturated => ApiError::UpstreamUnavailable {
                     retry_after_secs: UPSTREAM_RETRY_AFTER_SECS,
                 },
+                UpstreamError::Unavailable {
+                    retry_after: Some(wait),
+                    ..
+                }
+                | UpstreamError::CircuitOpen { retry_after: wait } => {
+                    ApiError::UpstreamUnavailable {
+                        retry_after_secs: whole_seconds(*wait),
+                    }
+                }
                 UpstreamError::Rejected(_)
                 | UpstreamError::Malformed(_)
                 | UpstreamError::UnexpectedStatus(_) => ApiError::UpstreamBadResponse,

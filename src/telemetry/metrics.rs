@@ -64,6 +64,7 @@ pub struct Metrics {
     pub cache_entries: Gauge,
     pub upstream_requests: Family<OutcomeLabels, Counter>,
     pub upstream_duration: Histogram,
+    pub upstream_circuit_open: Gauge,
     pub client_requests: Family<ClientLabels, Counter>,
     pub partner_key_reloads: Family<ResultLabels, Counter>,
     pub connections_shed: Family<ListenerLabels, Counter>,
@@ -115,6 +116,12 @@ impl Metrics {
             "Latency of requests to the BotPenguin API",
             upstream_duration.clone(),
         );
+        let upstream_circuit_open = Gauge::default();
+        registry.register(
+            "upstream_circuit_open",
+            "1 while the circuit to the BotPenguin API is open, else 0",
+            upstream_circuit_open.clone(),
+        );
         let client_requests = Family::<ClientLabels, Counter>::default();
         registry.register(
             "client_requests",
@@ -150,6 +157,7 @@ impl Metrics {
             cache_entries,
             upstream_requests,
             upstream_duration,
+            upstream_circuit_open,
             client_requests,
             partner_key_reloads,
             connections_shed,

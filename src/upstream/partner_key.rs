@@ -167,13 +167,11 @@ mod tests {
     use super::*;
 
     fn settings(file: &Path) -> UpstreamSettings {
-        UpstreamSettings {
-            base_url: url::Url::parse("http://127.0.0.1:1").unwrap(),
-            partner_key: None,
-            partner_key_file: Some(file.to_owned()),
-            timeout: Duration::from_secs(1),
-            connect_timeout: Duration::from_secs(1),
-        }
+        let mut settings = crate::config::Settings::load(&Default::default())
+            .unwrap()
+            .upstream;
+        settings.partner_key_file = Some(file.to_owned());
+        settings
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod hostile;
 mod openapi;
 mod policy;
 mod process;
+mod resilience;
 mod rotation;
 mod tokens;
 mod upstream_failures;

@@ -8,13 +8,18 @@ use token_broker::simulator::{Fault, NotFoundStyle};
 #[tokio::test]
 async fn an_unknown_user_is_a_404_in_both_vendor_shapes() {
     let app = TestApp::spawn().await;
-    for style in [NotFoundStyle::HttpStatus, NotFoundStyle::BodyCode] {
+    for (n, style) in [NotFoundStyle::HttpStatus, NotFoundStyle::BodyCode]
+        .into_iter()
+        .enumerate()
+    {
         app.sim.set_not_found_style(style);
 
         let member = app
-            .get_token(&member_query("nobody@example.com", "AGENT"))
+            .get_token(&member_query(&format!("nobody{n}@example.com"), "AGENT"))
             .await;
-        let customer = app.get_vendor_token("userId=unknown_customer").await;
+        let customer = app
+            .get_vendor_token(&format!("userId=unknown_customer_{n}"))
+            .await;
 
         let body = problem(member, 404).await;
         assert_eq!(body["type"], "urn:token-broker:problem:user-not-found");
@@ -109,7 +114,8 @@ async fn an_unreachable_vendor_is_a_503() {
     assert_eq!(
         app.metric(r#"token_broker_upstream_requests_total{outcome="connect_error"}"#)
             .await,
-        1.0
+        3.0,
+        "connect errors are retried upstream.max_retries (2) times"
     );
 }
 
@@ -134,7 +140,7 @@ async fn a_hanging_vendor_is_a_504_within_the_timeout_plus_one_second() {
 #[tokio::test]
 async fn errors_are_not_cached() {
     let app = TestApp::spawn().await;
-    app.sim.set_fault(Fault::Status(503));
+    app.sim.set_fault(Fault::Status(500));
     let query = member_query(ALICE, "AGENT");
 
     app.get_token(&query).await;

@@ -1,0 +1,303 @@
+//! Serving through vendor trouble without stampeding it: stale-if-error,
+//! refresh-ahead, negative cache, retries, the circuit, the in-flight bound.
+//! Timing logic is covered with tokio's paused clock in `broker` and
+//! `upstream::resilience`; these tests check the same over HTTP with short
+//! real durations.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::helpers::*;
+use token_broker::simulator::Fault;
+
+const STALE_CONFIG: &str = "[cache]\nttl = \"150ms\"\nstale_if_error = \"10m\"\n[upstream]\nmax_retries = 0\ntimeout = \"300ms\"\n";
+
+#[tokio::test]
+async fn an_expired_token_is_served_stale_while_the_vendor_fails() {
+    let app = TestApp::builder().config(STALE_CONFIG).spawn().await;
+    let query = member_query(ALICE, "AGENT");
+    app.get_token(&query).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut answers = Vec::new();
+    for fault in [
+        Fault::Status(503),
+        Fault::Status(500),
+        Fault::Malformed,
+        Fault::Hang,
+    ] {
+        app.sim.set_fault(fault);
+        let response = app.get_token(&query).await;
+        assert_eq!(response.status(), 200, "{fault:?}");
+        assert_eq!(response.headers()["cache-control"], "no-store");
+        answers.push(response.headers()["x-cache"].to_str().unwrap().to_owned());
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["token"], ALICE_AGENT_TOKEN);
+    }
+
+    assert_eq!(answers, ["stale"; 4]);
+    assert_eq!(
+        app.metric(r#"token_broker_cache_lookups_total{result="stale"}"#)
+            .await,
+        4.0
+    );
+    assert_eq!(
+        app.sim.calls(),
+        5,
+        "every stale answer tried the vendor once"
+    );
+}
+
+#[tokio::test]
+async fn nothing_stale_is_served_past_ttl_plus_stale_if_error() {
+    let app = TestApp::builder()
+        .config(
+            "[cache]\nttl = \"100ms\"\nstale_if_error = \"100ms\"\n[upstream]\nmax_retries = 0\n",
+        )
+        .spawn()
+        .await;
+    let query = member_query(ALICE, "AGENT");
+    app.get_token(&query).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    app.sim.set_fault(Fault::Status(503));
+
+    let response = app.get_token(&query).await;
+
+    assert!(response.headers().contains_key("retry-after"));
+    problem(response, 503).await;
+    assert_eq!(
+        app.metric(r#"token_broker_cache_lookups_total{result="stale"}"#)
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_definitive_no_from_the_vendor_is_not_masked_by_a_stale_token() {
+    let app = TestApp::builder().config(STALE_CONFIG).spawn().await;
+    let query = member_query(ALICE, "AGENT");
+    app.get_token(&query).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.sim.set_fault(Fault::BodyCode(404));
+
+    let response = app.get_token(&query).await;
+
+    problem(response, 404).await;
+}
+
+#[tokio::test]
+async fn a_hit_past_refresh_ahead_is_answered_at_once_and_refreshed_in_the_background() {
+    let app = TestApp::builder()
+        .config("[cache]\nttl = \"600ms\"\nrefresh_ahead = 0.5\n")
+        .spawn()
+        .await;
+    let query = member_query(ALICE, "AGENT");
+    app.get_token(&query).await;
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    app.sim.set_latency(Duration::from_millis(100));
+
+    let started = std::time::Instant::now();
+    let hits = futures::future::join_all((0..20).map(|_| app.get_token(&query))).await;
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    for hit in &hits {
+        assert_eq!(hit.headers()["x-cache"], "hit");
+    }
+    assert!(
+        took < Duration::from_millis(100),
+        "hits waited for the vendor: {took:?}"
+    );
+    assert_eq!(app.sim.calls(), 2, "one background refresh");
+    let after = app.get_token(&query).await;
+    assert_eq!(after.headers()["x-cache"], "hit");
+    assert_eq!(after.headers()["age"], "0");
+}
+
+#[tokio::test]
+async fn an_unknown_user_is_remembered_for_negative_ttl() {
+    let app = TestApp::builder()
+        .config("[cache]\nnegative_ttl = \"300ms\"\n")
+        .spawn()
+        .await;
+    let query = member_query("ghost@example.com", "AGENT");
+
+    problem(app.get_token(&query).await, 404).await;
+    problem(app.get_token(&query).await, 404).await;
+    let remembered_calls = app.sim.calls();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    problem(app.get_token(&query).await, 404).await;
+
+    assert_eq!(remembered_calls, 1);
+    assert_eq!(app.sim.calls(), 2, "asked again once negative_ttl passed");
+    assert_eq!(
+        app.metric(r#"token_broker_cache_lookups_total{result="negative"}"#)
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn retries_happen_only_for_connect_errors_429_502_503_504() {
+    let app = TestApp::builder()
+        .config("[upstream]\nmax_retries = 2\ncircuit_failures = 100\n")
+        .spawn()
+        .await;
+    let mut seen = Vec::new();
+    for (n, status) in [429u16, 502, 503, 504, 500, 400, 401, 403, 404]
+        .into_iter()
+        .enumerate()
+    {
+        app.sim.set_fault(Fault::Status(status));
+        let before = app.sim.calls();
+        let response = app
+            .get_token(&member_query(&format!("user{n}@example.com"), "AGENT"))
+            .await;
+        assert!(response.status().is_client_error() || response.status().is_server_error());
+        seen.push((status, app.sim.calls() - before));
+    }
+
+    assert_eq!(
+        seen,
+        [
+            (429, 3),
+            (502, 3),
+            (503, 3),
+            (504, 3),
+            (500, 1),
+            (400, 1),
+            (401, 1),
+            (403, 1),
+            (404, 1)
+        ]
+    );
+    assert_eq!(
+        app.metric(r#"token_broker_upstream_requests_total{outcome="unavailable"}"#)
+            .await,
+        13.0
+    );
+}
+
+#[tokio::test]
+async fn the_vendors_retry_after_reaches_the_caller() {
+    let app = TestApp::builder()
+        .config("[upstream]\nmax_retries = 0\n")
+        .spawn()
+        .await;
+    app.sim.set_fault(Fault::StatusRetryAfter(503, 30));
+
+    let response = app.get_token(&member_query(ALICE, "AGENT")).await;
+
+    assert_eq!(response.headers()["retry-after"], "30");
+    problem(response, 503).await;
+}
+
+#[tokio::test]
+async fn the_circuit_opens_fails_fast_then_lets_one_probe_close_it() {
+    let app = TestApp::builder()
+        .config("[upstream]\nmax_retries = 0\ncircuit_failures = 2\ncircuit_cooldown = \"400ms\"\n")
+        .spawn()
+        .await;
+    app.sim.set_fault(Fault::Status(503));
+    let query = member_query(ALICE, "AGENT");
+
+    problem(app.get_token(&query).await, 503).await;
+    problem(app.get_token(&query).await, 503).await;
+    let open = app.get_token(&query).await;
+    let retry_after = open.headers()["retry-after"].to_str().unwrap().to_owned();
+    let body = problem(open, 503).await;
+    let calls_while_open = app.sim.calls();
+    let gauge_open = app.metric("token_broker_upstream_circuit_open").await;
+    let ready_while_open = app.admin_get("/readyz").await.0;
+
+    app.sim.set_fault(Fault::None);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let probe = app.get_token(&query).await;
+
+    assert_eq!(
+        body["type"],
+        "urn:token-broker:problem:upstream-unavailable"
+    );
+    assert_eq!(retry_after, "1", "the rest of the cooldown, rounded up");
+    assert_eq!(
+        calls_while_open, 2,
+        "no vendor call while the circuit is open"
+    );
+    assert_eq!(gauge_open, 1.0);
+    assert_eq!(
+        ready_while_open, 200,
+        "an open circuit does not make the broker unready"
+    );
+    assert_eq!(probe.status(), 200);
+    assert_eq!(app.sim.calls(), 3);
+    assert_eq!(app.metric("token_broker_upstream_circuit_open").await, 0.0);
+    assert_eq!(
+        app.metric(r#"token_broker_upstream_requests_total{outcome="circuit_open"}"#)
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn stale_tokens_are_served_while_the_circuit_is_open() {
+    let app = TestApp::builder()
+        .config(&format!(
+            "{STALE_CONFIG}circuit_failures = 1\ncircuit_cooldown = \"10s\"\n"
+        ))
+        .spawn()
+        .await;
+    let cached = member_query(ALICE, "AGENT");
+    app.get_token(&cached).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.sim.set_fault(Fault::Status(503));
+    problem(
+        app.get_token(&member_query(ALICE, "CUSTOM_USER")).await,
+        503,
+    )
+    .await;
+
+    let response = app.get_token(&cached).await;
+
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-cache"], "stale");
+    assert_eq!(
+        app.sim.calls(),
+        2,
+        "the stale answer did not reach the vendor"
+    );
+}
+
+#[tokio::test]
+async fn the_vendor_never_sees_more_than_max_in_flight_requests() {
+    let app = Arc::new(
+        TestApp::builder()
+            .config("[upstream]\nmax_in_flight = 8\n")
+            .spawn()
+            .await,
+    );
+    app.sim.set_latency(Duration::from_millis(20));
+    for i in 0..500 {
+        app.sim
+            .add_customer(&format!("cust_{i}"), &format!("tok-{i}"));
+    }
+
+    let requests = (0..500).map(|i| {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.get_token(&format!("user_id=cust_{i}"))
+                .await
+                .status()
+                .as_u16()
+        })
+    });
+    let statuses = futures::future::join_all(requests).await;
+
+    assert!(statuses.iter().all(|s| *s.as_ref().unwrap() == 200));
+    assert_eq!(app.sim.calls(), 500);
+    assert!(
+        app.sim.max_in_flight() <= 8,
+        "peak {}",
+        app.sim.max_in_flight()
+    );
+    assert_eq!(app.sim.max_in_flight(), 8, "the bound was reached");
+}
