@@ -301,3 +301,16 @@ async fn the_vendor_never_sees_more_than_max_in_flight_requests() {
     );
     assert_eq!(app.sim.max_in_flight(), 8, "the bound was reached");
 }
+
+#[tokio::test]
+async fn a_rejected_partner_key_is_not_hidden_by_a_stale_token() {
+    let app = TestApp::builder().config(STALE_CONFIG).spawn().await;
+    let query = member_query(ALICE, "AGENT");
+    app.get_token(&query).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.sim.set_partner_key("revoked-elsewhere");
+
+    let response = app.get_token(&query).await;
+
+    problem(response, 502).await;
+}
