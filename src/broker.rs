@@ -26,6 +26,7 @@ use std::time::Duration;
 use moka::Expiry;
 use moka::future::Cache;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::config::CacheSettings;
 use crate::telemetry::metrics::Metrics;
@@ -208,13 +209,32 @@ impl Broker {
     /// The token for `identity`: from the cache while fresh, else from the
     /// vendor, else (while the vendor fails) a stale one.
     pub async fn lookup(&self, identity: &Identity) -> Result<Issued, BrokerError> {
+        let span = tracing::info_span!(
+            "cache.lookup",
+            otel.name = "cache.lookup",
+            identity.kind = identity.kind(),
+            cache.result = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        crate::telemetry::record_trace_ids(&span);
+        self.lookup_in_cache(identity).instrument(span).await
+    }
+
+    /// Counts one lookup result and notes it on the lookup span.
+    fn counted(&self, result: &'static str) {
+        self.0.metrics.cache_lookup(result);
+        tracing::Span::current().record("cache.result", result);
+    }
+
+    async fn lookup_in_cache(&self, identity: &Identity) -> Result<Issued, BrokerError> {
         let inner = &self.0;
         let cached = inner.store.get(identity).await;
         if let Some(entry) = &cached {
             let age = entry.fetched_at.elapsed();
             match entry.answer {
                 Answer::NotFound if age < inner.negative_ttl => {
-                    inner.metrics.cache_lookup("negative");
+                    self.counted("negative");
                     return entry.issued(CacheResult::Hit);
                 }
                 Answer::Token { .. } if age < inner.ttl => {
@@ -222,7 +242,7 @@ impl Broker {
                     {
                         self.refresh_in_background(identity.clone());
                     }
-                    inner.metrics.cache_lookup("hit");
+                    self.counted("hit");
                     return entry.issued(CacheResult::Hit);
                 }
                 _ => {}
@@ -230,16 +250,16 @@ impl Broker {
         }
         match self.fetch_once(identity).await {
             Ok(entry) => {
-                inner.metrics.cache_lookup("miss");
+                self.counted("miss");
                 entry.issued(CacheResult::Miss)
             }
             Err(BrokerError::Upstream(error)) => {
                 if let Some(stale) = cached.filter(|e| self.servable_when_failing(e, &error)) {
                     tracing::warn!(%error, outcome = error.outcome(), "vendor failing, serving a stale token");
-                    inner.metrics.cache_lookup("stale");
+                    self.counted("stale");
                     return stale.issued(CacheResult::Stale);
                 }
-                inner.metrics.cache_lookup("miss");
+                self.counted("miss");
                 Err(error.into())
             }
         }

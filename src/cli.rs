@@ -107,7 +107,7 @@ async fn run_service(
     settings: &Settings,
     on_ready: impl FnOnce(&Application),
 ) -> Result<(), Failure> {
-    telemetry::init_logs(&settings.log);
+    let telemetry = telemetry::init(&settings.log);
     disable_core_dumps();
     if settings.auth.allow_anonymous {
         tracing::warn!(
@@ -121,6 +121,7 @@ async fn run_service(
     tracing::info!(api = %app.api_addr(), admin = %app.admin_addr(), "listening");
     on_ready(&app);
     app.run_until(shutdown_signal()).await;
+    telemetry.shutdown().await;
     Ok(())
 }
 
@@ -208,7 +209,7 @@ fn hash_key() -> Result<(), Failure> {
 }
 
 async fn simulate_upstream(listen: SocketAddr, partner_key: &str) -> Result<(), Failure> {
-    telemetry::init_logs(&load(None)?.log);
+    let telemetry = telemetry::init(&load(None)?.log);
     let simulator = Simulator::demo(partner_key);
     let addr = simulator.spawn(listen).await.map_err(other)?;
     println!(
@@ -216,5 +217,6 @@ async fn simulate_upstream(listen: SocketAddr, partner_key: &str) -> Result<(), 
         simulator.describe()
     );
     shutdown_signal().await;
+    telemetry.shutdown().await;
     Ok(())
 }

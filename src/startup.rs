@@ -56,6 +56,10 @@ impl Application {
     /// Wires the service from validated settings; reads the partner key.
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
         let metrics = Arc::new(Metrics::new());
+        metrics.register_clients(settings.clients.iter().map(|c| c.name.as_str()));
+        if settings.auth.allow_anonymous {
+            metrics.register_clients([crate::http::auth::ANONYMOUS]);
+        }
         let partner_key = PartnerKey::load(&settings.upstream, metrics.clone())?;
         let auditor = Arc::new(Auditor::from_settings(
             &settings.audit,

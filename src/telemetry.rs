@@ -1,26 +1,169 @@
-//! Logs (JSON or pretty on stdout, filtered by `log.level`) and the metrics registry.
+//! Logs, traces and the metrics registry.
+//!
+//! Logs: JSON (or pretty) on stdout, filtered by `log.level`; every event in
+//! a request carries the spans' `request_id`, `trace_id` and `span_id`.
+//! Traces: `tracing` spans become OpenTelemetry spans. With
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` set they are exported over OTLP
+//! (`OTEL_EXPORTER_OTLP_PROTOCOL` = `http/protobuf`, the default, or `grpc`;
+//! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER[_ARG]`
+//! honoured). Without it nothing is recorded or exported: spans still carry
+//! W3C trace context so logs and the vendor see the caller's trace id.
 
 pub mod metrics;
+pub mod process;
 
+use opentelemetry::propagation::TextMapCompositePropagator;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, span_processor_with_async_runtime};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogFormat, LogSettings};
 
-/// Installs the global log subscriber. Later calls (tests) are no-ops.
-pub fn init_logs(settings: &LogSettings) {
-    let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_span_events(FmtSpan::NONE)
-        .with_writer(std::io::stdout);
-    let _ = match settings.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
-        LogFormat::Pretty => builder.pretty().try_init(),
+/// The service name when `OTEL_SERVICE_NAME` does not give one.
+pub const SERVICE_NAME: &str = "token-broker";
+
+/// Keeps the trace pipeline alive; `shutdown` flushes what is buffered.
+#[must_use = "dropping Telemetry without shutdown loses buffered spans"]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+    exporting: bool,
+}
+
+impl Telemetry {
+    /// Whether spans are exported (an OTLP endpoint is set).
+    pub fn exporting(&self) -> bool {
+        self.exporting
+    }
+
+    /// Flushes and stops span export; bounded by the exporter's own timeout.
+    pub async fn shutdown(self) {
+        if !self.exporting {
+            return;
+        }
+        let provider = self.provider;
+        let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        if let Ok(Err(error)) = flushed {
+            tracing::warn!(%error, "could not flush traces at shutdown");
+        }
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Installs logging and tracing for the process. Call once, inside the runtime.
+pub fn init(settings: &LogSettings) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
+        Box::new(TraceContextPropagator::new()),
+        Box::new(BaggagePropagator::new()),
+    ]));
+    let endpoint_set = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+        || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
+    let mut setup_error = None;
+    let provider = if endpoint_set {
+        exporting_provider().unwrap_or_else(|error| {
+            setup_error = Some(error);
+            silent_provider()
+        })
+    } else {
+        silent_provider()
     };
+    let exporting = endpoint_set && setup_error.is_none();
+    let tracer = provider.tracer(SERVICE_NAME);
+
+    let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
+    let _ = match settings.format {
+        LogFormat::Json => registry
+            .with(
+                fmt.json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(true),
+            )
+            .try_init(),
+        LogFormat::Pretty => registry.with(fmt.pretty()).try_init(),
+    };
+    if let Some(error) = setup_error {
+        tracing::error!(%error, "cannot set up OTLP trace export; traces are not exported");
+    } else if exporting {
+        tracing::info!(protocol = %protocol_name(), "exporting traces over OTLP");
+    }
+    Telemetry {
+        provider,
+        exporting,
+    }
+}
+
+fn protocol_name() -> String {
+    env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|| "http/protobuf".into())
+}
+
+/// Records nothing: spans carry trace context for logs and propagation only.
+fn silent_provider() -> SdkTracerProvider {
+    SdkTracerProvider::builder()
+        .with_sampler(Sampler::AlwaysOff)
+        .build()
+}
+
+/// Exports over OTLP with the protocol, endpoint, sampler and resource the
+/// standard `OTEL_*` variables give.
+fn exporting_provider() -> Result<SdkTracerProvider, String> {
+    let exporter = match protocol_name().as_str() {
+        "grpc" => SpanExporter::builder().with_tonic().build(),
+        "http/protobuf" => SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .build(),
+        other => {
+            return Err(format!(
+                "OTEL_EXPORTER_OTLP_PROTOCOL={other} is not supported; use grpc or http/protobuf"
+            ));
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    let processor = span_processor_with_async_runtime::BatchSpanProcessor::builder(
+        exporter,
+        opentelemetry_sdk::runtime::Tokio,
+    )
+    .build();
+    let mut resource = Resource::builder();
+    let named = env("OTEL_SERVICE_NAME").is_some()
+        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
+    if !named {
+        resource = resource.with_service_name(SERVICE_NAME);
+    }
+    let resource = resource
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_resource(resource)
+        .build())
+}
+
+/// Copies the OpenTelemetry ids of `span` into its `trace_id` and `span_id`
+/// fields, so every log event inside it carries them.
+pub fn record_trace_ids(span: &tracing::Span) {
+    let context = span.context();
+    let span_ref = context.span();
+    let ids = span_ref.span_context();
+    if ids.is_valid() {
+        span.record("trace_id", tracing::field::display(ids.trace_id()));
+        span.record("span_id", tracing::field::display(ids.span_id()));
+    }
 }

@@ -16,6 +16,8 @@ use secrecy::{ExposeSecret, SecretString};
 use partner_key::PartnerKey;
 use resilience::Resilience;
 use serde::Deserialize;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use url::Url;
 
 use crate::broker::identity::Identity;
@@ -235,6 +237,9 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 pub struct UpstreamClient {
     http: reqwest::Client,
     endpoint: Url,
+    /// `server.address` and `server.port` of the client spans.
+    host: String,
+    port: u16,
     partner_key: Arc<PartnerKey>,
     resilience: Resilience,
     metrics: Arc<Metrics>,
@@ -252,9 +257,12 @@ impl UpstreamClient {
             .connect_timeout(settings.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .build()?;
+        let endpoint = endpoint(&settings.base_url);
         Ok(Self {
             http,
-            endpoint: endpoint(&settings.base_url),
+            host: endpoint.host_str().unwrap_or_default().to_owned(),
+            port: endpoint.port_or_known_default().unwrap_or_default(),
+            endpoint,
             partner_key,
             resilience: Resilience::new(settings, metrics.clone()),
             metrics,
@@ -266,7 +274,7 @@ impl UpstreamClient {
     pub async fn fetch(&self, identity: &Identity) -> Result<Fetched, UpstreamError> {
         let result = self
             .resilience
-            .run(|| self.measured_attempt(identity))
+            .run(|deadline| self.measured_attempt(identity, deadline))
             .await;
         if let Err(refused @ (UpstreamError::CircuitOpen { .. } | UpstreamError::Saturated)) =
             &result
@@ -283,10 +291,36 @@ impl UpstreamClient {
             .inc();
     }
 
-    /// One request to the vendor, timed and counted.
-    async fn measured_attempt(&self, identity: &Identity) -> Result<Fetched, UpstreamError> {
+    /// One request to the vendor, in its own client span, timed and counted.
+    async fn measured_attempt(
+        &self,
+        identity: &Identity,
+        deadline: tokio::time::Instant,
+    ) -> Result<Fetched, UpstreamError> {
+        let span = tracing::info_span!(
+            "upstream",
+            otel.name = "GET /ext/get-user-token",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = "GET",
+            url.template = "/ext/get-user-token",
+            server.address = %self.host,
+            server.port = self.port,
+            http.response.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        crate::telemetry::record_trace_ids(&span);
         let started = Instant::now();
-        let result = self.attempt(identity).await;
+        let result = tokio::time::timeout_at(deadline, self.attempt(identity))
+            .instrument(span.clone())
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout));
+        if let Err(error) = &result {
+            span.record("error.type", error.outcome());
+            span.record("otel.status_code", "ERROR");
+        }
         self.metrics
             .upstream_duration
             .observe(started.elapsed().as_secs_f64());
@@ -313,10 +347,18 @@ impl UpstreamClient {
                 }
             }
         }
+        let mut trace_headers = reqwest::header::HeaderMap::new();
+        opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.inject_context(
+                &tracing::Span::current().context(),
+                &mut opentelemetry_http::HeaderInjector(&mut trace_headers),
+            );
+        });
         let partner_key = self.partner_key.current();
         let mut response = self
             .http
             .get(url)
+            .headers(trace_headers)
             .bearer_auth(partner_key.expose_secret())
             .header("authtype", HeaderValue::from_static("Key"))
             .header(ACCEPT, HeaderValue::from_static("application/json"))
@@ -324,6 +366,7 @@ impl UpstreamClient {
             .await
             .map_err(UpstreamError::from_reqwest)?;
         let status = response.status();
+        tracing::Span::current().record("http.response.status_code", status.as_u16());
         let retry_after = retry_after(response.headers());
         let mut body = Vec::new();
         while let Some(chunk) = response
@@ -459,6 +502,34 @@ mod tests {
         ] {
             assert!(!not.is_retryable(), "{not:?}");
         }
+    }
+
+    #[test]
+    fn every_outcome_label_starts_at_zero_in_the_metrics() {
+        use crate::telemetry::metrics::UPSTREAM_OUTCOMES;
+        let errors = [
+            UpstreamError::Timeout,
+            UpstreamError::Connect(String::new()),
+            UpstreamError::Rejected(401),
+            UpstreamError::NotFound,
+            UpstreamError::Unavailable {
+                status: 503,
+                retry_after: None,
+            },
+            UpstreamError::Malformed(String::new()),
+            UpstreamError::UnexpectedStatus(400),
+            UpstreamError::Transport(String::new()),
+            UpstreamError::CircuitOpen {
+                retry_after: Duration::ZERO,
+            },
+            UpstreamError::Saturated,
+        ];
+        let mut labels: Vec<_> = errors.iter().map(UpstreamError::outcome).collect();
+        labels.extend(["ok", "inactive"]);
+        labels.sort_unstable();
+        let mut known = UPSTREAM_OUTCOMES.to_vec();
+        known.sort_unstable();
+        assert_eq!(labels, known);
     }
 
     #[test]

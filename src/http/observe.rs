@@ -8,11 +8,13 @@ use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::http::auth::CallerSlot;
 use crate::http::error::ApiError;
 use crate::http::openapi::OPENAPI_ROUTE;
 use crate::http::{AppState, TOKENS_ROUTE, VENDOR_ROUTE};
+use crate::telemetry;
 use crate::telemetry::metrics::{HttpLabels, RouteLabels};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -38,6 +40,22 @@ fn route_label(path: &str) -> &'static str {
         VENDOR_ROUTE => VENDOR_ROUTE,
         OPENAPI_ROUTE => OPENAPI_ROUTE,
         _ => "unmatched",
+    }
+}
+
+/// `{method} {route}` for the known routes, else the method alone (OTel HTTP conventions).
+fn span_name(method: &Method, route: &'static str) -> &'static str {
+    match (method.as_str(), route) {
+        ("GET", TOKENS_ROUTE) => "GET /v1/tokens",
+        ("DELETE", TOKENS_ROUTE) => "DELETE /v1/tokens",
+        ("GET", VENDOR_ROUTE) => "GET /ext/get-user-token",
+        ("GET", OPENAPI_ROUTE) => "GET /openapi.json",
+        ("GET", _) => "GET",
+        ("DELETE", _) => "DELETE",
+        ("POST", _) => "POST",
+        ("PUT", _) => "PUT",
+        ("HEAD", _) => "HEAD",
+        _ => "HTTP",
     }
 }
 
@@ -113,11 +131,24 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     let method = request.method().clone();
     let span = tracing::info_span!(
         "request",
+        otel.name = span_name(&method, route),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = route,
+        url.scheme = "http",
+        http.response.status_code = tracing::field::Empty,
         request_id = id.to_str().unwrap_or_default(),
-        method = %method,
-        route,
         client = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
     );
+    // Continue the caller's trace (W3C traceparent/tracestate), if any.
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&opentelemetry_http::HeaderExtractor(request.headers()))
+    });
+    let _ = span.set_parent(parent);
+    telemetry::record_trace_ids(&span);
     let slot = CallerSlot::default();
     request.extensions_mut().insert(slot.clone());
     request.extensions_mut().insert(RequestId(id.clone()));
@@ -129,6 +160,10 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
 
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "ERROR");
+    }
     state
         .metrics
         .http_requests

@@ -9,7 +9,16 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+
+use crate::telemetry::process::ProcessCollector;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    pub commit: &'static str,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
@@ -42,6 +51,22 @@ pub struct ClientLabels {
     pub client: String,
     pub result: &'static str,
 }
+
+/// Every `outcome` of `token_broker_upstream_requests_total`.
+pub const UPSTREAM_OUTCOMES: [&str; 12] = [
+    "ok",
+    "inactive",
+    "not_found",
+    "rejected",
+    "unavailable",
+    "malformed",
+    "unexpected_status",
+    "timeout",
+    "connect_error",
+    "transport_error",
+    "circuit_open",
+    "saturated",
+];
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -78,7 +103,17 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("token_broker");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("token_broker");
+        registry.register(
+            "build",
+            "Version and commit of the running binary",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: env!("TOKEN_BROKER_COMMIT"),
+            }),
+        );
         let http_requests = Family::<HttpLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -146,11 +181,19 @@ impl Metrics {
         for listener in ["api", "admin"] {
             let _ = connections_shed.get_or_create(&ListenerLabels { listener });
         }
+        // Series dashboards and alerts query are present, at zero, from the first scrape.
+        for route in [crate::http::TOKENS_ROUTE, crate::http::VENDOR_ROUTE] {
+            let _ = http_requests.get_or_create(&HttpLabels { route, status: 200 });
+            let _ = http_duration.get_or_create(&RouteLabels { route });
+        }
+        for outcome in UPSTREAM_OUTCOMES {
+            let _ = upstream_requests.get_or_create(&OutcomeLabels { outcome });
+        }
         for result in ["hit", "miss", "stale", "negative"] {
             let _ = cache_lookups.get_or_create(&ResultLabels { result });
         }
         Self {
-            registry,
+            registry: root,
             http_requests,
             http_duration,
             cache_lookups,
@@ -161,6 +204,18 @@ impl Metrics {
             client_requests,
             partner_key_reloads,
             connections_shed,
+        }
+    }
+
+    /// Starts the per-caller series at zero for each configured caller.
+    pub fn register_clients<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for client in names {
+            for result in ["ok", "forbidden", "rate_limited"] {
+                let _ = self.client_requests.get_or_create(&ClientLabels {
+                    client: client.to_owned(),
+                    result,
+                });
+            }
         }
     }
 
@@ -219,6 +274,11 @@ mod tests {
             "token_broker_upstream_requests_total{outcome=\"ok\"} 1",
             "token_broker_upstream_request_duration_seconds_count 0",
             "token_broker_client_requests_total{client=\"app\",result=\"ok\"} 1",
+            "token_broker_build_info{version=\"",
+            "token_broker_upstream_circuit_open 0",
+            "process_resident_memory_bytes ",
+            "process_cpu_seconds_total ",
+            "process_open_fds ",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

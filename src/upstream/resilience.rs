@@ -47,10 +47,11 @@ impl Resilience {
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the deadline
-    /// (`upstream.timeout` from now) would pass.
+    /// (`upstream.timeout` from now) would pass. Each attempt is given the
+    /// deadline so it can end itself (and be counted) rather than be dropped.
     pub async fn run<F, Fut>(&self, mut attempt: F) -> Result<Fetched, UpstreamError>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(Instant) -> Fut,
         Fut: Future<Output = Result<Fetched, UpstreamError>>,
     {
         let deadline = Instant::now() + self.budget;
@@ -60,7 +61,7 @@ impl Resilience {
             let Ok(Ok(permit)) = timeout_at(deadline, self.in_flight.acquire()).await else {
                 break Err(UpstreamError::Saturated);
             };
-            let result = timeout_at(deadline, attempt())
+            let result = timeout_at(deadline, attempt(deadline))
                 .await
                 .unwrap_or(Err(UpstreamError::Timeout));
             drop(permit);
@@ -272,7 +273,7 @@ mod tests {
     async fn attempts_for(r: &Resilience, error: UpstreamError) -> usize {
         let calls = AtomicUsize::new(0);
         let result = r
-            .run(|| {
+            .run(|_| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 let error = error.clone();
                 async move { Err(error) }
@@ -316,7 +317,7 @@ mod tests {
         let (r, _) = resilience(2, 100);
         let calls = AtomicUsize::new(0);
         let result = r
-            .run(|| {
+            .run(|_| {
                 let n = calls.fetch_add(1, Ordering::SeqCst);
                 async move { if n == 0 { Err(unavailable(503)) } else { ok() } }
             })
@@ -331,7 +332,7 @@ mod tests {
         let started = Instant::now();
         let times = Mutex::new(Vec::new());
         let _ = r
-            .run(|| {
+            .run(|_| {
                 times.lock().unwrap().push(started.elapsed());
                 async {
                     Err(UpstreamError::Unavailable {
@@ -365,7 +366,7 @@ mod tests {
         let started = Instant::now();
         let calls = AtomicUsize::new(0);
         let result = r
-            .run(|| {
+            .run(|_| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 std::future::pending()
             })
@@ -390,7 +391,7 @@ mod tests {
     async fn the_circuit_opens_after_n_failures_then_probes_once_and_closes() {
         let (r, metrics) = resilience(0, 3);
         let calls = AtomicUsize::new(0);
-        let failing = || {
+        let failing = |_: Instant| {
             calls.fetch_add(1, Ordering::SeqCst);
             async { Err(unavailable(503)) }
         };
@@ -416,7 +417,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         let probe_calls = AtomicUsize::new(0);
         let (probe, concurrent) = tokio::join!(
-            r.run(|| {
+            r.run(|_| {
                 probe_calls.fetch_add(1, Ordering::SeqCst);
                 async {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -425,7 +426,7 @@ mod tests {
             }),
             async {
                 tokio::task::yield_now().await;
-                r.run(|| {
+                r.run(|_| {
                     probe_calls.fetch_add(1, Ordering::SeqCst);
                     async { ok() }
                 })
@@ -439,22 +440,22 @@ mod tests {
         );
         assert_eq!(probe_calls.load(Ordering::SeqCst), 1);
         assert_eq!(metrics.upstream_circuit_open.get(), 0);
-        assert!(r.run(|| async { ok() }).await.is_ok(), "closed again");
+        assert!(r.run(|_| async { ok() }).await.is_ok(), "closed again");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_probe_reopens_and_definitive_answers_count_as_success() {
         let (r, metrics) = resilience(0, 1);
-        let _ = r.run(|| async { Err(UpstreamError::Timeout) }).await;
+        let _ = r.run(|_| async { Err(UpstreamError::Timeout) }).await;
         tokio::time::advance(Duration::from_secs(10)).await;
-        let _ = r.run(|| async { Err(unavailable(502)) }).await;
+        let _ = r.run(|_| async { Err(unavailable(502)) }).await;
         assert!(matches!(
-            r.run(|| async { ok() }).await,
+            r.run(|_| async { ok() }).await,
             Err(UpstreamError::CircuitOpen { .. })
         ));
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(matches!(
-            r.run(|| async { Err(UpstreamError::NotFound) }).await,
+            r.run(|_| async { Err(UpstreamError::NotFound) }).await,
             Err(UpstreamError::NotFound)
         ));
         assert_eq!(
@@ -467,12 +468,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_probe_whose_caller_went_away_lets_the_next_fetch_probe() {
         let (r, _) = resilience(0, 1);
-        let _ = r.run(|| async { Err(UpstreamError::Timeout) }).await;
+        let _ = r.run(|_| async { Err(UpstreamError::Timeout) }).await;
         tokio::time::advance(Duration::from_secs(10)).await;
         let abandoned =
-            tokio::time::timeout(Duration::from_millis(10), r.run(std::future::pending)).await;
+            tokio::time::timeout(Duration::from_millis(10), r.run(|_| std::future::pending()))
+                .await;
         assert!(abandoned.is_err());
-        assert!(r.run(|| async { ok() }).await.is_ok());
+        assert!(r.run(|_| async { ok() }).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -481,7 +483,7 @@ mod tests {
         let running = AtomicUsize::new(0);
         let peak = AtomicUsize::new(0);
         let fetches = (0..50).map(|_| {
-            r.run(|| async {
+            r.run(|_| async {
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(now, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -497,11 +499,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn callers_beyond_the_bound_give_up_at_the_deadline_with_saturated() {
         let (r, _) = resilience(0, 1000);
-        let holders = join_all((0..4).map(|_| r.run(std::future::pending)));
+        let holders = join_all((0..4).map(|_| r.run(|_| std::future::pending())));
         let waiting = async {
             // Let the holders take every permit first.
             tokio::task::yield_now().await;
-            r.run(|| async { ok() }).await
+            r.run(|_| async { ok() }).await
         };
         // `join!` polls in order: at the shared deadline the waiter is polled
         // before the holders give their permits back.

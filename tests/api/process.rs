@@ -12,7 +12,7 @@ use crate::helpers::*;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_token-broker");
 
-fn command() -> Command {
+pub fn command() -> Command {
     let mut command = Command::new(BINARY);
     command
         .env_remove("TOKEN_BROKER_CONFIG")
@@ -26,16 +26,16 @@ fn command() -> Command {
 }
 
 /// A running `token-broker` whose output is captured line by line.
-struct Running {
-    child: Child,
+pub struct Running {
+    pub child: Child,
     output: Arc<Mutex<Vec<String>>>,
-    api: SocketAddr,
-    admin: SocketAddr,
+    pub api: SocketAddr,
+    pub admin: SocketAddr,
 }
 
 impl Running {
     /// Starts `args` and waits until the broker logs that it is listening.
-    async fn start(mut command: Command) -> Running {
+    pub async fn start(mut command: Command) -> Running {
         let mut child = command.spawn().expect("binary starts");
         let output = Arc::new(Mutex::new(Vec::new()));
         for stream in [
@@ -78,11 +78,11 @@ impl Running {
         }
     }
 
-    fn output(&self) -> String {
+    pub fn output(&self) -> String {
         self.output.lock().unwrap().join("\n")
     }
 
-    fn terminate(&self) {
+    pub fn terminate(&self) {
         let pid = self.child.id().expect("still running").to_string();
         let status = std::process::Command::new("kill")
             .args(["-TERM", &pid])
@@ -91,7 +91,7 @@ impl Running {
         assert!(status.success());
     }
 
-    async fn wait(&mut self) -> i32 {
+    pub async fn wait(&mut self) -> i32 {
         let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
             .await
             .expect("broker exits after SIGTERM")
@@ -103,7 +103,11 @@ impl Running {
 }
 
 /// A config file for a broker in front of `upstream`.
-fn config_file(dir: &tempfile::TempDir, upstream: SocketAddr, extra: &str) -> std::path::PathBuf {
+pub fn config_file(
+    dir: &tempfile::TempDir,
+    upstream: SocketAddr,
+    extra: &str,
+) -> std::path::PathBuf {
     let path = dir.path().join("token-broker.toml");
     let key_file = dir.path().join("partner-key");
     std::fs::write(&key_file, format!("{PARTNER_KEY}\n")).unwrap();
@@ -119,7 +123,7 @@ fn config_file(dir: &tempfile::TempDir, upstream: SocketAddr, extra: &str) -> st
     path
 }
 
-async fn upstream() -> (token_broker::simulator::Simulator, SocketAddr) {
+pub async fn upstream() -> (token_broker::simulator::Simulator, SocketAddr) {
     let sim = simulator();
     let addr = sim
         .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
