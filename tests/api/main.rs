@@ -5,6 +5,7 @@ mod admin;
 mod auth;
 mod helpers;
 mod hostile;
+mod image;
 mod metrics;
 mod openapi;
 mod policy;

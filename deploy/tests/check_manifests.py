@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Checks the rendered Kubernetes manifests against what the binary does.
+
+Renders every overlay with `kubectl kustomize`, asserts the security, probe
+and drain settings of the production overlay, runs `token-broker check-config`
+on the ConfigMap, starts the binary with that configuration to prove the probe
+paths and ports answer, and checks that every alert queries a metric the
+binary exports.
+
+    python3 deploy/tests/check_manifests.py --binary target/debug/token-broker
+
+Exits non-zero with one line per failed check. Every server it starts binds
+127.0.0.1 and is stopped before it exits.
+"""
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+KUSTOMIZE = ROOT / "deploy" / "kubernetes"
+OVERLAYS = ["dev", "production"]
+FAILURES = []
+
+
+def check(condition, message):
+    if not condition:
+        FAILURES.append(message)
+    return condition
+
+
+def render(overlay):
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(KUSTOMIZE / "overlays" / overlay)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def one(objects, kind):
+    found = [o for o in objects if o["kind"] == kind]
+    check(len(found) == 1, f"expected one {kind}, found {len(found)}")
+    return found[0] if found else {}
+
+
+def duration_seconds(text):
+    match = re.fullmatch(r"(\d+)(ms|s|m|h)", text)
+    if not match:
+        raise ValueError(f"unsupported duration {text!r}")
+    value, unit = int(match[1]), match[2]
+    return value * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def port_of(container, name_or_number):
+    if isinstance(name_or_number, int):
+        return name_or_number
+    for port in container.get("ports", []):
+        if port["name"] == name_or_number:
+            return port["containerPort"]
+    check(False, f"port {name_or_number!r} is not a container port")
+    return None
+
+
+def check_production(objects):
+    deployment = one(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    config_map = one(objects, "ConfigMap")
+    config = tomllib.loads(config_map["data"]["token-broker.toml"])
+
+    check(deployment["spec"]["replicas"] >= 2, "production runs at least 2 replicas")
+    hpa = one(objects, "HorizontalPodAutoscaler")
+    check(hpa["spec"]["minReplicas"] >= 2, "the HPA keeps at least 2 replicas")
+    check(hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"], "the HPA scales the Deployment")
+
+    security = pod.get("securityContext", {})
+    check(security.get("runAsNonRoot") is True, "pod runAsNonRoot")
+    check(security.get("seccompProfile", {}).get("type") == "RuntimeDefault", "pod seccomp RuntimeDefault")
+    check(pod.get("automountServiceAccountToken") is False, "pod does not mount a service account token")
+    account = one(objects, "ServiceAccount")
+    check(account.get("automountServiceAccountToken") is False, "service account does not automount its token")
+    check(pod.get("serviceAccountName") == account["metadata"]["name"], "pod uses the ServiceAccount")
+    csec = container.get("securityContext", {})
+    check(csec.get("allowPrivilegeEscalation") is False, "no privilege escalation")
+    check(csec.get("readOnlyRootFilesystem") is True, "read-only root filesystem")
+    check(csec.get("capabilities", {}).get("drop") == ["ALL"], "all capabilities dropped")
+    check(csec.get("runAsNonRoot", security.get("runAsNonRoot")) is True, "container runs as non-root")
+    check(all(container["resources"].get(k, {}).get(r) for k in ("requests", "limits") for r in ("cpu", "memory")),
+          "cpu and memory requests and limits are set")
+    spread = pod.get("topologySpreadConstraints", [])
+    check(any(c["topologyKey"] == "kubernetes.io/hostname" for c in spread), "replicas spread across nodes")
+
+    # Ports and probes match the configuration the binary reads.
+    api_port = int(config["server"]["listen"].rsplit(":", 1)[1])
+    admin_port = int(config["server"]["admin_listen"].rsplit(":", 1)[1])
+    check(port_of(container, "api") == api_port, "container port api matches server.listen")
+    check(port_of(container, "admin") == admin_port, "container port admin matches server.admin_listen")
+    probes = {}
+    for kind, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz"), ("startupProbe", None)):
+        probe = container.get(kind)
+        if not check(probe is not None, f"{kind} is set"):
+            continue
+        get = probe["httpGet"]
+        check(port_of(container, get["port"]) == admin_port, f"{kind} uses the admin port")
+        if path:
+            check(get["path"] == path, f"{kind} path is {path}")
+        probes[kind] = get["path"]
+
+    # Draining: the preStop pause and shutdown_grace fit in the grace period.
+    pause = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds")
+    check(pause is not None and pause > 0, "a preStop sleep lets endpoints drain first")
+    grace = duration_seconds(config["server"].get("shutdown_grace", "20s"))
+    check(pod["terminationGracePeriodSeconds"] > grace + (pause or 0),
+          "terminationGracePeriodSeconds exceeds shutdown_grace plus the preStop pause")
+
+    # Configuration and secrets are mounted files.
+    args = container.get("args", [])
+    check("--config" in args, "the container is given --config")
+    config_path = Path(args[args.index("--config") + 1]) if "--config" in args else None
+    mounts = {m["name"]: m for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+
+    def mounted_from(path):
+        for name, mount in mounts.items():
+            if path and Path(path).parent == Path(mount["mountPath"]):
+                return volumes.get(name, {}), mount
+        return {}, {}
+
+    volume, mount = mounted_from(config_path)
+    check(volume.get("configMap", {}).get("name") == config_map["metadata"]["name"],
+          "--config is a file of the ConfigMap")
+    check(config_path is not None and config_path.name in config_map["data"], "the ConfigMap holds the --config file")
+    for key in ("partner_key_file",):
+        path = config["upstream"].get(key)
+        check(path is not None, "the partner key is read from a file")
+        volume, mount = mounted_from(path)
+        check(volume.get("secret", {}).get("secretName") == "token-broker-partner-key",
+              f"upstream.{key} is a file of the Secret token-broker-partner-key")
+        check(mount.get("readOnly") is True, "the Secret is mounted read-only")
+    audit_path = config.get("audit", {}).get("hash_key_file")
+    volume, _ = mounted_from(audit_path)
+    check(volume.get("secret", {}).get("secretName") == "token-broker-partner-key",
+          "audit.hash_key_file is a file of the same Secret")
+    check(not [o for o in objects if o["kind"] == "Secret"], "production commits no Secret; it must exist")
+
+    # Service, disruption budget, network policy.
+    service = one(objects, "Service")
+    named = {p["name"]: p for p in service["spec"]["ports"]}
+    check(set(named) == {"api", "admin"}, "the Service has named api and admin ports")
+    check(all(port_of(container, p["targetPort"]) in (api_port, admin_port) for p in named.values()),
+          "Service ports target the container ports")
+    pdb = one(objects, "PodDisruptionBudget")
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    check(all(labels.get(k) == v for k, v in selector.items()), "the PodDisruptionBudget selects the pods")
+    policy = one(objects, "NetworkPolicy")
+    spec = policy["spec"]
+    check(set(spec["policyTypes"]) == {"Ingress", "Egress"}, "the NetworkPolicy governs ingress and egress")
+    ingress_ports = {port_of(container, p["port"]) for rule in spec["ingress"] for p in rule["ports"]}
+    check(ingress_ports == {api_port, admin_port}, "ingress is only to the api and admin ports")
+    for rule in spec["ingress"]:
+        ports = {port_of(container, p["port"]) for p in rule["ports"]}
+        sources = rule.get("from", [])
+        check(bool(sources), "every ingress rule names its sources")
+        if ports == {admin_port}:
+            check(all(s.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+                      == "monitoring" for s in sources), "the admin port admits only the monitoring namespace")
+        else:
+            check(all("token-broker.io/client" in str(s) for s in sources), "the api port admits only labelled clients")
+    egress_ports = {(p["port"], p.get("protocol", "TCP")) for rule in spec["egress"] for p in rule["ports"]}
+    check(egress_ports == {(53, "UDP"), (53, "TCP"), (443, "TCP")}, "egress is DNS and HTTPS only")
+
+    # Monitoring objects.
+    monitor = one(objects, "ServiceMonitor")
+    endpoint = monitor["spec"]["endpoints"][0]
+    check(endpoint["port"] == "admin" and endpoint.get("path") == "/metrics", "the ServiceMonitor scrapes admin /metrics")
+    service_labels = service["metadata"].get("labels", {})
+    check(all(service_labels.get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items()),
+          "the ServiceMonitor selects the Service")
+    rules = one(objects, "PrometheusRule")
+    alerts = {r["alert"]: r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]}
+    for alert in ("TokenBrokerUpstreamErrors", "TokenBrokerCircuitOpen", "TokenBroker5xxRising",
+                  "TokenBrokerLowHitRatio", "TokenBrokerPodsNotReady"):
+        check(alert in alerts, f"alert {alert} exists")
+    return config_map["data"]["token-broker.toml"], probes, admin_port, alerts
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_against_binary(binary, config_text, probes, alerts):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        config_file = tmp / "token-broker.toml"
+        config_file.write_text(config_text)
+        (tmp / "partner-key").write_text("check-manifests-partner-key\n")
+        (tmp / "audit-hash-key").write_text("check-manifests-audit-key-0123456789\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKEN_BROKER", "OTEL_"))}
+        # Only the mount paths differ from the cluster.
+        env["TOKEN_BROKER__UPSTREAM__PARTNER_KEY_FILE"] = str(tmp / "partner-key")
+        env["TOKEN_BROKER__AUDIT__HASH_KEY_FILE"] = str(tmp / "audit-hash-key")
+        result = subprocess.run([binary, "check-config", "--config", str(config_file)],
+                                env=env, capture_output=True, text=True, timeout=30)
+        check(result.returncode == 0, f"check-config accepts the ConfigMap: {result.stderr.strip()}")
+
+        admin = free_port()
+        env["TOKEN_BROKER__SERVER__LISTEN"] = f"127.0.0.1:{free_port()}"
+        env["TOKEN_BROKER__SERVER__ADMIN_LISTEN"] = f"127.0.0.1:{admin}"
+        process = subprocess.Popen([binary, "serve", "--config", str(config_file)], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 20
+            metrics = ""
+            while time.monotonic() < deadline:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1):
+                        break
+                except OSError:
+                    time.sleep(0.1)
+            for kind, path in probes.items():
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{admin}{path}", timeout=2) as answer:
+                        check(answer.status == 200, f"{kind} {path} answers 200")
+                except OSError as error:
+                    check(False, f"{kind} {path} on the admin port: {error}")
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=2) as answer:
+                metrics = answer.read().decode()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                code = process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                code = None
+            check(code == 0, f"the broker stops cleanly on SIGTERM (exit {code})")
+        exported = {line.split("{")[0].split(" ")[0] for line in metrics.splitlines() if line and line[0] != "#"}
+        for alert, expr in alerts.items():
+            for name in re.findall(r"\b(token_broker_[a-z_]+)", expr):
+                check(name in exported, f"alert {alert} queries {name}, which the binary does not export")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--binary", required=True, help="the token-broker binary to check against")
+    args = parser.parse_args()
+    rendered = {overlay: render(overlay) for overlay in OVERLAYS}
+    config_text, probes, _, alerts = check_production(rendered["production"])
+    dev = rendered["dev"]
+    check(any(o["kind"] == "Secret" and o["metadata"]["name"] == "token-broker-partner-key" for o in dev),
+          "the dev overlay generates a placeholder Secret")
+    check_against_binary(args.binary, config_text, probes, alerts)
+    for failure in FAILURES:
+        print(f"FAIL {failure}")
+    checks = "manifest checks"
+    print(f"{checks}: {'failed' if FAILURES else 'passed'} ({len(FAILURES)} failure(s))")
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
