@@ -92,32 +92,63 @@ impl Auditor {
         active: bool,
         request_id: &str,
     ) {
-        tracing::info!(
-            target: TARGET,
-            outcome = "issued",
+        self.event(
+            Outcome::Issued,
             caller,
-            identity = identity.kind(),
-            user_type = user_type(identity),
-            subject = self.subject(identity),
-            cache,
-            active,
+            identity,
+            Some((cache, active)),
             request_id,
-            "token issued"
         );
     }
 
     /// A cached token was dropped on request.
     pub fn invalidated(&self, caller: &str, identity: &Identity, request_id: &str) {
+        self.event(Outcome::Invalidated, caller, identity, None, request_id);
+    }
+
+    fn event(
+        &self,
+        outcome: Outcome,
+        caller: &str,
+        identity: &Identity,
+        token: Option<(&str, bool)>,
+        request_id: &str,
+    ) {
         tracing::info!(
             target: TARGET,
-            outcome = "invalidated",
+            outcome = outcome.as_str(),
             caller,
             identity = identity.kind(),
             user_type = user_type(identity),
             subject = self.subject(identity),
+            cache = token.map(|(cache, _)| cache),
+            active = token.map(|(_, active)| active),
             request_id,
-            "token invalidated"
+            "{}",
+            outcome.message()
         );
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Outcome {
+    Issued,
+    Invalidated,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Issued => "issued",
+            Outcome::Invalidated => "invalidated",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Outcome::Issued => "token issued",
+            Outcome::Invalidated => "token invalidated",
+        }
     }
 }
 

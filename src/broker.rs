@@ -85,7 +85,8 @@ impl BrokerError {
 /// A token answer for one lookup.
 #[derive(Debug, Clone)]
 pub struct Issued {
-    pub token: Token,
+    /// Shared with the cache entry: a hit copies no secret.
+    pub token: Arc<Token>,
     pub active: bool,
     pub cache: CacheResult,
     /// Time since the vendor handed the token out.
@@ -95,7 +96,7 @@ pub struct Issued {
 /// What the vendor last said about an identity.
 #[derive(Debug)]
 enum Answer {
-    Token { token: Token, active: bool },
+    Token { token: Arc<Token>, active: bool },
     NotFound,
 }
 
@@ -309,7 +310,7 @@ impl Broker {
                     match inner.source.fetch(identity).await {
                         Ok(fetched) => {
                             let entry = Entry::new(Answer::Token {
-                                token: fetched.token,
+                                token: Arc::new(fetched.token),
                                 active: fetched.active,
                             });
                             if fetched.active {

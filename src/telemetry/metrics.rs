@@ -4,6 +4,8 @@
 //! Labels are closed sets or configured client names: never an email, a
 //! token or a key.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -48,7 +50,7 @@ pub struct ListenerLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClientLabels {
-    pub client: String,
+    pub client: Arc<str>,
     pub result: &'static str,
 }
 
@@ -212,7 +214,7 @@ impl Metrics {
         for client in names {
             for result in ["ok", "forbidden", "rate_limited"] {
                 let _ = self.client_requests.get_or_create(&ClientLabels {
-                    client: client.to_owned(),
+                    client: Arc::from(client),
                     result,
                 });
             }
@@ -225,10 +227,10 @@ impl Metrics {
             .inc();
     }
 
-    pub fn client_request(&self, client: &str, result: &'static str) {
+    pub fn client_request(&self, client: &Arc<str>, result: &'static str) {
         self.client_requests
             .get_or_create(&ClientLabels {
-                client: client.to_owned(),
+                client: client.clone(),
                 result,
             })
             .inc();
@@ -259,7 +261,7 @@ mod tests {
         m.upstream_requests
             .get_or_create(&OutcomeLabels { outcome: "ok" })
             .inc();
-        m.client_request("app", "ok");
+        m.client_request(&Arc::from("app"), "ok");
         m.http_duration
             .get_or_create(&RouteLabels {
                 route: "/v1/tokens",

@@ -121,11 +121,11 @@ fn attributes(span: &Span) -> HashMap<String, String> {
         .collect()
 }
 
-/// Runs one traced miss through the binary exporting with `protocol` to
-/// `collector`; returns the broker's log output and the vendor's view.
+/// Runs one miss with the caller's `traceparent` through the binary,
+/// exporting to `otlp` = (protocol, collector) or to nothing; returns the
+/// broker's log output and the vendor's view.
 async fn traced_request(
-    protocol: &str,
-    collector: &str,
+    otlp: Option<(&str, &str)>,
 ) -> (String, token_broker::simulator::Simulator) {
     let (sim, upstream) = upstream().await;
     let dir = tempfile::tempdir().unwrap();
@@ -133,10 +133,15 @@ async fn traced_request(
     command
         .arg("--config")
         .arg(config_file(&dir, upstream, ""))
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector)
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
-        .env("OTEL_SERVICE_NAME", "token-broker-test")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .env_remove("OTEL_TRACES_SAMPLER");
+    match otlp {
+        Some((protocol, collector)) => command
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", collector)
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+            .env("OTEL_SERVICE_NAME", "token-broker-test"),
+        None => command.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT"),
+    };
     let mut broker = Running::start(command).await;
     let response = reqwest::Client::new()
         .get(format!(
@@ -256,7 +261,7 @@ fn assert_one_trace(received: &Received, sim: &token_broker::simulator::Simulato
 async fn spans_of_one_request_reach_an_otlp_http_collector_as_one_trace() {
     let (collector, received) = http_receiver().await;
 
-    let (logs, sim) = traced_request("http/protobuf", &format!("http://{collector}")).await;
+    let (logs, sim) = traced_request(Some(("http/protobuf", &format!("http://{collector}")))).await;
 
     assert_one_trace(&received, &sim);
     let request_lines: Vec<_> = logs
@@ -277,44 +282,20 @@ async fn spans_of_one_request_reach_an_otlp_http_collector_as_one_trace() {
 async fn spans_reach_an_otlp_grpc_collector() {
     let (collector, received) = grpc_receiver().await;
 
-    let (_, sim) = traced_request("grpc", &format!("http://{collector}")).await;
+    let (_, sim) = traced_request(Some(("grpc", &format!("http://{collector}")))).await;
 
     assert_one_trace(&received, &sim);
 }
 
 #[tokio::test]
 async fn without_an_endpoint_logs_and_the_vendor_still_see_the_callers_trace_id() {
-    let (sim, upstream) = upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut command = command();
-    command
-        .arg("--config")
-        .arg(config_file(&dir, upstream, ""))
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
-    let mut broker = Running::start(command).await;
+    let (logs, sim) = traced_request(None).await;
 
-    let response = reqwest::Client::new()
-        .get(format!(
-            "http://{}/v1/tokens?{}",
-            broker.api,
-            member_query(ALICE, "AGENT")
-        ))
-        .bearer_auth(READER_KEY)
-        .header("traceparent", format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01"))
-        .send()
-        .await
-        .unwrap();
-    broker.terminate();
-    assert_eq!(broker.wait().await, 0);
-
-    assert_eq!(response.status(), 200);
     let traceparent = sim.requests()[0].headers["traceparent"]
         .to_str()
         .unwrap()
         .to_owned();
     assert_eq!(traceparent.split('-').nth(1), Some(CALLER_TRACE));
-    let logs = broker.output();
     let completed = logs
         .lines()
         .find(|l| l.contains("request completed"))
