@@ -59,6 +59,22 @@ fn span_name(method: &Method, route: &'static str) -> &'static str {
     }
 }
 
+/// The method as OTel names it: the known ones, else `_OTHER`.
+fn method_name(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    }
+}
+
 /// The caller's `x-request-id` if it is a sane token, else a new UUID.
 fn request_id(request: &Request) -> HeaderValue {
     request
@@ -134,10 +150,7 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         otel.name = span_name(&method, route),
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
-        http.request.method = %method,
-        http.route = route,
-        url.scheme = "http",
-        http.response.status_code = tracing::field::Empty,
+        route,
         request_id = id.to_str().unwrap_or_default(),
         client = tracing::field::Empty,
         trace_id = tracing::field::Empty,
@@ -148,6 +161,10 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         propagator.extract(&opentelemetry_http::HeaderExtractor(request.headers()))
     });
     let _ = span.set_parent(parent);
+    // Semantic-convention attributes go to the trace only, keeping log lines short.
+    span.set_attribute("http.request.method", method_name(&method));
+    span.set_attribute("http.route", route);
+    span.set_attribute("url.scheme", "http");
     telemetry::record_trace_ids(&span);
     let slot = CallerSlot::default();
     request.extensions_mut().insert(slot.clone());
@@ -160,7 +177,7 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
 
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    span.record("http.response.status_code", status);
+    span.set_attribute("http.response.status_code", i64::from(status));
     if status >= 500 {
         span.record("otel.status_code", "ERROR");
     }

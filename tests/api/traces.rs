@@ -306,3 +306,61 @@ async fn without_an_endpoint_logs_and_the_vendor_still_see_the_callers_trace_id(
     );
     assert!(!logs.contains("exporting traces"), "nothing is exported");
 }
+
+#[tokio::test]
+async fn sampler_and_resource_attributes_come_from_the_standard_variables() {
+    let (collector, received) = http_receiver().await;
+    let endpoint = format!("http://{collector}");
+    let (sim, upstream) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |sampler: &'static str| {
+        let mut command = command();
+        command
+            .arg("--config")
+            .arg(config_file(&dir, upstream, ""))
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+            .env("OTEL_TRACES_SAMPLER", sampler)
+            .env(
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment.name=ci,service.name=from-attributes",
+            );
+        command
+    };
+
+    for sampler in ["always_off", "always_on"] {
+        let mut broker = Running::start(run(sampler)).await;
+        let response = reqwest::Client::new()
+            .get(format!(
+                "http://{}/v1/tokens?user_id={CUSTOMER_ID}",
+                broker.api
+            ))
+            .bearer_auth(READER_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        broker.terminate();
+        assert_eq!(broker.wait().await, 0);
+        if sampler == "always_off" {
+            assert!(received.spans().is_empty(), "always_off exports nothing");
+        }
+    }
+
+    let spans = received.spans();
+    assert!(!spans.is_empty());
+    assert!(
+        spans
+            .iter()
+            .all(|(service, _)| service == "from-attributes")
+    );
+    let requests = received.0.lock().unwrap();
+    let resource = requests[0].resource_spans[0].resource.as_ref().unwrap();
+    assert!(
+        resource
+            .attributes
+            .iter()
+            .any(|a| a.key == "deployment.environment.name")
+    );
+    assert_eq!(sim.calls(), 2, "each run fetched the token itself");
+}
