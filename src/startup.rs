@@ -49,7 +49,7 @@ pub struct Application {
     grace: Duration,
     limits: Limits,
     metrics: Arc<Metrics>,
-    reloaders: Option<Reloaders>,
+    reloaders: Reloaders,
 }
 
 impl Application {

@@ -96,31 +96,35 @@ impl PartnerKey {
         outcome
     }
 
-    /// Starts watching the key file's directory and SIGHUP. Nothing to do
-    /// for an inline key. Stops when the returned value is dropped.
-    pub fn spawn_reloaders(self: &Arc<Self>) -> std::io::Result<Option<Reloaders>> {
-        let Some(path) = &self.file else {
-            return Ok(None);
-        };
-        let (changed, mut changes) = mpsc::unbounded_channel::<()>();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok() {
-                    let _ = changed.send(());
+    /// Starts re-reading the key file when its directory changes and on
+    /// SIGHUP. SIGHUP is handled even with an inline key (it then only logs),
+    /// so the habit of sending it never stops the process. Stops when the
+    /// returned value is dropped.
+    pub fn spawn_reloaders(self: &Arc<Self>) -> std::io::Result<Reloaders> {
+        let mut tasks = Vec::new();
+        let mut watcher = None;
+        if let Some(path) = &self.file {
+            let (changed, mut changes) = mpsc::unbounded_channel::<()>();
+            let mut directory =
+                notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                    if event.is_ok() {
+                        let _ = changed.send(());
+                    }
+                })
+                .map_err(std::io::Error::other)?;
+            directory
+                .watch(watched_dir(path), RecursiveMode::NonRecursive)
+                .map_err(std::io::Error::other)?;
+            let key = self.clone();
+            tasks.push(tokio::spawn(async move {
+                while changes.recv().await.is_some() {
+                    tokio::time::sleep(SETTLE).await;
+                    while changes.try_recv().is_ok() {}
+                    key.reload();
                 }
-            })
-            .map_err(std::io::Error::other)?;
-        watcher
-            .watch(watched_dir(path), RecursiveMode::NonRecursive)
-            .map_err(std::io::Error::other)?;
-        let key = self.clone();
-        let mut tasks = vec![tokio::spawn(async move {
-            while changes.recv().await.is_some() {
-                tokio::time::sleep(SETTLE).await;
-                while changes.try_recv().is_ok() {}
-                key.reload();
-            }
-        })];
+            }));
+            watcher = Some(directory);
+        }
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
@@ -128,15 +132,21 @@ impl PartnerKey {
             let key = self.clone();
             tasks.push(tokio::spawn(async move {
                 while hangups.recv().await.is_some() {
-                    tracing::info!("SIGHUP received, re-reading the partner key");
-                    key.reload();
+                    if key.file.is_some() {
+                        tracing::info!("SIGHUP received, re-reading the partner key");
+                        key.reload();
+                    } else {
+                        tracing::info!(
+                            "SIGHUP received; the partner key is inline, nothing to re-read"
+                        );
+                    }
                 }
             }));
         }
-        Ok(Some(Reloaders {
+        Ok(Reloaders {
             _watcher: watcher,
             tasks,
-        }))
+        })
     }
 }
 
@@ -150,7 +160,7 @@ fn watched_dir(path: &Path) -> &Path {
 
 /// The background reloaders; dropping this stops them.
 pub struct Reloaders {
-    _watcher: RecommendedWatcher,
+    _watcher: Option<RecommendedWatcher>,
     tasks: Vec<JoinHandle<()>>,
 }
 

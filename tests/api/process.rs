@@ -713,3 +713,44 @@ async fn demo_prints_a_curl_line_that_returns_a_token() {
     broker.terminate();
     assert_eq!(broker.wait().await, 0);
 }
+
+#[tokio::test]
+async fn sighup_with_an_inline_key_does_not_stop_the_service() {
+    let (_sim, upstream) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inline.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[upstream]\nbase_url = \"http://{upstream}\"\npartner_key = \"{PARTNER_KEY}\"\n{}",
+            clients_toml()
+        ),
+    )
+    .unwrap();
+    let mut command = command();
+    command.arg("--config").arg(&path);
+    let mut broker = Running::start(command).await;
+
+    let pid = broker.child.id().unwrap().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let response = get(
+        &reqwest::Client::new(),
+        format!(
+            "http://{}/v1/tokens?{}",
+            broker.api,
+            member_query(ALICE, "AGENT")
+        ),
+        READER_KEY,
+    )
+    .await;
+
+    assert!(sent.success());
+    assert_eq!(response.status(), 200, "still serving after SIGHUP");
+    broker.terminate();
+    assert_eq!(broker.wait().await, 0);
+    assert!(broker.output().contains("nothing to re-read"));
+}
