@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 
+use crate::audit::Auditor;
 use crate::config::{ClientSettings, ConfigError, Scope, Settings, Sources};
 use crate::http::auth::key_sha256;
 use crate::simulator::{Simulator, random_hex};
@@ -185,7 +186,8 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
 fn check_config(file: Option<PathBuf>) -> Result<(), Failure> {
     let settings = load(file)?;
     settings.require_serving()?;
-    settings.upstream.read_partner_key()?;
+    let partner_key = settings.upstream.read_partner_key()?;
+    Auditor::from_settings(&settings.audit, &partner_key)?;
     print!("{}", settings.redacted_toml());
     eprintln!("token-broker: configuration is valid");
     Ok(())

@@ -557,7 +557,16 @@ async fn bad_configuration_exits_2_naming_the_key() {
     let valid = format!("[upstream]\npartner_key = \"{PARTNER_KEY}\"\n");
     // (case, config file, environment, the key the message must name)
     type Case<'a> = (&'a str, String, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 7] = [
+    let cases: [Case; 8] = [
+        (
+            "missing audit key file",
+            format!(
+                "{valid}[audit]\nhash_key_file = \"/nonexistent/audit-key\"\n{}",
+                clients_toml()
+            ),
+            &[],
+            "audit.hash_key_file",
+        ),
         (
             "unknown key",
             format!("{valid}{}[cache]\nttl_seconds = 3\n", clients_toml()),
