@@ -275,11 +275,24 @@ impl Broker {
 
     fn refresh_in_background(&self, identity: Identity) {
         let broker = self.clone();
-        tokio::spawn(async move {
-            if let Err(error) = broker.fetch_once(&identity).await {
-                tracing::debug!(%error, "background refresh failed; the entry is served until ttl");
+        // Its own trace, linked to the request that started it.
+        let span = tracing::info_span!(
+            parent: None,
+            "cache.refresh",
+            otel.name = "cache.refresh",
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        span.follows_from(tracing::Span::current());
+        crate::telemetry::record_trace_ids(&span);
+        tokio::spawn(
+            async move {
+                if let Err(error) = broker.fetch_once(&identity).await {
+                    tracing::debug!(%error, "background refresh failed; the entry is served until ttl");
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 
     /// Drops the cached token of `identity`; the next lookup asks the vendor.
