@@ -14,6 +14,7 @@ use crate::http::AppState;
 use crate::http::auth::{Action, Caller};
 use crate::http::error::{ApiError, Problem};
 use crate::http::observe::RequestId;
+use crate::http::openapi::{InvalidateErrors, ReadErrors};
 use crate::http::query;
 
 /// `X-Cache`: where the token came from.
@@ -72,15 +73,8 @@ pub struct VendorToken<'a> {
             ("X-Cache" = String, description = "`hit`, `miss` or `stale`"),
             ("Age" = u64, description = "Seconds since the vendor handed the token out"),
         )),
-        (status = 400, description = "Bad, missing, repeated or unknown parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or unknown caller key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The caller lacks the scope, type or email domain", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "The vendor has no such user", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The vendor's token is inactive", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Caller over its rate limit (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
-        (status = 502, description = "The vendor answered with something unusable", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The vendor is unavailable (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
-        (status = 504, description = "The vendor did not answer in time", body = Problem, content_type = "application/problem+json"),
+        ReadErrors,
     )
 )]
 pub async fn get_token(
@@ -127,14 +121,7 @@ pub async fn get_token(
             ("X-Cache" = String, description = "`hit`, `miss` or `stale`"),
             ("Age" = u64, description = "Seconds since the vendor handed the token out"),
         )),
-        (status = 400, description = "Bad, missing, repeated or unknown parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or unknown caller key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The caller lacks the scope, type or email domain", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "The vendor has no such user", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Caller over its rate limit (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
-        (status = 502, description = "The vendor answered with something unusable", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The vendor is unavailable (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
-        (status = 504, description = "The vendor did not answer in time", body = Problem, content_type = "application/problem+json"),
+        ReadErrors,
     )
 )]
 pub async fn get_vendor_token(
@@ -170,10 +157,7 @@ pub async fn get_vendor_token(
     params(crate::http::openapi::V1Query),
     responses(
         (status = 204, description = "The cached token, if any, is gone"),
-        (status = 400, description = "Bad, missing, repeated or unknown parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or unknown caller key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The caller lacks the scope, type or email domain", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Caller over its rate limit (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
+        InvalidateErrors,
     )
 )]
 pub async fn delete_token(
