@@ -36,11 +36,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether spans are exported (an OTLP endpoint is set).
-    pub fn exporting(&self) -> bool {
-        self.exporting
-    }
-
     /// Flushes and stops span export; bounded by the exporter's own timeout.
     pub async fn shutdown(self) {
         if !self.exporting {

@@ -155,10 +155,6 @@ impl ApiError {
             ),
         }
     }
-
-    pub fn status(&self) -> StatusCode {
-        self.describe().0
-    }
 }
 
 impl IntoResponse for ApiError {
