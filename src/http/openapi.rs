@@ -49,10 +49,10 @@ pub struct VendorQuery {
     user_id: Option<String>,
 }
 
-/// Refusals and failures of the token reads, on both routes.
+/// Refusals every token operation can answer with.
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]
-pub enum ReadErrors {
+pub enum CallerErrors {
     /// Bad, missing, repeated or unknown parameter
     #[response(status = 400, content_type = "application/problem+json")]
     BadRequest(Problem<'static>),
@@ -62,12 +62,18 @@ pub enum ReadErrors {
     /// The caller lacks the scope, type or email domain
     #[response(status = 403, content_type = "application/problem+json")]
     Forbidden(Problem<'static>),
-    /// The vendor has no such user
-    #[response(status = 404, content_type = "application/problem+json")]
-    NotFound(Problem<'static>),
     /// Caller over its rate limit (`Retry-After`)
     #[response(status = 429, content_type = "application/problem+json")]
     RateLimited(Problem<'static>),
+}
+
+/// What asking the vendor can end in, for the token reads.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum VendorErrors {
+    /// The vendor has no such user
+    #[response(status = 404, content_type = "application/problem+json")]
+    NotFound(Problem<'static>),
     /// The vendor answered with something unusable
     #[response(status = 502, content_type = "application/problem+json")]
     BadGateway(Problem<'static>),
@@ -77,24 +83,6 @@ pub enum ReadErrors {
     /// The vendor did not answer in time
     #[response(status = 504, content_type = "application/problem+json")]
     Timeout(Problem<'static>),
-}
-
-/// Refusals of `DELETE /v1/tokens`.
-#[derive(utoipa::IntoResponses)]
-#[allow(dead_code)]
-pub enum InvalidateErrors {
-    /// Bad, missing, repeated or unknown parameter
-    #[response(status = 400, content_type = "application/problem+json")]
-    BadRequest(Problem<'static>),
-    /// Missing or unknown caller key
-    #[response(status = 401, content_type = "application/problem+json")]
-    Unauthorized(Problem<'static>),
-    /// The caller lacks the scope, type or email domain
-    #[response(status = 403, content_type = "application/problem+json")]
-    Forbidden(Problem<'static>),
-    /// Caller over its rate limit (`Retry-After`)
-    #[response(status = 429, content_type = "application/problem+json")]
-    RateLimited(Problem<'static>),
 }
 
 struct CallerKey;

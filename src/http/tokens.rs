@@ -14,7 +14,7 @@ use crate::http::AppState;
 use crate::http::auth::{Action, Caller};
 use crate::http::error::{ApiError, Problem};
 use crate::http::observe::RequestId;
-use crate::http::openapi::{InvalidateErrors, ReadErrors};
+use crate::http::openapi::{CallerErrors, VendorErrors};
 use crate::http::query;
 
 /// `X-Cache`: where the token came from.
@@ -74,7 +74,8 @@ pub struct VendorToken<'a> {
             ("Age" = u64, description = "Seconds since the vendor handed the token out"),
         )),
         (status = 409, description = "The vendor's token is inactive", body = Problem, content_type = "application/problem+json"),
-        ReadErrors,
+        CallerErrors,
+        VendorErrors,
     )
 )]
 pub async fn get_token(
@@ -121,7 +122,8 @@ pub async fn get_token(
             ("X-Cache" = String, description = "`hit`, `miss` or `stale`"),
             ("Age" = u64, description = "Seconds since the vendor handed the token out"),
         )),
-        ReadErrors,
+        CallerErrors,
+        VendorErrors,
     )
 )]
 pub async fn get_vendor_token(
@@ -157,7 +159,7 @@ pub async fn get_vendor_token(
     params(crate::http::openapi::V1Query),
     responses(
         (status = 204, description = "The cached token, if any, is gone"),
-        InvalidateErrors,
+        CallerErrors,
     )
 )]
 pub async fn delete_token(
