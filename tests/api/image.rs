@@ -151,6 +151,5 @@ async fn the_binary_runs_unprivileged_read_only_with_only_its_mounted_files() {
         std::fs::read_dir(&workdir).unwrap().next().is_none(),
         "nothing was written"
     );
-    broker.terminate();
-    assert_eq!(broker.wait().await, 0);
+    broker.stop().await;
 }

@@ -91,6 +91,12 @@ impl Running {
         assert!(status.success());
     }
 
+    /// SIGTERM, then asserts the clean exit (code 0) SPEC §2 promises.
+    pub async fn stop(&mut self) {
+        self.terminate();
+        assert_eq!(self.wait().await, 0, "a clean shutdown exits 0");
+    }
+
     pub async fn wait(&mut self) -> i32 {
         let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
             .await
@@ -286,8 +292,7 @@ async fn no_secret_or_email_appears_in_the_logs_of_a_full_scenario() {
         .send()
         .await
         .unwrap();
-    broker.terminate();
-    assert_eq!(broker.wait().await, 0);
+    broker.stop().await;
 
     assert_eq!(
         statuses,
@@ -379,8 +384,7 @@ async fn every_issued_token_and_invalidation_writes_one_audit_event() {
             .await
             .unwrap();
     }
-    broker.terminate();
-    assert_eq!(broker.wait().await, 0);
+    broker.stop().await;
 
     let output = broker.output();
     let audit: Vec<_> = events(&output)
@@ -719,8 +723,7 @@ async fn demo_prints_a_curl_line_that_returns_a_token() {
     assert_eq!(body["email"], "alice@example.com");
     assert_eq!(body["active"], true);
     assert!(body["token"].as_str().unwrap().len() > 8);
-    broker.terminate();
-    assert_eq!(broker.wait().await, 0);
+    broker.stop().await;
 }
 
 #[tokio::test]
@@ -759,7 +762,6 @@ async fn sighup_with_an_inline_key_does_not_stop_the_service() {
 
     assert!(sent.success());
     assert_eq!(response.status(), 200, "still serving after SIGHUP");
-    broker.terminate();
-    assert_eq!(broker.wait().await, 0);
+    broker.stop().await;
     assert!(broker.output().contains("nothing to re-read"));
 }

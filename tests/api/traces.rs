@@ -155,8 +155,7 @@ async fn traced_request(
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    broker.terminate();
-    assert_eq!(broker.wait().await, 0);
+    broker.stop().await;
     (broker.output(), sim)
 }
 
@@ -340,8 +339,7 @@ async fn sampler_and_resource_attributes_come_from_the_standard_variables() {
             .await
             .unwrap();
         assert_eq!(response.status(), 200);
-        broker.terminate();
-        assert_eq!(broker.wait().await, 0);
+        broker.stop().await;
         if sampler == "always_off" {
             assert!(received.spans().is_empty(), "always_off exports nothing");
         }
