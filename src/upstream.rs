@@ -22,7 +22,7 @@ use url::Url;
 
 use crate::broker::identity::Identity;
 use crate::config::UpstreamSettings;
-use crate::telemetry::metrics::{Metrics, OutcomeLabels};
+use crate::telemetry::metrics::Metrics;
 
 /// The vendor endpoint, relative to `upstream.base_url`.
 pub const TOKEN_PATH: &str = "ext/get-user-token";
@@ -272,23 +272,9 @@ impl UpstreamClient {
     /// Asks the vendor for the token of `identity`, within the limits of
     /// `Resilience`: circuit, in-flight bound, retries, one overall deadline.
     pub async fn fetch(&self, identity: &Identity) -> Result<Fetched, UpstreamError> {
-        let result = self
-            .resilience
+        self.resilience
             .run(|deadline| self.measured_attempt(identity, deadline))
-            .await;
-        if let Err(refused @ (UpstreamError::CircuitOpen { .. } | UpstreamError::Saturated)) =
-            &result
-        {
-            self.count(refused.outcome());
-        }
-        result
-    }
-
-    fn count(&self, outcome: &'static str) {
-        self.metrics
-            .upstream_requests
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
+            .await
     }
 
     /// One request to the vendor, in its own client span, timed and counted.
@@ -324,7 +310,7 @@ impl UpstreamClient {
         self.metrics
             .upstream_duration
             .observe(started.elapsed().as_secs_f64());
-        self.count(match &result {
+        self.metrics.upstream_outcome(match &result {
             Ok(fetched) if fetched.active => "ok",
             Ok(_) => "inactive",
             Err(e) => e.outcome(),

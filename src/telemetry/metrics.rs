@@ -221,6 +221,13 @@ impl Metrics {
         }
     }
 
+    /// Counts one vendor request, or a fetch refused before reaching the vendor.
+    pub fn upstream_outcome(&self, outcome: &'static str) {
+        self.upstream_requests
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
     pub fn cache_lookup(&self, result: &'static str) {
         self.cache_lookups
             .get_or_create(&ResultLabels { result })

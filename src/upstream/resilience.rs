@@ -26,6 +26,7 @@ const PROBE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The policy around every vendor fetch.
 pub struct Resilience {
+    metrics: Arc<Metrics>,
     in_flight: Semaphore,
     max_retries: u32,
     budget: Duration,
@@ -43,6 +44,7 @@ impl Resilience {
                 settings.circuit_cooldown,
                 metrics.upstream_circuit_open.clone(),
             ),
+            metrics,
         }
     }
 
@@ -55,10 +57,14 @@ impl Resilience {
         Fut: Future<Output = Result<Fetched, UpstreamError>>,
     {
         let deadline = Instant::now() + self.budget;
-        let ticket = self.circuit.admit()?;
+        let ticket = self.circuit.admit().inspect_err(|refused| {
+            self.metrics.upstream_outcome(refused.outcome());
+        })?;
         let mut retries = 0;
         let result = loop {
             let Ok(Ok(permit)) = timeout_at(deadline, self.in_flight.acquire()).await else {
+                self.metrics
+                    .upstream_outcome(UpstreamError::Saturated.outcome());
                 break Err(UpstreamError::Saturated);
             };
             let result = timeout_at(deadline, attempt(deadline))
