@@ -11,8 +11,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::{Digest, Sha256};
 
-use crate::broker::identity::Identity;
 use crate::config::{AuditSettings, ConfigError};
+use crate::domain::Identity;
 
 /// The tracing target of audit events.
 pub const TARGET: &str = "audit";
@@ -162,7 +162,7 @@ fn user_type(identity: &Identity) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::identity::{Email, UserId, UserType};
+    use crate::domain::{Email, UserId, UserType};
 
     fn member(email: &str, user_type: UserType) -> Identity {
         Identity::TeamMember {

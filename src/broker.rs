@@ -14,14 +14,23 @@
 //! - past `ttl`: fetched again; if the vendor is failing (`is_outage`), the old
 //!   token is served as stale until `ttl + stale_if_error`.
 //! - a definitive answer (no such user, inactive) replaces the entry.
-
-pub mod identity;
+//! - `Cache-Control: no-cache` (`revalidate`): an answer younger than
+//!   `revalidate_min_interval`, else a vendor fetch made after the request.
+//!
+//! Invalidation moves the key's generation on. A fetch remembers the
+//! generation it began with and stores its answer only if it is unchanged,
+//! so a fetch already under way never puts a revoked token back.
+//!
+//! With a shared cache (`crate::shared`), a local miss reads Redis before the
+//! vendor, one replica at a time fetches a key (the others wait for its answer
+//! in Redis, within `upstream.timeout`), and invalidations reach every
+//! replica. A hit never touches Redis.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use moka::Expiry;
 use moka::future::Cache;
@@ -29,9 +38,17 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::CacheSettings;
+use crate::domain::{Identity, Token};
+use crate::shared::SharedCache;
+use crate::shared::sealed::{KeyName, Stored, StoredAnswer};
 use crate::telemetry::metrics::Metrics;
-use crate::upstream::{Fetched, Token, UpstreamClient, UpstreamError};
-use identity::Identity;
+use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
+
+/// How often a replica waiting for another's fetch looks at Redis.
+const SHARED_POLL: Duration = Duration::from_millis(10);
+/// How long a key's generation is remembered after an invalidation: longer
+/// than any fetch can run.
+const GENERATION_MEMORY: Duration = Duration::from_secs(600);
 
 /// A future returned by a `TokenSource`.
 pub type FetchFuture<'a> =
@@ -104,6 +121,8 @@ enum Answer {
 struct Entry {
     answer: Answer,
     fetched_at: Instant,
+    /// Asked of the vendor by this replica (else read from the shared cache).
+    from_vendor: bool,
     /// Set by the hit that starts this entry's background refresh.
     refreshing: AtomicBool,
 }
@@ -113,20 +132,72 @@ impl Entry {
         Arc::new(Self {
             answer,
             fetched_at: Instant::now(),
+            from_vendor: true,
             refreshing: AtomicBool::new(false),
         })
     }
 
-    fn issued(&self, cache: CacheResult) -> Result<Issued, BrokerError> {
+    /// An answer another replica (or this one, earlier) put in the shared cache.
+    fn from_shared(stored: Stored) -> Arc<Self> {
+        let age = stored.age();
+        let answer = match stored.answer {
+            StoredAnswer::Token(token) => Answer::Token {
+                token: Arc::new(token),
+                active: true,
+            },
+            StoredAnswer::NotFound => Answer::NotFound,
+        };
+        let now = Instant::now();
+        Arc::new(Self {
+            answer,
+            fetched_at: now.checked_sub(age).unwrap_or(now),
+            from_vendor: false,
+            refreshing: AtomicBool::new(false),
+        })
+    }
+
+    fn age(&self) -> Duration {
+        self.fetched_at.elapsed()
+    }
+
+    /// The token, or the vendor's "no such user"; `X-Cache` follows `from_vendor`.
+    fn issued(&self) -> Result<Issued, BrokerError> {
+        let cache = if self.from_vendor {
+            CacheResult::Miss
+        } else {
+            CacheResult::Hit
+        };
+        self.issued_as(cache)
+    }
+
+    fn issued_as(&self, cache: CacheResult) -> Result<Issued, BrokerError> {
         match &self.answer {
             Answer::Token { token, active } => Ok(Issued {
                 token: token.clone(),
                 active: *active,
                 cache,
-                age: self.fetched_at.elapsed(),
+                age: self.age(),
             }),
             Answer::NotFound => Err(UpstreamError::NotFound.into()),
         }
+    }
+
+    /// What the shared cache keeps of this entry: active tokens and "no such user".
+    fn to_stored(&self) -> Option<Stored> {
+        let answer = match &self.answer {
+            Answer::Token {
+                token,
+                active: true,
+            } => StoredAnswer::Token(Token::clone(token)),
+            Answer::Token { active: false, .. } => return None,
+            Answer::NotFound => StoredAnswer::NotFound,
+        };
+        Some(Stored {
+            answer,
+            fetched_at: SystemTime::now()
+                .checked_sub(self.age())
+                .unwrap_or_else(SystemTime::now),
+        })
     }
 }
 
@@ -138,10 +209,12 @@ struct Lifetime {
 
 impl Lifetime {
     fn of(&self, entry: &Entry) -> Duration {
-        match entry.answer {
+        let whole = match entry.answer {
             Answer::Token { .. } => self.token,
             Answer::NotFound => self.not_found,
-        }
+        };
+        // An entry read from the shared cache arrives with some age already.
+        whole.saturating_sub(entry.age())
     }
 }
 
@@ -166,14 +239,60 @@ impl Expiry<Identity, Arc<Entry>> for Lifetime {
     }
 }
 
+/// Why a fetch runs; fetches for different reasons accept different answers,
+/// so each reason coalesces with its own kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Purpose {
+    /// A miss, or an entry past `ttl`.
+    Lookup,
+    /// Refresh-ahead of an entry still fresh.
+    Refresh,
+    /// The caller asked for `no-cache`.
+    Revalidate,
+}
+
+/// The answers a fetch may hand back: younger than `max_age`, or fetched
+/// after `since`.
+#[derive(Debug, Clone, Copy)]
+struct Want {
+    max_age: Duration,
+    since: Option<Instant>,
+}
+
+impl Want {
+    fn accepts(&self, entry: &Entry) -> bool {
+        entry.age() < self.max_age || self.since.is_some_and(|since| entry.fetched_at >= since)
+    }
+}
+
+/// One flight per key, generation and purpose: a fetch begun before an
+/// invalidation is never joined after it.
+type FlightKey = (Identity, u64, Purpose);
+
+/// The shared cache, and the key names this replica has looked up, so an
+/// invalidation (which names a key by its hash) can be applied here.
+struct SharedTier {
+    cache: SharedCache,
+    names: moka::sync::Cache<KeyName, Identity>,
+    /// How long to wait for another replica's fetch: `upstream.timeout`.
+    wait: Duration,
+}
+
 struct Inner {
     store: Cache<Identity, Arc<Entry>>,
-    flights: Cache<Identity, Arc<Entry>>,
+    flights: Cache<FlightKey, Arc<Entry>>,
+    /// Generation per key, from `invalidations`; absent is 0.
+    generations: moka::sync::Cache<Identity, u64>,
+    invalidations: AtomicU64,
+    shared: Option<SharedTier>,
     source: Arc<dyn TokenSource>,
     ttl: Duration,
     refresh_after: Duration,
     stale_for: Duration,
     negative_ttl: Duration,
+    revalidate_interval: Duration,
+    /// Set while stale answers are served, so the outage is logged once.
+    serving_stale: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -182,10 +301,23 @@ struct Inner {
 pub struct Broker(Arc<Inner>);
 
 impl Broker {
+    /// A broker whose cache lives in this replica's memory only.
     pub fn new(
         settings: &CacheSettings,
         source: Arc<dyn TokenSource>,
         metrics: Arc<Metrics>,
+    ) -> Self {
+        Self::with_shared(settings, source, metrics, None, Duration::ZERO)
+    }
+
+    /// A broker backed by `shared` (when given); `wait` bounds how long a
+    /// replica waits for another one's fetch.
+    pub fn with_shared(
+        settings: &CacheSettings,
+        source: Arc<dyn TokenSource>,
+        metrics: Arc<Metrics>,
+        shared: Option<SharedCache>,
+        wait: Duration,
     ) -> Self {
         let store = Cache::builder()
             .max_capacity(settings.max_entries)
@@ -195,14 +327,31 @@ impl Broker {
             })
             .build();
         let flights = Cache::builder().max_capacity(settings.max_entries).build();
+        let generations = moka::sync::Cache::builder()
+            .max_capacity(settings.max_entries)
+            .time_to_live(GENERATION_MEMORY)
+            .build();
+        let shared = shared.map(|cache| SharedTier {
+            cache,
+            names: moka::sync::Cache::builder()
+                .max_capacity(settings.max_entries)
+                .time_to_idle(settings.ttl + settings.stale_if_error)
+                .build(),
+            wait,
+        });
         Self(Arc::new(Inner {
             store,
             flights,
+            generations,
+            invalidations: AtomicU64::new(0),
+            shared,
             source,
             ttl: settings.ttl,
             refresh_after: settings.ttl.mul_f64(settings.refresh_ahead),
             stale_for: settings.stale_if_error,
             negative_ttl: settings.negative_ttl,
+            revalidate_interval: settings.revalidate_min_interval,
+            serving_stale: AtomicBool::new(false),
             metrics,
         }))
     }
@@ -210,6 +359,17 @@ impl Broker {
     /// The token for `identity`: from the cache while fresh, else from the
     /// vendor, else (while the vendor fails) a stale one.
     pub async fn lookup(&self, identity: &Identity) -> Result<Issued, BrokerError> {
+        self.traced(identity, false).await
+    }
+
+    /// The token for `identity` from a vendor fetch made after this call,
+    /// unless the key's last vendor answer is younger than
+    /// `revalidate_min_interval` (then that answer).
+    pub async fn revalidate(&self, identity: &Identity) -> Result<Issued, BrokerError> {
+        self.traced(identity, true).await
+    }
+
+    async fn traced(&self, identity: &Identity, revalidate: bool) -> Result<Issued, BrokerError> {
         let span = tracing::info_span!(
             "cache.lookup",
             otel.name = "cache.lookup",
@@ -219,7 +379,9 @@ impl Broker {
             span_id = tracing::field::Empty,
         );
         crate::telemetry::record_trace_ids(&span);
-        self.lookup_in_cache(identity).instrument(span).await
+        self.lookup_in_cache(identity, revalidate)
+            .instrument(span)
+            .await
     }
 
     /// Counts one lookup result and notes it on the lookup span.
@@ -228,37 +390,70 @@ impl Broker {
         tracing::Span::current().record("cache.result", result);
     }
 
-    async fn lookup_in_cache(&self, identity: &Identity) -> Result<Issued, BrokerError> {
+    /// Counts an answer by where it came from.
+    fn counted_issued(&self, entry: &Entry) -> Result<Issued, BrokerError> {
+        let issued = entry.issued();
+        match &issued {
+            Err(_) if !entry.from_vendor => self.counted("negative"),
+            Ok(Issued {
+                cache: CacheResult::Hit,
+                ..
+            }) => self.counted("hit"),
+            _ => self.counted("miss"),
+        }
+        issued
+    }
+
+    async fn lookup_in_cache(
+        &self,
+        identity: &Identity,
+        revalidate: bool,
+    ) -> Result<Issued, BrokerError> {
         let inner = &self.0;
-        let cached = inner.store.get(identity).await;
-        if let Some(entry) = &cached {
-            let age = entry.fetched_at.elapsed();
+        if let Some(entry) = inner.store.get(identity).await {
+            let age = entry.age();
             match entry.answer {
+                _ if revalidate && age < inner.revalidate_interval => {
+                    return self.counted_cached(&entry);
+                }
+                _ if revalidate => {}
                 Answer::NotFound if age < inner.negative_ttl => {
-                    self.counted("negative");
-                    return entry.issued(CacheResult::Hit);
+                    return self.counted_cached(&entry);
                 }
                 Answer::Token { .. } if age < inner.ttl => {
                     if age >= inner.refresh_after && !entry.refreshing.swap(true, Ordering::AcqRel)
                     {
                         self.refresh_in_background(identity.clone());
                     }
-                    self.counted("hit");
-                    return entry.issued(CacheResult::Hit);
+                    return self.counted_cached(&entry);
                 }
                 _ => {}
             }
         }
-        match self.fetch_once(identity).await {
-            Ok(entry) => {
-                self.counted("miss");
-                entry.issued(CacheResult::Miss)
-            }
+        let (purpose, want) = if revalidate {
+            let want = Want {
+                max_age: inner.revalidate_interval,
+                since: Some(Instant::now()),
+            };
+            (Purpose::Revalidate, want)
+        } else {
+            let want = Want {
+                max_age: inner.ttl,
+                since: None,
+            };
+            (Purpose::Lookup, want)
+        };
+        match self.fetch_once(identity, purpose, want).await {
+            Ok(entry) => self.counted_issued(&entry),
             Err(BrokerError::Upstream(error)) => {
+                // Read again: a fetch may have brought a stale entry from the shared cache.
+                let cached = inner.store.get(identity).await;
                 if let Some(stale) = cached.filter(|e| self.servable_when_failing(e, &error)) {
-                    tracing::warn!(%error, outcome = error.outcome(), "vendor failing, serving a stale token");
+                    if !inner.serving_stale.swap(true, Ordering::AcqRel) {
+                        tracing::warn!(%error, outcome = error.outcome(), "vendor failing, serving stale tokens (each counted as a stale cache lookup)");
+                    }
                     self.counted("stale");
-                    return stale.issued(CacheResult::Stale);
+                    return stale.issued_as(CacheResult::Stale);
                 }
                 self.counted("miss");
                 Err(error.into())
@@ -266,11 +461,20 @@ impl Broker {
         }
     }
 
+    /// An answer from this replica's memory.
+    fn counted_cached(&self, entry: &Entry) -> Result<Issued, BrokerError> {
+        self.counted(match entry.answer {
+            Answer::NotFound => "negative",
+            Answer::Token { .. } => "hit",
+        });
+        entry.issued_as(CacheResult::Hit)
+    }
+
     /// An expired token may stand in while the vendor is failing, within `stale_if_error`.
     fn servable_when_failing(&self, entry: &Entry, error: &UpstreamError) -> bool {
         error.is_outage()
-            && matches!(entry.answer, Answer::Token { .. })
-            && entry.fetched_at.elapsed() < self.0.ttl + self.0.stale_for
+            && matches!(entry.answer, Answer::Token { active: true, .. })
+            && entry.age() < self.0.ttl + self.0.stale_for
     }
 
     fn refresh_in_background(&self, identity: Identity) {
@@ -285,9 +489,13 @@ impl Broker {
         );
         span.follows_from(tracing::Span::current());
         crate::telemetry::record_trace_ids(&span);
+        let want = Want {
+            max_age: self.0.refresh_after,
+            since: None,
+        };
         tokio::spawn(
             async move {
-                if let Err(error) = broker.fetch_once(&identity).await {
+                if let Err(error) = broker.fetch_once(&identity, Purpose::Refresh, want).await {
                     tracing::debug!(%error, "background refresh failed; the entry is served until ttl");
                 }
             }
@@ -295,10 +503,56 @@ impl Broker {
         );
     }
 
-    /// Drops the cached token of `identity`; the next lookup asks the vendor.
+    /// Drops the cached token of `identity` here and, with a shared cache, on
+    /// every replica; a fetch already under way will not store its answer.
     pub async fn invalidate(&self, identity: &Identity) {
+        self.forget(identity).await;
+        if let Some(shared) = &self.0.shared {
+            let name = shared.cache.name(identity);
+            if !shared.cache.invalidate(&name).await {
+                tracing::warn!(
+                    "the shared cache did not take the invalidation; other replicas keep the token until they reconnect or it expires"
+                );
+            }
+        }
+    }
+
+    /// Moves the generation of `identity` on and drops its local entry.
+    async fn forget(&self, identity: &Identity) {
+        let generation = self.0.invalidations.fetch_add(1, Ordering::AcqRel) + 1;
+        self.0.generations.insert(identity.clone(), generation);
         self.0.store.invalidate(identity).await;
-        self.0.flights.invalidate(identity).await;
+    }
+
+    fn generation(&self, identity: &Identity) -> u64 {
+        self.0.generations.get(identity).unwrap_or(0)
+    }
+
+    /// Applies an invalidation published by any replica (this one included).
+    pub async fn evict_shared(&self, name: &KeyName) {
+        let Some(shared) = &self.0.shared else {
+            return;
+        };
+        if let Some(identity) = shared.names.get(name) {
+            self.forget(&identity).await;
+        }
+    }
+
+    /// Drops every local entry: after a reconnect to the shared cache, since
+    /// invalidations sent meanwhile were missed.
+    pub fn evict_all(&self) {
+        let generation = self.0.invalidations.fetch_add(1, Ordering::AcqRel) + 1;
+        for (identity, _) in self.0.store.iter() {
+            self.0
+                .generations
+                .insert(Identity::clone(&identity), generation);
+        }
+        self.0.store.invalidate_all();
+    }
+
+    /// The shared cache, when this broker has one.
+    pub fn shared(&self) -> Option<&SharedCache> {
+        self.0.shared.as_ref().map(|s| &s.cache)
     }
 
     /// Entries currently cached (tokens and remembered "no such user" answers).
@@ -311,49 +565,198 @@ impl Broker {
         self.0.store.run_pending_tasks().await;
     }
 
-    /// Asks the vendor, one call per key however many callers ask at once,
-    /// and records the answer in `store`.
-    async fn fetch_once(&self, identity: &Identity) -> Result<Arc<Entry>, BrokerError> {
+    /// Fetches `identity`, one fetch per key and purpose however many callers
+    /// ask at once, and returns an answer `want` accepts.
+    async fn fetch_once(
+        &self,
+        identity: &Identity,
+        purpose: Purpose,
+        want: Want,
+    ) -> Result<Arc<Entry>, BrokerError> {
         let inner = &self.0;
-        let started = Instant::now();
         loop {
+            let generation = self.generation(identity);
+            let key = (identity.clone(), generation, purpose);
             let result = inner
                 .flights
-                .try_get_with_by_ref(identity, async {
-                    match inner.source.fetch(identity).await {
-                        Ok(fetched) => {
-                            let entry = Entry::new(Answer::Token {
-                                token: Arc::new(fetched.token),
-                                active: fetched.active,
-                            });
-                            if fetched.active {
-                                inner.store.insert(identity.clone(), entry.clone()).await;
-                            } else {
-                                inner.store.invalidate(identity).await;
-                            }
-                            Ok(entry)
-                        }
-                        Err(UpstreamError::NotFound) => {
-                            if inner.negative_ttl.is_zero() {
-                                inner.store.invalidate(identity).await;
-                            } else {
-                                let entry = Entry::new(Answer::NotFound);
-                                inner.store.insert(identity.clone(), entry).await;
-                            }
-                            Err(UpstreamError::NotFound)
-                        }
-                        Err(error) => Err(error),
-                    }
-                })
+                .try_get_with_by_ref(&key, self.fill(identity, generation, want))
                 .await;
-            inner.flights.invalidate(identity).await;
+            inner.flights.invalidate(&key).await;
             match result {
-                // A flight that finished before this call began was left behind by a
-                // leader whose caller went away before clearing it: never serve it.
-                Ok(entry) if entry.fetched_at < started => continue,
-                Ok(entry) => return Ok(entry),
+                Ok(entry) if want.accepts(&entry) => return Ok(entry),
+                // Left behind by a flight whose callers all went away before
+                // clearing it, and too old for this caller: fetch again.
+                Ok(_) => continue,
                 Err(error) => return Err(BrokerError::from((*error).clone())),
             }
+        }
+    }
+
+    /// One flight's work: the shared cache if there is one, else the vendor.
+    async fn fill(
+        &self,
+        identity: &Identity,
+        generation: u64,
+        want: Want,
+    ) -> Result<Arc<Entry>, UpstreamError> {
+        match &self.0.shared {
+            None => self.ask_vendor(identity, generation, None).await,
+            Some(shared) => self.fill_shared(shared, identity, generation, want).await,
+        }
+    }
+
+    /// Redis first; else one replica asks the vendor while the others wait
+    /// for its answer in Redis (within `upstream.timeout`).
+    async fn fill_shared(
+        &self,
+        shared: &SharedTier,
+        identity: &Identity,
+        generation: u64,
+        want: Want,
+    ) -> Result<Arc<Entry>, UpstreamError> {
+        let name = shared.cache.name(identity);
+        // Known before the first read, so an invalidation racing this fill applies here.
+        shared.names.insert(name.clone(), identity.clone());
+        if let Some(entry) = self
+            .usable_shared(
+                identity,
+                generation,
+                want,
+                shared.cache.get(identity, &name).await,
+            )
+            .await
+        {
+            return entry;
+        }
+        let deadline = Instant::now() + shared.wait;
+        loop {
+            let lock = match shared.cache.claim(identity, &name).await {
+                None => break,
+                Some(crate::shared::Claim::Acquired { lock, current }) => {
+                    if let Some(entry) = self
+                        .usable_shared(identity, generation, want, current)
+                        .await
+                    {
+                        shared.cache.unlock(&name, lock).await;
+                        return entry;
+                    }
+                    lock
+                }
+                Some(crate::shared::Claim::Held { current }) => {
+                    if let Some(entry) = self
+                        .usable_shared(identity, generation, want, current)
+                        .await
+                    {
+                        return entry;
+                    }
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(SHARED_POLL).await;
+                    continue;
+                }
+            };
+            return self
+                .ask_vendor(identity, generation, Some((shared, &name, lock)))
+                .await;
+        }
+        // Redis cannot be asked, or the holder outran our wait: ask alone.
+        self.ask_vendor(identity, generation, None).await
+    }
+
+    /// A value read from Redis as this fill's answer, if `want` takes it;
+    /// a stale token is kept locally so stale-if-error can serve it.
+    async fn usable_shared(
+        &self,
+        identity: &Identity,
+        generation: u64,
+        want: Want,
+        stored: Option<Stored>,
+    ) -> Option<Result<Arc<Entry>, UpstreamError>> {
+        let entry = Entry::from_shared(stored?);
+        let usable = match entry.answer {
+            Answer::NotFound => entry.age() < self.0.negative_ttl,
+            Answer::Token { .. } => want.accepts(&entry),
+        };
+        if usable {
+            self.remember(identity, generation, Some(entry.clone()))
+                .await;
+            return Some(match entry.answer {
+                Answer::NotFound => Err(UpstreamError::NotFound),
+                Answer::Token { .. } => Ok(entry),
+            });
+        }
+        if matches!(entry.answer, Answer::Token { .. })
+            && entry.age() < self.0.ttl + self.0.stale_for
+            && !self.0.store.contains_key(identity)
+        {
+            self.remember(identity, generation, Some(entry)).await;
+        }
+        None
+    }
+
+    /// Asks the vendor and records the answer here and, holding the key's
+    /// shared lock, in Redis.
+    async fn ask_vendor(
+        &self,
+        identity: &Identity,
+        generation: u64,
+        shared: Option<(&SharedTier, &KeyName, crate::shared::Lock)>,
+    ) -> Result<Arc<Entry>, UpstreamError> {
+        let inner = &self.0;
+        let fetched = inner.source.fetch(identity).await;
+        if fetched.is_ok() && inner.serving_stale.swap(false, Ordering::AcqRel) {
+            tracing::info!("vendor answering again; no more stale tokens");
+        }
+        let (entry, result) = match fetched {
+            Ok(fetched) => {
+                let entry = Entry::new(Answer::Token {
+                    token: Arc::new(fetched.token),
+                    active: fetched.active,
+                });
+                let kept = fetched.active.then(|| entry.clone());
+                (kept, Ok(entry))
+            }
+            Err(UpstreamError::NotFound) => {
+                let kept = (!inner.negative_ttl.is_zero()).then(|| Entry::new(Answer::NotFound));
+                (kept, Err(UpstreamError::NotFound))
+            }
+            Err(error) => {
+                if let Some((tier, name, lock)) = shared {
+                    tier.cache.unlock(name, lock).await;
+                }
+                return Err(error);
+            }
+        };
+        self.remember(identity, generation, entry.clone()).await;
+        if let Some((tier, name, lock)) = shared {
+            let stored = entry.as_deref().and_then(Entry::to_stored);
+            let ttl = match entry.as_deref().map(|e| &e.answer) {
+                Some(Answer::NotFound) => inner.negative_ttl,
+                _ => inner.ttl + inner.stale_for,
+            };
+            tier.cache
+                .store(identity, name, lock, stored.as_ref(), ttl)
+                .await;
+        }
+        result
+    }
+
+    /// Keeps `entry` (or drops the key, given `None`) unless the key was
+    /// invalidated since the fetch that produced it began.
+    async fn remember(&self, identity: &Identity, generation: u64, entry: Option<Arc<Entry>>) {
+        let store = &self.0.store;
+        if self.generation(identity) != generation {
+            tracing::debug!("key invalidated during the fetch; its answer is not cached");
+            return;
+        }
+        match entry {
+            Some(entry) => store.insert(identity.clone(), entry).await,
+            None => store.invalidate(identity).await,
+        }
+        // An invalidation between the check and the insert: undo the insert.
+        if self.generation(identity) != generation {
+            store.invalidate(identity).await;
         }
     }
 }
@@ -361,7 +764,7 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::identity::{Email, UserId, UserType};
+    use crate::domain::{Email, UserId, UserType};
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -422,7 +825,12 @@ mod tests {
             refresh_ahead: 0.8,
             stale_if_error: STALE,
             negative_ttl: NEGATIVE,
+            revalidate_min_interval: Duration::from_secs(10),
             max_entries,
+            redis_url: None,
+            redis_password_file: None,
+            redis_timeout: Duration::from_millis(250),
+            encryption_key_file: None,
         }
     }
 

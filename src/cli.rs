@@ -12,9 +12,11 @@ use secrecy::SecretString;
 use crate::audit::Auditor;
 use crate::config::{ClientSettings, ConfigError, Scope, Settings, Sources};
 use crate::http::auth::key_sha256;
+use crate::shared::SharedCache;
 use crate::simulator::{Simulator, random_hex};
 use crate::startup::{Application, StartupError, shutdown_signal};
 use crate::telemetry;
+use crate::telemetry::metrics::Metrics;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -188,6 +190,12 @@ fn check_config(file: Option<PathBuf>) -> Result<(), Failure> {
     settings.require_serving()?;
     let partner_key = settings.upstream.read_partner_key()?;
     Auditor::from_settings(&settings.audit, &partner_key)?;
+    // Reads the encryption key and password files; connects to nothing.
+    SharedCache::from_settings(
+        &settings.cache,
+        settings.upstream.timeout,
+        std::sync::Arc::new(Metrics::new()),
+    )?;
     print!("{}", settings.redacted_toml());
     eprintln!("token-broker: configuration is valid");
     Ok(())

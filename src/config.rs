@@ -12,10 +12,14 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 use url::Url;
 
-use crate::broker::identity::UserType;
+use crate::domain::UserType;
 
 /// The documented defaults, compiled in as the first layer.
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// The caller name of requests without a key when `auth.allow_anonymous` is
+/// on; reserved, so no `[[clients]]` entry may take it.
+pub const ANONYMOUS: &str = "anonymous";
 
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "TOKEN_BROKER";
@@ -141,7 +145,23 @@ pub struct CacheSettings {
     /// How long a "no such user" answer is remembered; zero turns it off.
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
+    /// A caller's `Cache-Control: no-cache` asks the vendor only if the key's
+    /// last vendor answer is older than this.
+    #[serde(with = "humantime_serde")]
+    pub revalidate_min_interval: Duration,
     pub max_entries: u64,
+    /// The Redis shared by every replica (`redis://` or `rediss://`); none: memory only.
+    #[serde(default, serialize_with = "redacted_url")]
+    pub redis_url: Option<Url>,
+    /// File holding the Redis password, so that it is never in a URL or ConfigMap.
+    #[serde(default)]
+    pub redis_password_file: Option<PathBuf>,
+    /// Bound on every Redis call; past it the replica acts as if Redis were down.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    /// 32-byte key (hex or base64) that seals tokens stored in Redis.
+    #[serde(default)]
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -249,6 +269,19 @@ fn redacted<S: Serializer>(value: &Option<SecretString>, s: S) -> Result<S::Ok, 
     }
 }
 
+/// A URL with its password, if any, replaced by `[REDACTED]`.
+fn redacted_url<S: Serializer>(value: &Option<Url>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(url) if url.password().is_some() => {
+            let mut shown = url.clone();
+            let _ = shown.set_password(Some("[REDACTED]"));
+            s.serialize_str(shown.as_str())
+        }
+        Some(url) => s.serialize_str(url.as_str()),
+        None => s.serialize_none(),
+    }
+}
+
 impl Settings {
     /// Loads and validates the layered configuration.
     pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
@@ -301,6 +334,21 @@ impl Settings {
         positive("upstream.timeout", self.upstream.timeout)?;
         positive("upstream.connect_timeout", self.upstream.connect_timeout)?;
         positive("cache.ttl", self.cache.ttl)?;
+        positive("cache.redis_timeout", self.cache.redis_timeout)?;
+        if let Some(url) = &self.cache.redis_url {
+            if !matches!(url.scheme(), "redis" | "rediss") {
+                return Err(ConfigError::invalid(
+                    "cache.redis_url",
+                    "must be a redis:// or rediss:// URL",
+                ));
+            }
+            if self.cache.encryption_key_file.is_none() {
+                return Err(ConfigError::invalid(
+                    "cache.encryption_key_file",
+                    "is required with cache.redis_url: tokens are stored in Redis encrypted",
+                ));
+            }
+        }
         if !matches!(self.upstream.base_url.scheme(), "http" | "https") {
             return Err(ConfigError::invalid(
                 "upstream.base_url",
@@ -368,7 +416,7 @@ impl Settings {
                     "must be 1 to 64 characters",
                 ));
             }
-            if client.name == crate::http::auth::ANONYMOUS {
+            if client.name == ANONYMOUS {
                 return Err(ConfigError::invalid(
                     key("name"),
                     "\"anonymous\" is reserved",
@@ -445,9 +493,14 @@ impl Settings {
     }
 }
 
-/// Reads a secret file, trimming the whitespace editors and `echo` leave behind.
+/// Reads the partner key file.
 pub fn read_key_file(path: &Path) -> Result<SecretString, ConfigError> {
-    let key = "upstream.partner_key_file";
+    read_secret_file("upstream.partner_key_file", path)
+}
+
+/// Reads the secret file that configuration `key` names, trimming the
+/// whitespace editors and `echo` leave behind.
+pub fn read_secret_file(key: &str, path: &Path) -> Result<SecretString, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::invalid(key, format!("cannot read {}: {e}", path.display())))?;
     let secret = SecretString::from(text.trim());

@@ -17,7 +17,7 @@ use axum::routing::get;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::broker::identity::UserType;
+use crate::domain::UserType;
 
 /// How the simulated vendor misbehaves, applied to every request until changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

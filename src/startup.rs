@@ -12,12 +12,14 @@ use std::time::Duration;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState, Readiness};
 use crate::audit::Auditor;
 use crate::broker::Broker;
 use crate::config::{ConfigError, Settings};
 use crate::http::{self, AppState, auth::Callers};
+use crate::shared::SharedCache;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::UpstreamClient;
 use crate::upstream::partner_key::{PartnerKey, Reloaders};
@@ -50,15 +52,17 @@ pub struct Application {
     limits: Limits,
     metrics: Arc<Metrics>,
     reloaders: Reloaders,
+    /// Cancelled when serving ends: stops background tasks.
+    stop: CancellationToken,
 }
 
 impl Application {
     /// Wires the service from validated settings; reads the partner key.
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::build(settings.cache.redis_url.is_some()));
         metrics.register_clients(settings.clients.iter().map(|c| c.name.as_str()));
         if settings.auth.allow_anonymous {
-            metrics.register_clients([crate::http::auth::ANONYMOUS]);
+            metrics.register_clients([crate::config::ANONYMOUS]);
         }
         let partner_key = PartnerKey::load(&settings.upstream, metrics.clone())?;
         let auditor = Arc::new(Auditor::from_settings(
@@ -67,14 +71,35 @@ impl Application {
         )?);
         let reloaders = partner_key.spawn_reloaders()?;
         let upstream = UpstreamClient::new(&settings.upstream, partner_key, metrics.clone())?;
-        let broker = Arc::new(Broker::new(
+        let shared = SharedCache::from_settings(
+            &settings.cache,
+            settings.upstream.timeout,
+            metrics.clone(),
+        )?;
+        let broker = Arc::new(Broker::with_shared(
             &settings.cache,
             Arc::new(upstream),
             metrics.clone(),
+            shared.clone(),
+            settings.upstream.timeout,
         ));
+        let stop = CancellationToken::new();
+        if let Some(shared) = &shared {
+            let evicting = broker.clone();
+            let clearing = broker.clone();
+            shared.spawn_subscriber(
+                move |name| {
+                    let broker = evicting.clone();
+                    tokio::spawn(async move { broker.evict_shared(&name).await });
+                },
+                move || clearing.evict_all(),
+                stop.clone(),
+            );
+        }
         let callers = Arc::new(Callers::new(
             &settings.clients,
             settings.auth.allow_anonymous,
+            shared,
         ));
         let readiness = Readiness::default();
         let api_router = http::router(AppState {
@@ -101,6 +126,7 @@ impl Application {
             },
             metrics,
             reloaders,
+            stop,
         })
     }
 
@@ -149,6 +175,7 @@ impl Application {
         }
         let _ = stop_admin.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
+        self.stop.cancel();
         drop(self.reloaders);
     }
 }

@@ -5,13 +5,12 @@
 pub mod partner_key;
 pub mod resilience;
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, HeaderValue, RETRY_AFTER};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 
 use partner_key::PartnerKey;
 use resilience::Resilience;
@@ -20,35 +19,14 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use url::Url;
 
-use crate::broker::identity::Identity;
 use crate::config::UpstreamSettings;
+use crate::domain::{Identity, Token};
 use crate::telemetry::metrics::Metrics;
 
 /// The vendor endpoint, relative to `upstream.base_url`.
 pub const TOKEN_PATH: &str = "ext/get-user-token";
 /// Largest vendor answer read; a token answer is a few hundred bytes.
 const MAX_BODY_BYTES: usize = 64 * 1024;
-
-/// A permanent token. Redacted in `Debug`, zeroised on drop; exposed only
-/// where a response body is written.
-#[derive(Clone)]
-pub struct Token(SecretString);
-
-impl Token {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(SecretString::from(value.into()))
-    }
-
-    pub fn expose(&self) -> &str {
-        self.0.expose_secret()
-    }
-}
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Token([REDACTED])")
-    }
-}
 
 /// What the vendor handed out.
 #[derive(Debug, Clone)]

@@ -13,13 +13,11 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use crate::broker::identity::{Identity, UserType};
-use crate::config::{ClientSettings, Scope};
+use crate::config::{ANONYMOUS, ClientSettings, Scope};
+use crate::domain::{Identity, UserType};
 use crate::http::AppState;
 use crate::http::error::{ApiError, whole_seconds};
-
-/// The caller name of requests without a key when `auth.allow_anonymous` is on.
-pub const ANONYMOUS: &str = "anonymous";
+use crate::shared::SharedCache;
 
 /// The SHA-256 of a caller key, as `hash-key` prints it.
 pub fn key_sha256(key: &str) -> String {
@@ -34,19 +32,27 @@ pub enum Action {
 }
 
 /// One caller's name and rules.
-#[derive(Debug)]
 struct Policy {
     name: Arc<str>,
     scopes: Vec<Scope>,
     allowed_types: Option<Vec<UserType>>,
     /// Lower-cased, without a leading dot.
     allowed_domains: Option<Vec<String>>,
-    limiter: Option<DefaultDirectRateLimiter>,
+    /// `rate_limit_per_minute` and this replica's limiter for it.
+    limit: Option<(NonZeroU32, DefaultDirectRateLimiter)>,
+    /// The fleet-wide limiter, when Redis is shared.
+    shared: Option<SharedCache>,
 }
 
 /// An authenticated caller; cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Caller(Arc<Policy>);
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Caller").field(&self.0.name).finish()
+    }
+}
 
 impl Caller {
     pub fn name(&self) -> &Arc<str> {
@@ -94,16 +100,23 @@ impl Caller {
         Ok(())
     }
 
-    /// Takes one request from the caller's rate limit.
-    fn admit(&self) -> Result<(), ApiError> {
-        let Some(limiter) = &self.0.limiter else {
+    /// Takes one request from the caller's rate limit: the fleet's when
+    /// Redis is shared and answering, else this replica's.
+    async fn admit(&self) -> Result<(), ApiError> {
+        let Some((per_minute, limiter)) = &self.0.limit else {
             return Ok(());
         };
-        limiter.check().map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            ApiError::RateLimited {
-                retry_after_secs: whole_seconds(wait),
-            }
+        let fleet = match &self.0.shared {
+            Some(shared) => shared.admit(&self.0.name, *per_minute).await,
+            None => None,
+        };
+        let verdict = fleet.unwrap_or_else(|| {
+            limiter
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+        });
+        verdict.map_err(|wait| ApiError::RateLimited {
+            retry_after_secs: whole_seconds(wait),
         })
     }
 }
@@ -117,14 +130,17 @@ fn domain_admits(allowed: &str, domain: &str) -> bool {
 }
 
 /// The configured callers.
-#[derive(Debug)]
 pub struct Callers {
     clients: Vec<(Caller, [u8; 32])>,
     anonymous: Option<Caller>,
 }
 
 impl Callers {
-    pub fn new(clients: &[ClientSettings], allow_anonymous: bool) -> Self {
+    pub fn new(
+        clients: &[ClientSettings],
+        allow_anonymous: bool,
+        shared: Option<SharedCache>,
+    ) -> Self {
         let clients = clients
             .iter()
             .filter_map(|c| {
@@ -138,7 +154,10 @@ impl Callers {
                             .map(|d| d.trim_start_matches('.').to_lowercase())
                             .collect()
                     }),
-                    limiter: c.rate_limit_per_minute.map(per_minute),
+                    limit: c
+                        .rate_limit_per_minute
+                        .map(|limit| (limit, per_minute(limit))),
+                    shared: shared.clone(),
                 };
                 Some((Caller(Arc::new(policy)), c.key_digest()?))
             })
@@ -149,7 +168,8 @@ impl Callers {
                 scopes: Scope::ALL.to_vec(),
                 allowed_types: None,
                 allowed_domains: None,
-                limiter: None,
+                limit: None,
+                shared: None,
             }))
         });
         Self { clients, anonymous }
@@ -208,7 +228,7 @@ impl FromRequestParts<AppState> for Caller {
         if let Some(slot) = parts.extensions.get::<CallerSlot>() {
             let _ = slot.0.set(caller.name().clone());
         }
-        caller.admit()?;
+        caller.admit().await?;
         Ok(caller)
     }
 }
@@ -216,7 +236,7 @@ impl FromRequestParts<AppState> for Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::identity::{Email, UserId};
+    use crate::domain::{Email, UserId};
 
     fn client(name: &str, key: &str, scopes: Vec<Scope>) -> ClientSettings {
         ClientSettings::new(name, key_sha256(key), scopes)
@@ -233,6 +253,7 @@ mod tests {
                 restricted,
             ],
             false,
+            None,
         )
     }
 
@@ -276,7 +297,7 @@ mod tests {
 
     #[test]
     fn anonymous_has_every_scope_but_a_presented_key_is_still_checked() {
-        let c = Callers::new(&[], true);
+        let c = Callers::new(&[], true, None);
         let anon = c.authenticate(None).unwrap();
         assert_eq!(&**anon.name(), ANONYMOUS);
         let customer = Identity::Customer(UserId::parse("c1").unwrap());
@@ -318,15 +339,15 @@ mod tests {
         assert!(scope.to_string().contains("customer_tokens:read"));
     }
 
-    #[test]
-    fn the_rate_limit_refuses_beyond_the_burst_with_a_wait() {
+    #[tokio::test]
+    async fn the_rate_limit_refuses_beyond_the_burst_with_a_wait() {
         let mut limited = client("limited", "limited-key", vec![Scope::TokensRead]);
         limited.rate_limit_per_minute = NonZeroU32::new(2);
-        let c = Callers::new(&[limited], false);
+        let c = Callers::new(&[limited], false, None);
         let caller = c.authenticate(Some(b"Bearer limited-key")).unwrap();
-        assert!(caller.admit().is_ok());
-        assert!(caller.admit().is_ok());
-        let Err(ApiError::RateLimited { retry_after_secs }) = caller.admit() else {
+        assert!(caller.admit().await.is_ok());
+        assert!(caller.admit().await.is_ok());
+        let Err(ApiError::RateLimited { retry_after_secs }) = caller.admit().await else {
             panic!("third request in a minute should be limited");
         };
         assert!((1..=30).contains(&retry_after_secs), "{retry_after_secs}");

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::broker::BrokerError;
-use crate::broker::identity::InvalidInput;
+use crate::domain::InvalidInput;
 use crate::upstream::UpstreamError;
 
 /// Seconds a caller is told to wait after the vendor was unavailable.

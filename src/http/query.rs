@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 use percent_encoding::percent_decode_str;
 
-use crate::broker::identity::{Email, Identity, InvalidInput, UserId, UserType};
+use crate::domain::{Email, Identity, InvalidInput, UserId, UserType};
 use crate::http::error::ApiError;
 
 /// Names the customer-id parameter: `user_id` on `/v1`, `userId` on the drop-in route.

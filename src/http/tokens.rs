@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::broker::Issued;
-use crate::broker::identity::Identity;
+use crate::domain::Identity;
 use crate::http::AppState;
 use crate::http::auth::{Action, Caller};
 use crate::http::error::{ApiError, Problem};

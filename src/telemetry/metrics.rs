@@ -49,6 +49,12 @@ pub struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub op: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClientLabels {
     pub client: Arc<str>,
     pub result: &'static str,
@@ -95,6 +101,8 @@ pub struct Metrics {
     pub client_requests: Family<ClientLabels, Counter>,
     pub partner_key_reloads: Family<ResultLabels, Counter>,
     pub connections_shed: Family<ListenerLabels, Counter>,
+    pub shared_cache_up: Gauge,
+    pub shared_cache_operations: Family<OperationLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -104,7 +112,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The metrics of a replica without a shared cache.
     pub fn new() -> Self {
+        Self::build(false)
+    }
+
+    /// All metrics; the `shared_cache_*` series only when Redis is configured,
+    /// so a replica without it never looks like one whose Redis is down.
+    pub fn build(shared_cache: bool) -> Self {
         let mut root = Registry::default();
         root.register_collector(Box::new(ProcessCollector));
         let registry = root.sub_registry_with_prefix("token_broker");
@@ -177,6 +192,25 @@ impl Metrics {
             "Connections refused with 503 because server.max_connections were open",
             connections_shed.clone(),
         );
+        let shared_cache_up = Gauge::default();
+        let shared_cache_operations = Family::<OperationLabels, Counter>::default();
+        if shared_cache {
+            registry.register(
+                "shared_cache_up",
+                "1 while the shared cache (Redis) answers, else 0",
+                shared_cache_up.clone(),
+            );
+            registry.register(
+                "shared_cache_operations",
+                "Calls to the shared cache (Redis) by operation and result",
+                shared_cache_operations.clone(),
+            );
+            for op in crate::shared::OPERATIONS {
+                for result in crate::shared::RESULTS {
+                    let _ = shared_cache_operations.get_or_create(&OperationLabels { op, result });
+                }
+            }
+        }
         for result in ["changed", "unchanged", "failed"] {
             let _ = partner_key_reloads.get_or_create(&ResultLabels { result });
         }
@@ -206,7 +240,15 @@ impl Metrics {
             client_requests,
             partner_key_reloads,
             connections_shed,
+            shared_cache_up,
+            shared_cache_operations,
         }
+    }
+
+    pub fn shared_cache_operation(&self, op: &'static str, result: &'static str) {
+        self.shared_cache_operations
+            .get_or_create(&OperationLabels { op, result })
+            .inc();
     }
 
     /// Starts the per-caller series at zero for each configured caller.

@@ -237,7 +237,7 @@ impl Drop for Ticket<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::Token;
+    use crate::domain::Token;
     use futures::future::join_all;
     use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -2,8 +2,8 @@
 
 use std::net::SocketAddr;
 
-use token_broker::broker::identity::UserType;
 use token_broker::config::{Settings, Sources};
+use token_broker::domain::UserType;
 use token_broker::http::auth::key_sha256;
 use token_broker::simulator::Simulator;
 use token_broker::startup::Application;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::helpers::*;
-use token_broker::broker::identity::UserType;
+use token_broker::domain::UserType;
 use token_broker::http::auth::key_sha256;
 
 const RESTRICTED_KEY: &str = "restricted-key-0123456789";

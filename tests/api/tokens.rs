@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::helpers::*;
-use token_broker::broker::identity::UserType;
+use token_broker::domain::UserType;
 
 #[tokio::test]
 async fn a_team_member_token_is_returned_with_cache_headers() {

@@ -1,8 +1,12 @@
-//! Domain values that name a token: `Email`, `UserType`, `UserId` and the
-//! `Identity` they form. Each has a `parse` constructor that is the only way
-//! in, so once a value exists it is valid everywhere.
+//! Domain values: what names a token (`Email`, `UserType`, `UserId` and the
+//! `Identity` they form) and the `Token` itself. This module imports nothing
+//! of the crate, so every layer can depend on it. Each value that comes from
+//! a caller has a `parse` constructor that is the only way in, so once a value
+//! exists it is valid everywhere.
 
 use std::fmt;
+
+use secrecy::{ExposeSecret, SecretString};
 
 /// Why a caller-supplied value was refused; `parameter` names the query parameter.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -163,6 +167,27 @@ impl Identity {
             Identity::TeamMember { .. } => "team_member",
             Identity::Customer(_) => "customer",
         }
+    }
+}
+
+/// A permanent token. Redacted in `Debug`, zeroised on drop; exposed only
+/// where a response body is written.
+#[derive(Clone)]
+pub struct Token(SecretString);
+
+impl Token {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(SecretString::from(value.into()))
+    }
+
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token([REDACTED])")
     }
 }
 
