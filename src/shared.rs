@@ -144,13 +144,17 @@ impl Health {
         if self.up.load(Ordering::Acquire) {
             return true;
         }
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let now = self.now();
         let last = self.last_probe.load(Ordering::Acquire);
         now.saturating_sub(last) >= PROBE_INTERVAL.as_millis() as u64
             && self
                 .last_probe
                 .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
+    }
+
+    fn now(&self) -> u64 {
+        millis(self.epoch.elapsed())
     }
 }
 
@@ -221,16 +225,18 @@ impl SharedCache {
             .set_max_delay(Duration::from_secs(1));
         let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| invalid(format!("cannot be used ({:?})", e.kind())))?;
+        metrics.shared_cache_up.set(1);
         Ok(Some(Self(Arc::new(Inner {
             client,
             connection,
             timeout: settings.redis_timeout,
             lock_ttl: fetch_bound + Duration::from_secs(1),
             sealer,
+            // Taken as reachable until a call or the subscription fails.
             health: Health {
-                up: AtomicBool::new(false),
+                up: AtomicBool::new(true),
                 last_probe: AtomicU64::new(0),
-                epoch: Instant::now() - PROBE_INTERVAL,
+                epoch: Instant::now(),
             },
             metrics,
             claim: Script::new(CLAIM),
@@ -448,7 +454,7 @@ impl SharedCache {
             }
             Ok(Err(error)) => {
                 tracing::debug!(op, kind = ?error.kind(), "shared cache call failed");
-                self.record(op, "error");
+                self.record(op, if error.is_timeout() { "timeout" } else { "error" });
                 None
             }
             Err(_) => {
@@ -458,21 +464,29 @@ impl SharedCache {
         }
     }
 
-    /// Counts an operation and logs a change of reachability, once.
+    /// Counts an operation; a command's result (or a lost subscription)
+    /// also sets reachability, and a change of it is logged once.
     fn record(&self, op: &'static str, result: &'static str) {
         self.0.metrics.shared_cache_operation(op, result);
         let up = result == "ok";
-        if self.0.health.up.swap(up, Ordering::AcqRel) != up {
-            self.0.metrics.shared_cache_up.set(i64::from(up));
-            if up {
-                tracing::info!("shared cache reachable; sharing tokens with the other replicas");
-            } else {
-                tracing::warn!(
-                    op,
-                    result,
-                    "shared cache unreachable; serving from memory and the vendor, rate limits per replica"
-                );
-            }
+        if up && op == "subscribe" {
+            // Only a command proves the connection that commands use.
+            return;
+        }
+        let health = &self.0.health;
+        if health.up.swap(up, Ordering::AcqRel) == up {
+            return;
+        }
+        self.0.metrics.shared_cache_up.set(i64::from(up));
+        if up {
+            tracing::info!("shared cache reachable; sharing tokens with the other replicas");
+        } else {
+            health.last_probe.store(health.now(), Ordering::Release);
+            tracing::warn!(
+                op,
+                result,
+                "shared cache unreachable; serving from memory and the vendor, rate limits per replica"
+            );
         }
     }
 

@@ -63,6 +63,8 @@ scopes = ["tokens:invalidate"]
 pub struct TestAppBuilder {
     sections: Vec<String>,
     simulator: Simulator,
+    /// A simulator already serving here, shared with other brokers.
+    upstream: Option<SocketAddr>,
     partner_key_file: Option<std::path::PathBuf>,
 }
 
@@ -79,12 +81,22 @@ impl TestAppBuilder {
         self
     }
 
+    /// In front of `simulator`, already serving at `addr` (several brokers, one vendor).
+    pub fn upstream(mut self, simulator: &Simulator, addr: SocketAddr) -> Self {
+        self.simulator = simulator.clone();
+        self.upstream = Some(addr);
+        self
+    }
+
     pub async fn spawn(self) -> TestApp {
-        let upstream = self
-            .simulator
-            .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .expect("simulator binds");
+        let upstream = match self.upstream {
+            Some(addr) => addr,
+            None => self
+                .simulator
+                .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .expect("simulator binds"),
+        };
         let key = match &self.partner_key_file {
             Some(path) => format!("partner_key_file = {:?}", path.display().to_string()),
             None => format!("partner_key = \"{PARTNER_KEY}\""),
@@ -141,6 +153,7 @@ impl TestApp {
         TestAppBuilder {
             sections: Vec::new(),
             simulator: simulator(),
+            upstream: None,
             partner_key_file: None,
         }
     }

@@ -3,6 +3,7 @@
 
 mod admin;
 mod auth;
+mod fleet;
 mod helpers;
 mod hostile;
 mod image;

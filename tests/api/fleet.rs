@@ -1,0 +1,600 @@
+//! Several replicas sharing one Redis (SPEC §9), against a real
+//! `redis-server` each test starts on a free port. Skipped, loudly, only
+//! where the binary is absent; `.ci/run` installs it.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::future::join_all;
+use token_broker::domain::UserType;
+use token_broker::simulator::Simulator;
+use tokio::time::Instant;
+
+use crate::helpers::*;
+use crate::process::{Running, command, config_file};
+
+/// A `redis-server` of this test's own, on 127.0.0.1 and a free port.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts one; `None` (after saying why) when `redis-server` is not installed.
+    pub async fn start() -> Option<Self> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
+            eprintln!(
+                "\n!!! SKIPPED: redis-server is not installed; the shared-cache tests did not run. \
+                 Install it (apt-get install redis-server) or run .ci/run, which does. !!!\n"
+            );
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self {
+            child: None,
+            port,
+            _dir: tempfile::tempdir().unwrap(),
+        };
+        server.run().await;
+        Some(server)
+    }
+
+    async fn run(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self._dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.connection().await.is_none() {
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A plain connection, to look at what the brokers stored.
+    pub async fn connection(&self) -> Option<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut connection = client.get_multiplexed_async_connection().await.ok()?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut connection)
+            .await
+            .ok()?;
+        Some(connection)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again, empty, on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.run().await;
+    }
+
+    /// SIGSTOP: connections stay open but nothing is answered.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([signal, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.resume_quietly();
+        self.kill();
+    }
+}
+
+impl RedisServer {
+    fn resume_quietly(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+    }
+}
+
+/// Replicas in front of one simulator, sharing one Redis.
+struct Fleet {
+    redis: RedisServer,
+    sim: Simulator,
+    upstream: SocketAddr,
+    replicas: Vec<TestApp>,
+    key_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+const ENCRYPTION_KEY: &str = "8d2b6b1f0c3e4a5d9e7f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f";
+
+impl Fleet {
+    /// `replicas` brokers with `extra` TOML; `None` when Redis is not installed.
+    async fn start(replicas: usize, extra: &str) -> Option<Fleet> {
+        let redis = RedisServer::start().await?;
+        let sim = simulator();
+        let upstream = sim
+            .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("cache-key");
+        std::fs::write(&key_file, format!("{ENCRYPTION_KEY}\n")).unwrap();
+        let mut fleet = Fleet {
+            redis,
+            sim,
+            upstream,
+            replicas: Vec::new(),
+            key_file,
+            _dir: dir,
+        };
+        for _ in 0..replicas {
+            let replica = fleet.replica(extra).await;
+            fleet.replicas.push(replica);
+        }
+        Some(fleet)
+    }
+
+    fn cache_toml(&self) -> String {
+        format!(
+            "[cache]\nredis_url = \"{}\"\nencryption_key_file = {:?}\n",
+            self.redis.url(),
+            self.key_file.display().to_string()
+        )
+    }
+
+    async fn replica(&self, extra: &str) -> TestApp {
+        TestApp::builder()
+            .upstream(&self.sim, self.upstream)
+            .config(&self.cache_toml())
+            .config(extra)
+            .spawn()
+            .await
+    }
+
+    /// Waits until every replica's invalidation subscription is live.
+    async fn subscribed(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for replica in &self.replicas {
+            while replica
+                .metric("token_broker_shared_cache_operations_total{op=\"subscribe\",result=\"ok\"}")
+                .await
+                < 1.0
+            {
+                assert!(Instant::now() < deadline, "a replica never subscribed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn token_of(response: reqwest::Response) -> (String, String) {
+    assert_eq!(response.status(), 200);
+    let cache = response.headers()["x-cache"].to_str().unwrap().to_owned();
+    let body: serde_json::Value = response.json().await.unwrap();
+    (body["token"].as_str().unwrap().to_owned(), cache)
+}
+
+fn alice() -> String {
+    member_query(ALICE, "AGENT")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_fetched_through_one_replica_is_served_by_another_without_a_vendor_call() {
+    let Some(fleet) = Fleet::start(2, "").await else {
+        return;
+    };
+    let (a, b) = (&fleet.replicas[0], &fleet.replicas[1]);
+    assert_eq!(
+        token_of(a.get_token(&alice()).await).await,
+        (ALICE_AGENT_TOKEN.into(), "miss".into())
+    );
+    assert_eq!(
+        token_of(b.get_token(&alice()).await).await,
+        (ALICE_AGENT_TOKEN.into(), "hit".into()),
+        "from the shared cache"
+    );
+    let customer = format!("user_id={CUSTOMER_ID}");
+    token_of(b.get_token(&customer).await).await;
+    assert_eq!(token_of(a.get_token(&customer).await).await.1, "hit");
+    assert_eq!(fleet.sim.calls(), 2, "one vendor call per key for the fleet");
+    assert_eq!(b.metric("token_broker_shared_cache_up").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_cold_requests_over_three_replicas_make_one_vendor_call() {
+    let Some(fleet) = Fleet::start(3, "[upstream]\ntimeout = \"5s\"\n").await else {
+        return;
+    };
+    fleet.sim.set_latency(Duration::from_millis(500));
+    let answers = join_all((0..200).map(|i| {
+        let replica = &fleet.replicas[i % 3];
+        async move { token_of(replica.get_token(&alice()).await).await.0 }
+    }))
+    .await;
+    assert!(answers.iter().all(|t| t == ALICE_AGENT_TOKEN), "{answers:?}");
+    assert_eq!(fleet.sim.calls(), 1, "exactly one vendor call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_on_one_replica_makes_every_replica_fetch_anew_within_a_second() {
+    let Some(fleet) = Fleet::start(3, "").await else {
+        return;
+    };
+    fleet.subscribed().await;
+    for replica in &fleet.replicas {
+        assert_eq!(
+            token_of(replica.get_token(&alice()).await).await.0,
+            ALICE_AGENT_TOKEN
+        );
+    }
+    fleet
+        .sim
+        .add_team_member(ALICE, UserType::Agent, "tok-alice-rotated");
+    let deleted = fleet.replicas[0]
+        .delete_token_as(Some(INVALIDATOR_KEY), &alice())
+        .await;
+    assert_eq!(deleted.status(), 204);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    for replica in &fleet.replicas[1..] {
+        loop {
+            let (token, _) = token_of(replica.get_token(&alice()).await).await;
+            if token == "tok-alice-rotated" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a replica still serves the revoked token a second after DELETE"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(
+        token_of(fleet.replicas[0].get_token(&alice()).await)
+            .await
+            .0,
+        "tok-alice-rotated"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_during_a_slow_fetch_leaves_no_old_token_in_any_cache() {
+    let Some(fleet) = Fleet::start(2, "[upstream]\ntimeout = \"5s\"\n").await else {
+        return;
+    };
+    fleet.subscribed().await;
+    let (a, b) = (&fleet.replicas[0], &fleet.replicas[1]);
+    fleet.sim.set_latency(Duration::from_millis(800));
+    let query = alice();
+    let in_flight = a.get_token(&query);
+    let delete = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.delete_token_as(Some(INVALIDATOR_KEY), &alice()).await
+    };
+    let (fetched, deleted) = tokio::join!(in_flight, delete);
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(token_of(fetched).await.0, ALICE_AGENT_TOKEN);
+
+    fleet.sim.set_latency(Duration::ZERO);
+    fleet
+        .sim
+        .add_team_member(ALICE, UserType::Agent, "tok-alice-after-delete");
+    for replica in [a, b] {
+        assert_eq!(
+            token_of(replica.get_token(&alice()).await).await.0,
+            "tok-alice-after-delete",
+            "the answer of the fetch begun before DELETE was cached somewhere"
+        );
+    }
+    assert_eq!(fleet.sim.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_holds_neither_token_nor_email_and_a_moved_value_does_not_decrypt() {
+    let Some(fleet) = Fleet::start(2, "").await else {
+        return;
+    };
+    let (a, b) = (&fleet.replicas[0], &fleet.replicas[1]);
+    token_of(a.get_token(&alice()).await).await;
+    let custom = member_query(ALICE, "CUSTOM_USER");
+    token_of(a.get_token(&custom).await).await;
+    assert_eq!(fleet.sim.calls(), 2);
+
+    let mut redis = fleet.redis.connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let entries: Vec<&String> = keys.iter().filter(|k| k.contains(":entry:")).collect();
+    assert_eq!(entries.len(), 2, "{keys:?}");
+    for key in &keys {
+        assert!(!key.contains("alice") && !key.contains("example"), "{key}");
+        let kind: String = redis::cmd("TYPE")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if kind == "string" {
+            let value: Vec<u8> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            let text = String::from_utf8_lossy(&value);
+            for secret in [ALICE_AGENT_TOKEN, ALICE_CUSTOM_TOKEN, "alice", "tok-"] {
+                assert!(!text.contains(secret), "{key} holds {secret}");
+            }
+        }
+    }
+    // Swap the two values: each is sealed to its own identity, so neither opens.
+    let first: Vec<u8> = redis::cmd("GET")
+        .arg(entries[0])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let second: Vec<u8> = redis::cmd("GET")
+        .arg(entries[1])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(entries[0])
+        .arg(second)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(entries[1])
+        .arg(first)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(
+        token_of(b.get_token(&alice()).await).await,
+        (ALICE_AGENT_TOKEN.into(), "miss".into()),
+        "a value moved to another key is not served; the vendor is asked"
+    );
+    assert_eq!(
+        token_of(b.get_token(&custom).await).await,
+        (ALICE_CUSTOM_TOKEN.into(), "miss".into())
+    );
+    assert_eq!(fleet.sim.calls(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_holds_for_the_whole_fleet() {
+    let limited = format!(
+        "[[clients]]\nname = \"limited\"\nkey_sha256 = \"{}\"\nscopes = [\"tokens:read\"]\nrate_limit_per_minute = 5\n",
+        token_broker::http::auth::key_sha256(READER_KEY)
+    );
+    let Some(fleet) = Fleet::start(2, &limited).await else {
+        return;
+    };
+    let mut admitted = 0;
+    let mut limited_answers = 0;
+    for i in 0..10 {
+        let replica = &fleet.replicas[i % 2];
+        match replica.get_token(&alice()).await.status().as_u16() {
+            200 => admitted += 1,
+            429 => limited_answers += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        (admitted, limited_answers),
+        (5, 5),
+        "two replicas together admit rate_limit_per_minute, not twice it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_costs_a_request_at_most_the_redis_timeout() {
+    let Some(fleet) = Fleet::start(1, "[cache]\nredis_timeout = \"300ms\"\n").await else {
+        return;
+    };
+    let replica = &fleet.replicas[0];
+    token_of(replica.get_token(&alice()).await).await;
+    fleet.redis.pause();
+    let started = Instant::now();
+    let customer = format!("user_id={CUSTOMER_ID}");
+    let (token, cache) = token_of(replica.get_token(&customer).await).await;
+    assert_eq!((token.as_str(), cache.as_str()), (CUSTOMER_TOKEN, "miss"));
+    // One Redis call times out; the rest of the request skips Redis. Generous
+    // slack for a loaded machine, but far below a hang.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        token_of(replica.get_token(&alice()).await).await.1,
+        "hit",
+        "cached keys are served from memory"
+    );
+    assert_eq!(replica.metric("token_broker_shared_cache_up").await, 0.0);
+    assert!(
+        replica
+            .metric("token_broker_shared_cache_operations_total{op=\"get\",result=\"timeout\"}")
+            .await
+            >= 1.0
+    );
+    fleet.redis.resume();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_holder_that_died_blocks_the_key_no_longer_than_the_lock_expiry() {
+    let Some(fleet) = Fleet::start(1, "[upstream]\ntimeout = \"3s\"\n").await else {
+        return;
+    };
+    let replica = &fleet.replicas[0];
+    // A replica took the lock for alice and died: its lock expires in 1.5 s.
+    token_of(replica.get_token(&format!("user_id={CUSTOMER_ID}")).await).await;
+    let mut redis = fleet.redis.connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*:entry:*")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let lock = keys[0].replace(":entry:", ":lock:");
+    // The lock of the customer key, held by a dead replica.
+    let _: () = redis::cmd("SET")
+        .arg(&lock)
+        .arg("dead-replica")
+        .arg("PX")
+        .arg(1500)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let other = fleet.replica("").await;
+    let (token, cache) = token_of(
+        other
+            .get_token(&format!("user_id={CUSTOMER_ID}"))
+            .await,
+    )
+    .await;
+    assert_eq!((token.as_str(), cache.as_str()), (CUSTOMER_TOKEN, "miss"));
+    assert_eq!(fleet.sim.calls(), 2, "fetched once the dead holder's lock expired");
+    let held: Option<String> = redis::cmd("GET")
+        .arg(&lock)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(held, None, "the new holder released its lock");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_killed_replicas_keep_answering_say_so_once_and_share_again_after_restart() {
+    let Some(mut fleet) = Fleet::start(0, "").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(
+        &dir,
+        fleet.upstream,
+        &format!(
+            "{}redis_timeout = \"200ms\"\n",
+            fleet.cache_toml()
+        ),
+    );
+    let start = |config: PathBuf| async move {
+        let mut cmd = command();
+        cmd.arg("serve").arg("--config").arg(config);
+        Running::start(cmd).await
+    };
+    let mut a = start(config.clone()).await;
+    let mut b = start(config).await;
+    let http = reqwest::Client::new();
+    let get = |replica: &Running, query: String| {
+        http.get(format!("http://{}/v1/tokens?{query}", replica.api))
+            .bearer_auth(READER_KEY)
+            .send()
+    };
+    let metric = |replica: &Running, name: &'static str| {
+        let http = http.clone();
+        let url = format!("http://{}/metrics", replica.admin);
+        async move {
+            let text = http.get(url).send().await.unwrap().text().await.unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+                .unwrap()
+        }
+    };
+    token_of(get(&a, alice()).await.unwrap()).await;
+    assert_eq!(token_of(get(&b, alice()).await.unwrap()).await.1, "hit");
+
+    fleet.redis.kill();
+    for round in 0..5 {
+        for replica in [&a, &b] {
+            let started = Instant::now();
+            assert_eq!(token_of(get(replica, alice()).await.unwrap()).await.1, "hit");
+            let customer = format!("user_id=cust-{round}");
+            fleet.sim.add_customer(&format!("cust-{round}"), "tok-cust");
+            let response = get(replica, customer).await.unwrap();
+            assert_eq!(response.status(), 200, "new keys come from the vendor");
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "within upstream.timeout (1s) and a Redis timeout"
+            );
+        }
+    }
+    for replica in [&a, &b] {
+        assert_eq!(metric(replica, "token_broker_shared_cache_up").await, 0.0);
+        let said = replica
+            .output()
+            .lines()
+            .filter(|l| l.contains("shared cache unreachable"))
+            .count();
+        assert_eq!(said, 1, "one log line per transition, not per request");
+    }
+
+    fleet.redis.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for replica in [&a, &b] {
+        // Requests probe Redis (at most once a second while it is down).
+        let mut probe = 0;
+        while metric(replica, "token_broker_shared_cache_up").await < 1.0 {
+            assert!(Instant::now() < deadline, "sharing did not resume");
+            probe += 1;
+            let _ = get(replica, format!("user_id=probe-{probe}")).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let calls = fleet.sim.calls();
+    fleet.sim.add_customer("after-restart", "tok-after-restart");
+    token_of(get(&a, "user_id=after-restart".into()).await.unwrap()).await;
+    assert_eq!(
+        token_of(get(&b, "user_id=after-restart".into()).await.unwrap())
+            .await
+            .1,
+        "hit",
+        "shared again, without restarting the brokers"
+    );
+    assert_eq!(fleet.sim.calls() - calls, 1);
+    a.stop().await;
+    b.stop().await;
+}
