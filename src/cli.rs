@@ -117,6 +117,13 @@ async fn run_service(
             "auth.allow_anonymous is on: requests without a key get every scope; for local development only"
         );
     }
+    if settings.upstream.base_url.scheme() == "http"
+        && !crate::config::is_loopback(&settings.upstream.base_url)
+    {
+        tracing::warn!(
+            "upstream.allow_insecure_http is on: the partner key is sent without TLS; never use it with the real vendor"
+        );
+    }
     let app = Application::build(settings).await.map_err(|e| match e {
         StartupError::Config(e) => Failure::Config(e),
         other => Failure::Other(other.to_string()),

@@ -99,6 +99,9 @@ pub struct ServerSettings {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSettings {
     pub base_url: Url,
+    /// Allows an `http://` base URL off loopback (an in-cluster simulator).
+    #[serde(default)]
+    pub allow_insecure_http: bool,
     #[serde(default, serialize_with = "redacted")]
     pub partner_key: Option<SecretString>,
     #[serde(default)]
@@ -355,6 +358,15 @@ impl Settings {
                 "must be an http:// or https:// URL",
             ));
         }
+        if self.upstream.base_url.scheme() == "http"
+            && !self.upstream.allow_insecure_http
+            && !is_loopback(&self.upstream.base_url)
+        {
+            return Err(ConfigError::invalid(
+                "upstream.base_url",
+                "must be https:// (http:// only for a loopback host, or with upstream.allow_insecure_http = true)",
+            ));
+        }
         if self.upstream.base_url.cannot_be_a_base() || self.upstream.base_url.query().is_some() {
             return Err(ConfigError::invalid(
                 "upstream.base_url",
@@ -522,6 +534,16 @@ fn valid_domain(domain: &str) -> bool {
             .any(|c| c == '@' || c.is_whitespace() || c.is_control())
 }
 
+/// `localhost` or a loopback address.
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
 fn positive(key: &str, value: Duration) -> Result<(), ConfigError> {
     if value.is_zero() {
         return Err(ConfigError::invalid(key, "must be greater than zero"));
@@ -650,6 +672,49 @@ mod tests {
         );
         let bad_scope = CLIENT.replace("tokens:read", "tokens:write");
         assert!(error_key(load(&bad_scope, &[])).starts_with("clients[0].scopes"));
+    }
+
+    #[test]
+    fn a_shared_cache_needs_an_encryption_key_and_a_redis_url() {
+        assert_eq!(
+            error_key(load(
+                "[cache]\nredis_url = \"redis://127.0.0.1:6379\"\n",
+                &[]
+            )),
+            "cache.encryption_key_file"
+        );
+        assert_eq!(
+            error_key(load(
+                "[cache]\nredis_url = \"http://127.0.0.1:6379\"\nencryption_key_file = \"/k\"\n",
+                &[]
+            )),
+            "cache.redis_url"
+        );
+        let s = load(
+            "[cache]\nredis_url = \"rediss://:hunter2@redis.example:6380\"\nencryption_key_file = \"/k\"\n",
+            &[],
+        )
+        .unwrap();
+        let shown = s.redacted_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("rediss://:%5BREDACTED%5D@redis.example:6380"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn plain_http_to_the_vendor_needs_loopback_or_an_explicit_allowance() {
+        for loopback in [
+            "http://127.0.0.1:8081",
+            "http://localhost:8081",
+            "http://[::1]:8081",
+        ] {
+            assert!(load(&format!("[upstream]\nbase_url = \"{loopback}\"\n"), &[]).is_ok());
+        }
+        let remote = "[upstream]\nbase_url = \"http://simulator:8081\"\n";
+        assert_eq!(error_key(load(remote, &[])), "upstream.base_url");
+        assert!(load(&format!("{remote}allow_insecure_http = true\n"), &[]).is_ok());
     }
 
     #[test]

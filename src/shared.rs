@@ -454,7 +454,14 @@ impl SharedCache {
             }
             Ok(Err(error)) => {
                 tracing::debug!(op, kind = ?error.kind(), "shared cache call failed");
-                self.record(op, if error.is_timeout() { "timeout" } else { "error" });
+                self.record(
+                    op,
+                    if error.is_timeout() {
+                        "timeout"
+                    } else {
+                        "error"
+                    },
+                );
                 None
             }
             Err(_) => {

@@ -14,6 +14,7 @@ Exits non-zero with one line per failed check. Every server it starts binds
 """
 
 import argparse
+import hashlib
 import os
 import re
 import signal
@@ -50,10 +51,40 @@ def render(overlay):
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
-def one(objects, kind):
-    found = [o for o in objects if o["kind"] == kind]
-    check(len(found) == 1, f"expected one {kind}, found {len(found)}")
+def one(objects, kind, name=None):
+    found = [o for o in objects if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+    check(len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}")
     return found[0] if found else {}
+
+
+def broker(objects):
+    """The broker Deployment, its pod spec, its container and its env as a dict."""
+    deployment = one(objects, "Deployment", "token-broker")
+    pod = deployment.get("spec", {}).get("template", {}).get("spec", {})
+    container = pod.get("containers", [{}])[0]
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    return deployment, pod, container, env
+
+
+CACHE_FILES = {
+    "TOKEN_BROKER__CACHE__ENCRYPTION_KEY_FILE": "encryption-key",
+    "TOKEN_BROKER__CACHE__REDIS_PASSWORD_FILE": "redis-password",
+}
+
+
+def check_shared_cache(pod, container, env, where):
+    """The redis component: cache.* from the environment, secrets as files."""
+    check(env.get("TOKEN_BROKER__CACHE__REDIS_URL", "").startswith(("redis://", "rediss://")),
+          f"{where}: cache.redis_url is set")
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for variable, key in CACHE_FILES.items():
+        path = Path(env.get(variable) or "/missing/file")
+        mount = mounts.get(str(path.parent), {})
+        volume = volumes.get(mount.get("name"), {})
+        check(path.name == key and volume.get("secret", {}).get("secretName") == "token-broker-cache"
+              and mount.get("readOnly") is True,
+              f"{where}: {variable} is the file {key} of the Secret token-broker-cache, mounted read-only")
 
 
 def duration_seconds(text):
@@ -75,11 +106,13 @@ def port_of(container, name_or_number):
 
 
 def check_production(objects):
-    deployment = one(objects, "Deployment")
-    pod = deployment["spec"]["template"]["spec"]
-    container = pod["containers"][0]
+    deployment, pod, container, env = broker(objects)
     config_map = one(objects, "ConfigMap")
     config = tomllib.loads(config_map["data"]["token-broker.toml"])
+    check(not config["upstream"].get("allow_insecure_http", False)
+          and config["upstream"].get("base_url", "https://").startswith("https://"),
+          "production talks to the vendor over https only")
+    check_shared_cache(pod, container, env, "production")
 
     check(deployment["spec"]["replicas"] >= 2, "production runs at least 2 replicas")
     hpa = one(objects, "HorizontalPodAutoscaler")
@@ -166,7 +199,7 @@ def check_production(objects):
     selector = pdb["spec"]["selector"]["matchLabels"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     check(all(labels.get(k) == v for k, v in selector.items()), "the PodDisruptionBudget selects the pods")
-    policy = one(objects, "NetworkPolicy")
+    policy = one(objects, "NetworkPolicy", "token-broker")
     spec = policy["spec"]
     check(set(spec["policyTypes"]) == {"Ingress", "Egress"}, "the NetworkPolicy governs ingress and egress")
     ingress_ports = {port_of(container, p["port"]) for rule in spec["ingress"] for p in rule["ports"]}
@@ -193,9 +226,47 @@ def check_production(objects):
     rules = one(objects, "PrometheusRule")
     alerts = {r["alert"]: r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]}
     for alert in ("TokenBrokerUpstreamErrors", "TokenBrokerCircuitOpen", "TokenBroker5xxRising",
-                  "TokenBrokerLowHitRatio", "TokenBrokerPodsNotReady"):
+                  "TokenBrokerLowHitRatio", "TokenBrokerPodsNotReady", "TokenBrokerSharedCacheDown"):
         check(alert in alerts, f"alert {alert} exists")
-    return config_map["data"]["token-broker.toml"], probes, admin_port, alerts
+    redis_egress = one(objects, "NetworkPolicy", "token-broker-redis")
+    check({p["port"] for r in redis_egress.get("spec", {}).get("egress", []) for p in r["ports"]} == {6379},
+          "the redis component opens egress to Redis on 6379 only")
+    return config_map["data"]["token-broker.toml"], env, probes, admin_port, alerts
+
+
+DEV_CALLER_KEY = "dev-caller-key-not-secret-0123456789abcdef"
+
+
+def check_dev(objects):
+    """A complete environment: two brokers, one Redis pod, the simulator."""
+    deployment, pod, container, env = broker(objects)
+    check(deployment.get("spec", {}).get("replicas") == 2, "dev runs two broker replicas")
+    check_shared_cache(pod, container, env, "dev")
+    redis = one(objects, "Deployment", "token-broker-redis")
+    redis_service = one(objects, "Service", "token-broker-redis")
+    check(env.get("TOKEN_BROKER__CACHE__REDIS_URL") == "redis://token-broker-redis:6379"
+          and redis_service.get("spec", {}).get("ports", [{}])[0].get("port") == 6379,
+          "dev brokers use the dev Redis Service")
+    redis_args = redis.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [{}])[0].get("args", [])
+    check("--requirepass" in redis_args, "the dev Redis requires the password the brokers read")
+    simulator = one(objects, "Deployment", "token-broker-simulator")
+    sim_args = simulator.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [{}])[0].get("args", [])
+    check(sim_args[:1] == ["simulate-upstream"], "the dev vendor is token-broker simulate-upstream")
+    check(one(objects, "Service", "token-broker-simulator").get("spec", {}).get("ports", [{}])[0].get("port") == 8081,
+          "the simulator Service listens on 8081")
+    config = tomllib.loads(one(objects, "ConfigMap")["data"]["token-broker.toml"])
+    check(config["upstream"]["base_url"] == "http://token-broker-simulator:8081"
+          and config["upstream"].get("allow_insecure_http") is True,
+          "dev brokers ask the simulator, over http allowed in dev only")
+    digest = hashlib.sha256(DEV_CALLER_KEY.encode()).hexdigest()
+    check(any(c["key_sha256"] == digest for c in config.get("clients", [])),
+          "the dev caller key the README shows is configured")
+    secrets = {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"}
+    check({"token-broker-partner-key", "token-broker-cache"} <= secrets, "dev generates its placeholder Secrets")
+    egress = {(p["port"]) for o in objects if o["kind"] == "NetworkPolicy"
+              for r in o["spec"].get("egress", []) for p in r["ports"]}
+    check({8081, 6379} <= egress, "dev brokers may reach the simulator and Redis")
+    return one(objects, "ConfigMap")["data"]["token-broker.toml"], env
 
 
 def free_port():
@@ -204,20 +275,38 @@ def free_port():
         return s.getsockname()[1]
 
 
-def check_against_binary(binary, config_text, probes, alerts):
+def environment(tmp, config_text, container_env):
+    """The process environment of the container, its mounted files in `tmp`."""
+    config_file = tmp / "token-broker.toml"
+    config_file.write_text(config_text)
+    (tmp / "partner-key").write_text("check-manifests-partner-key\n")
+    (tmp / "audit-hash-key").write_text("check-manifests-audit-key-0123456789\n")
+    (tmp / "encryption-key").write_text("42" * 32 + "\n")
+    (tmp / "redis-password").write_text("check-manifests-redis-password\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKEN_BROKER", "OTEL_"))}
+    env.update({k: v for k, v in container_env.items() if k.startswith("TOKEN_BROKER__") and v})
+    # Only the mount paths differ from the cluster.
+    env["TOKEN_BROKER__UPSTREAM__PARTNER_KEY_FILE"] = str(tmp / "partner-key")
+    env["TOKEN_BROKER__AUDIT__HASH_KEY_FILE"] = str(tmp / "audit-hash-key")
+    for variable, key in CACHE_FILES.items():
+        if variable in env:
+            env[variable] = str(tmp / key)
+    return config_file, env
+
+
+def check_config_accepts(binary, overlay, config_text, container_env):
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        config_file = tmp / "token-broker.toml"
-        config_file.write_text(config_text)
-        (tmp / "partner-key").write_text("check-manifests-partner-key\n")
-        (tmp / "audit-hash-key").write_text("check-manifests-audit-key-0123456789\n")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKEN_BROKER", "OTEL_"))}
-        # Only the mount paths differ from the cluster.
-        env["TOKEN_BROKER__UPSTREAM__PARTNER_KEY_FILE"] = str(tmp / "partner-key")
-        env["TOKEN_BROKER__AUDIT__HASH_KEY_FILE"] = str(tmp / "audit-hash-key")
+        config_file, env = environment(Path(tmp), config_text, container_env)
         result = subprocess.run([binary, "check-config", "--config", str(config_file)],
                                 env=env, capture_output=True, text=True, timeout=30)
-        check(result.returncode == 0, f"check-config accepts the ConfigMap: {result.stderr.strip()}")
+        check(result.returncode == 0, f"check-config accepts the {overlay} configuration: {result.stderr.strip()}")
+        for secret in ("check-manifests-redis-password", "42" * 32):
+            check(secret not in result.stdout + result.stderr, f"check-config of {overlay} prints no secret")
+
+
+def check_against_binary(binary, config_text, container_env, probes, alerts):
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file, env = environment(Path(tmp), config_text, container_env)
 
         admin = free_port()
         env["TOKEN_BROKER__SERVER__LISTEN"] = f"127.0.0.1:{free_port()}"
@@ -260,11 +349,12 @@ def main():
     parser.add_argument("--binary", required=True, help="the token-broker binary to check against")
     args = parser.parse_args()
     rendered = {overlay: render(overlay) for overlay in OVERLAYS}
-    config_text, probes, _, alerts = check_production(rendered["production"])
-    dev = rendered["dev"]
-    check(any(o["kind"] == "Secret" and o["metadata"]["name"] == "token-broker-partner-key" for o in dev),
-          "the dev overlay generates a placeholder Secret")
-    check_against_binary(args.binary, config_text, probes, alerts)
+    config_text, env, probes, _, alerts = check_production(rendered["production"])
+    dev_config, dev_env = check_dev(rendered["dev"])
+    check_config_accepts(args.binary, "production", config_text, env)
+    check_config_accepts(args.binary, "dev", dev_config, dev_env)
+    # Redis is not reachable here: the broker must start and be ready anyway.
+    check_against_binary(args.binary, config_text, env, probes, alerts)
     for failure in FAILURES:
         print(f"FAIL {failure}")
     checks = "manifest checks"

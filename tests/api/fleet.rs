@@ -77,10 +77,7 @@ impl RedisServer {
     pub async fn connection(&self) -> Option<redis::aio::MultiplexedConnection> {
         let client = redis::Client::open(self.url()).ok()?;
         let mut connection = client.get_multiplexed_async_connection().await.ok()?;
-        let _: String = redis::cmd("PING")
-            .query_async(&mut connection)
-            .await
-            .ok()?;
+        let _: String = redis::cmd("PING").query_async(&mut connection).await.ok()?;
         Some(connection)
     }
 
@@ -196,7 +193,9 @@ impl Fleet {
         let deadline = Instant::now() + Duration::from_secs(10);
         for replica in &self.replicas {
             while replica
-                .metric("token_broker_shared_cache_operations_total{op=\"subscribe\",result=\"ok\"}")
+                .metric(
+                    "token_broker_shared_cache_operations_total{op=\"subscribe\",result=\"ok\"}",
+                )
                 .await
                 < 1.0
             {
@@ -236,7 +235,11 @@ async fn a_token_fetched_through_one_replica_is_served_by_another_without_a_vend
     let customer = format!("user_id={CUSTOMER_ID}");
     token_of(b.get_token(&customer).await).await;
     assert_eq!(token_of(a.get_token(&customer).await).await.1, "hit");
-    assert_eq!(fleet.sim.calls(), 2, "one vendor call per key for the fleet");
+    assert_eq!(
+        fleet.sim.calls(),
+        2,
+        "one vendor call per key for the fleet"
+    );
     assert_eq!(b.metric("token_broker_shared_cache_up").await, 1.0);
 }
 
@@ -251,7 +254,10 @@ async fn two_hundred_cold_requests_over_three_replicas_make_one_vendor_call() {
         async move { token_of(replica.get_token(&alice()).await).await.0 }
     }))
     .await;
-    assert!(answers.iter().all(|t| t == ALICE_AGENT_TOKEN), "{answers:?}");
+    assert!(
+        answers.iter().all(|t| t == ALICE_AGENT_TOKEN),
+        "{answers:?}"
+    );
     assert_eq!(fleet.sim.calls(), 1, "exactly one vendor call");
 }
 
@@ -491,14 +497,13 @@ async fn a_lock_holder_that_died_blocks_the_key_no_longer_than_the_lock_expiry()
         .await
         .unwrap();
     let other = fleet.replica("").await;
-    let (token, cache) = token_of(
-        other
-            .get_token(&format!("user_id={CUSTOMER_ID}"))
-            .await,
-    )
-    .await;
+    let (token, cache) = token_of(other.get_token(&format!("user_id={CUSTOMER_ID}")).await).await;
     assert_eq!((token.as_str(), cache.as_str()), (CUSTOMER_TOKEN, "miss"));
-    assert_eq!(fleet.sim.calls(), 2, "fetched once the dead holder's lock expired");
+    assert_eq!(
+        fleet.sim.calls(),
+        2,
+        "fetched once the dead holder's lock expired"
+    );
     let held: Option<String> = redis::cmd("GET")
         .arg(&lock)
         .query_async(&mut redis)
@@ -516,10 +521,7 @@ async fn with_redis_killed_replicas_keep_answering_say_so_once_and_share_again_a
     let config = config_file(
         &dir,
         fleet.upstream,
-        &format!(
-            "{}redis_timeout = \"200ms\"\n",
-            fleet.cache_toml()
-        ),
+        &format!("{}redis_timeout = \"200ms\"\n", fleet.cache_toml()),
     );
     let start = |config: PathBuf| async move {
         let mut cmd = command();
@@ -551,7 +553,10 @@ async fn with_redis_killed_replicas_keep_answering_say_so_once_and_share_again_a
     for round in 0..5 {
         for replica in [&a, &b] {
             let started = Instant::now();
-            assert_eq!(token_of(get(replica, alice()).await.unwrap()).await.1, "hit");
+            assert_eq!(
+                token_of(get(replica, alice()).await.unwrap()).await.1,
+                "hit"
+            );
             let customer = format!("user_id=cust-{round}");
             fleet.sim.add_customer(&format!("cust-{round}"), "tok-cust");
             let response = get(replica, customer).await.unwrap();

@@ -247,7 +247,17 @@ async fn the_dashboard_queries_only_metrics_the_service_exports() {
     );
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let app = TestApp::spawn().await;
+    // With a shared cache configured (unreachable is fine), so its series exist too.
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("cache-key");
+    std::fs::write(&key_file, "11".repeat(32)).unwrap();
+    let app = TestApp::builder()
+        .config(&format!(
+            "[cache]\nredis_url = \"redis://127.0.0.1:1\"\nencryption_key_file = {:?}\n",
+            key_file.display().to_string()
+        ))
+        .spawn()
+        .await;
     let (_, text) = app.admin_get("/metrics").await;
     let exported = sample_names(&text);
 
@@ -270,6 +280,8 @@ async fn the_dashboard_queries_only_metrics_the_service_exports() {
         "token_broker_upstream_request_duration_seconds_bucket",
         "token_broker_upstream_circuit_open",
         "token_broker_client_requests_total",
+        "token_broker_shared_cache_up",
+        "token_broker_shared_cache_operations_total",
     ] {
         assert!(
             used.contains(needed),

@@ -3,6 +3,8 @@
 use std::sync::Arc;
 
 use crate::helpers::*;
+use std::time::Duration;
+
 use token_broker::domain::UserType;
 
 #[tokio::test]
@@ -240,6 +242,33 @@ async fn delete_makes_the_next_read_go_upstream() {
 
     assert_eq!(deleted.status(), 204);
     assert_eq!(after.headers()["x-cache"], "miss");
+    assert_eq!(app.sim.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_during_a_slow_fetch_keeps_its_answer_out_of_the_cache() {
+    let app = TestApp::spawn().await;
+    let query = member_query(ALICE, "AGENT");
+    app.sim.set_latency(Duration::from_millis(600));
+    let delete = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        app.delete_token_as(Some(INVALIDATOR_KEY), &query).await
+    };
+    let (fetched, deleted) = tokio::join!(app.get_token(&query), delete);
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(
+        fetched.status(),
+        200,
+        "the caller already waiting still gets its answer"
+    );
+
+    app.sim.set_latency(Duration::ZERO);
+    app.sim
+        .add_team_member(ALICE, UserType::Agent, "tok-alice-after-delete");
+    let after = app.get_token(&query).await;
+    assert_eq!(after.headers()["x-cache"], "miss");
+    let body: serde_json::Value = after.json().await.unwrap();
+    assert_eq!(body["token"], "tok-alice-after-delete");
     assert_eq!(app.sim.calls(), 2);
 }
 
