@@ -35,6 +35,7 @@ use std::time::{Duration, SystemTime};
 use moka::Expiry;
 use moka::future::Cache;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::CacheSettings;
@@ -293,6 +294,8 @@ struct Inner {
     revalidate_interval: Duration,
     /// Set while stale answers are served, so the outage is logged once.
     serving_stale: AtomicBool,
+    /// Cancelled at shutdown: background refreshes stop.
+    stop: CancellationToken,
     metrics: Arc<Metrics>,
 }
 
@@ -352,6 +355,7 @@ impl Broker {
             negative_ttl: settings.negative_ttl,
             revalidate_interval: settings.revalidate_min_interval,
             serving_stale: AtomicBool::new(false),
+            stop: CancellationToken::new(),
             metrics,
         }))
     }
@@ -493,14 +497,25 @@ impl Broker {
             max_age: self.0.refresh_after,
             since: None,
         };
+        let stop = self.0.stop.clone();
         tokio::spawn(
             async move {
-                if let Err(error) = broker.fetch_once(&identity, Purpose::Refresh, want).await {
-                    tracing::debug!(%error, "background refresh failed; the entry is served until ttl");
+                tokio::select! {
+                    result = broker.fetch_once(&identity, Purpose::Refresh, want) => {
+                        if let Err(error) = result {
+                            tracing::debug!(%error, "background refresh failed; the entry is served until ttl");
+                        }
+                    }
+                    () = stop.cancelled() => {}
                 }
             }
             .instrument(span),
         );
+    }
+
+    /// Stops background refreshes; for shutdown.
+    pub fn shutdown(&self) {
+        self.0.stop.cancel();
     }
 
     /// Drops the cached token of `identity` here and, with a shared cache, on

@@ -41,7 +41,11 @@ pub enum Command {
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
     /// Read a caller key on stdin and print its `key_sha256` line.
-    HashKey,
+    HashKey {
+        /// Make a new random caller key; print it and its `key_sha256` line.
+        #[arg(long)]
+        generate: bool,
+    },
     /// Run only the simulated BotPenguin upstream.
     SimulateUpstream {
         /// Address to listen on, e.g. 127.0.0.1:8081.
@@ -81,7 +85,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Serve => serve(cli.config).await,
         Command::Demo => demo(cli.config).await,
         Command::CheckConfig => check_config(cli.config),
-        Command::HashKey => hash_key(),
+        Command::HashKey { generate } => hash_key(generate),
         Command::SimulateUpstream {
             listen,
             partner_key,
@@ -135,17 +139,24 @@ async fn run_service(
     Ok(())
 }
 
-/// A core dump would hold the partner key and tokens: never write one.
-fn disable_core_dumps() {
+/// A core dump, or another process of the same user reading this one's
+/// memory (ptrace, /proc/PID/mem), would expose the partner key and tokens:
+/// no core file, and the process is not dumpable.
+pub fn disable_core_dumps() {
     #[cfg(target_os = "linux")]
     {
-        use rustix::process::{Resource, Rlimit, setrlimit};
+        use rustix::process::{
+            DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit,
+        };
         let none = Rlimit {
             current: Some(0),
             maximum: Some(0),
         };
         if let Err(error) = setrlimit(Resource::Core, none) {
             tracing::warn!(%error, "cannot disable core dumps");
+        }
+        if let Err(error) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
+            tracing::warn!(%error, "cannot make the process non-dumpable");
         }
     }
 }
@@ -208,7 +219,17 @@ fn check_config(file: Option<PathBuf>) -> Result<(), Failure> {
     Ok(())
 }
 
-fn hash_key() -> Result<(), Failure> {
+/// Shortest caller key `hash-key` accepts: a key is a secret, not a password.
+const MIN_CALLER_KEY_CHARS: usize = 32;
+
+fn hash_key(generate: bool) -> Result<(), Failure> {
+    if generate {
+        let key = SecretString::from(random_hex(32));
+        let key = secrecy::ExposeSecret::expose_secret(&key);
+        println!("caller key (give it to the caller, store it as a secret): {key}");
+        println!("key_sha256 = \"{}\"", key_sha256(key));
+        return Ok(());
+    }
     let mut input = String::new();
     std::io::stdin()
         .read_to_string(&mut input)
@@ -220,6 +241,11 @@ fn hash_key() -> Result<(), Failure> {
         return Err(other(
             "no key on stdin; try: printf %s \"$KEY\" | token-broker hash-key",
         ));
+    }
+    if key.chars().count() < MIN_CALLER_KEY_CHARS {
+        return Err(other(format!(
+            "a caller key must be at least {MIN_CALLER_KEY_CHARS} characters; `token-broker hash-key --generate` makes one"
+        )));
     }
     println!("key_sha256 = \"{}\"", key_sha256(key));
     Ok(())

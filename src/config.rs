@@ -418,6 +418,20 @@ impl Settings {
                 format!("not a valid tracing filter directive: {e}"),
             ));
         }
+        if self.auth.allow_anonymous {
+            if !self.clients.is_empty() {
+                return Err(ConfigError::invalid(
+                    "auth.allow_anonymous",
+                    "cannot be combined with [[clients]]: anonymous requests would bypass every caller's policy",
+                ));
+            }
+            if !self.server.listen.ip().is_loopback() {
+                return Err(ConfigError::invalid(
+                    "auth.allow_anonymous",
+                    "is for local development only: server.listen must be a loopback address such as 127.0.0.1:8080",
+                ));
+            }
+        }
         let mut names = HashSet::new();
         let mut digests = HashSet::new();
         for (i, client) in self.clients.iter().enumerate() {
@@ -468,7 +482,7 @@ impl Settings {
                 if let Some(bad) = domains.iter().position(|d| !valid_domain(d)) {
                     return Err(ConfigError::invalid(
                         format!("clients[{i}].allowed_email_domains[{bad}]"),
-                        "must be a domain such as example.com (no '@', no spaces, at least one dot)",
+                        "must be a hostname such as example.com (letters, digits, inner hyphens; xn-- form for international names)",
                     ));
                 }
             }
@@ -527,11 +541,7 @@ pub fn read_secret_file(key: &str, path: &Path) -> Result<SecretString, ConfigEr
 }
 
 fn valid_domain(domain: &str) -> bool {
-    domain.contains('.')
-        && !domain.split('.').any(str::is_empty)
-        && !domain
-            .chars()
-            .any(|c| c == '@' || c.is_whitespace() || c.is_control())
+    crate::domain::is_hostname(domain.trim_start_matches('.'))
 }
 
 /// `localhost` or a loopback address.
@@ -718,6 +728,25 @@ mod tests {
     }
 
     #[test]
+    fn anonymous_access_is_refused_with_clients_or_off_loopback() {
+        let anonymous = "[auth]\nallow_anonymous = true\n";
+        assert_eq!(
+            error_key(load(&format!("{anonymous}{CLIENT}"), &[])),
+            "auth.allow_anonymous"
+        );
+        assert_eq!(error_key(load(anonymous, &[])), "auth.allow_anonymous");
+        let loopback = format!("[server]\nlisten = \"127.0.0.1:8080\"\n{anonymous}");
+        assert!(load(&loopback, &[]).is_ok());
+        assert_eq!(
+            error_key(load(
+                &loopback,
+                &[("TOKEN_BROKER__SERVER__LISTEN", "0.0.0.0:8080")]
+            )),
+            "auth.allow_anonymous"
+        );
+    }
+
+    #[test]
     fn serving_needs_a_partner_key_and_a_client() {
         let s = load("", &[]).unwrap();
         assert_eq!(
@@ -727,7 +756,7 @@ mod tests {
         let s = load("[upstream]\npartner_key = \"k\"\n", &[]).unwrap();
         assert_eq!(error_key(s.require_serving().map(|_| s.clone())), "clients");
         let s = load(
-            "[upstream]\npartner_key = \"k\"\n[auth]\nallow_anonymous = true\n",
+            "[server]\nlisten = \"127.0.0.1:8080\"\n[upstream]\npartner_key = \"k\"\n[auth]\nallow_anonymous = true\n",
             &[],
         )
         .unwrap();

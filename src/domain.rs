@@ -85,20 +85,27 @@ impl Email {
         if raw.len() > MAX_EMAIL_BYTES {
             return Err(bad("must be at most 254 bytes"));
         }
-        if raw.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(bad("must not contain whitespace or control characters"));
-        }
-        let mut parts = raw.split('@');
-        let (Some(local), Some(domain), None) = (parts.next(), parts.next(), parts.next()) else {
+        let Some((local, domain)) = raw.split_once('@') else {
             return Err(bad("must contain exactly one '@'"));
         };
-        if local.is_empty() {
-            return Err(bad("must have a non-empty part before '@'"));
+        if domain.contains('@') {
+            return Err(bad("must contain exactly one '@'"));
         }
-        if !domain.contains('.') || domain.split('.').any(str::is_empty) {
-            return Err(bad("must have a domain with a dot, such as example.com"));
+        if !is_dot_atom(local) {
+            return Err(bad(
+                "the part before '@' must be letters, digits and !#$%&'*+/=?^_`{|}~- with single dots between them",
+            ));
         }
-        let address = format!("{local}@{}", domain.to_lowercase());
+        if !is_hostname(domain) {
+            return Err(bad(
+                "the domain must be a hostname such as example.com: two or more labels of letters, digits and inner hyphens, 1 to 63 characters each (xn-- form for international names)",
+            ));
+        }
+        // One pass, one allocation: the domain is ASCII by now.
+        let mut address = String::with_capacity(raw.len());
+        address.push_str(local);
+        address.push('@');
+        address.extend(domain.bytes().map(|b| char::from(b.to_ascii_lowercase())));
         Ok(Self {
             at: local.len(),
             address,
@@ -114,6 +121,38 @@ impl Email {
     pub fn domain(&self) -> &str {
         &self.address[self.at + 1..]
     }
+}
+
+/// RFC 5322 `dot-atom-text`: atoms of `atext` joined by single dots.
+fn is_dot_atom(local: &str) -> bool {
+    const SPECIALS: &[u8] = b"!#$%&'*+/=?^_`{|}~-";
+    !local.is_empty()
+        && local.split('.').all(|atom| {
+            !atom.is_empty()
+                && atom
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || SPECIALS.contains(&b))
+        })
+}
+
+/// A DNS hostname of LDH labels: at least two, 1–63 characters each, no
+/// hyphen at either end of a label, no trailing dot.
+pub fn is_hostname(domain: &str) -> bool {
+    let mut labels = 0;
+    for label in domain.split('.') {
+        let bytes = label.as_bytes();
+        let valid = (1..=63).contains(&bytes.len())
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+            && bytes[0] != b'-'
+            && bytes[bytes.len() - 1] != b'-';
+        if !valid {
+            return false;
+        }
+        labels += 1;
+    }
+    labels >= 2
 }
 
 /// Addresses are personal data: never printed by `Debug`.
@@ -225,6 +264,61 @@ mod tests {
         }
         let longest = format!("{}@example.com", "a".repeat(242));
         assert!(Email::parse(&longest).is_ok());
+    }
+
+    #[test]
+    fn only_dot_atom_local_parts_and_hostname_domains_pass() {
+        let label64 = format!("a@{}.com", "b".repeat(64));
+        let label63 = format!("a@{}.com", "b".repeat(63));
+        for refused in [
+            "ceo@other.com|.corp.com",
+            "ceo@other.com#.corp.com",
+            "ceo@other.com?.corp.com",
+            "ceo@other.com&x=.corp.com",
+            "ceo@other.com/.corp.com",
+            "ceo@other.com;.corp.com",
+            "ceo@other.com,.corp.com",
+            "ceo@other.com\\.corp.com",
+            "ceo@*.corp.com",
+            "ceo@other%2ecom.corp.com",
+            "ceo@exa_mple.com",
+            "\"ceo\"@corp.com",
+            "\"a b\"@corp.com",
+            ".ceo@corp.com",
+            "ceo.@corp.com",
+            "c..eo@corp.com",
+            "ceo@corp.com.",
+            "ceo@-corp.com",
+            "ceo@corp-.com",
+            "ceo@corp..com",
+            "c(e)o@corp.com",
+            "c<e>o@corp.com",
+            "c[e]o@corp.com",
+            "c:o@corp.com",
+            "ceo@corp",
+            "ceo@bücher.example",
+            label64.as_str(),
+        ] {
+            assert!(
+                Email::parse(refused).is_err(),
+                "{refused:?} should be refused"
+            );
+        }
+        for accepted in [
+            "a+b@x.com",
+            "o'neil@x.com",
+            "x@xn--bcher-kva.example",
+            "x@eu.corp.com",
+            "first.last@x.com",
+            "a!#$%&'*+/=?^_`{|}~-z@x.com",
+            "x@a-b.c0m",
+            "x@123.example",
+            label63.as_str(),
+        ] {
+            assert!(Email::parse(accepted).is_ok(), "{accepted:?} should pass");
+        }
+        let err = Email::parse("ceo@other.com|.corp.com").unwrap_err();
+        assert_eq!(err.parameter, "email");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! members and customers, checks the partner key, counts the calls it gets,
 //! and has fault knobs (latency, hangs, malformed bodies, statuses).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -76,8 +76,12 @@ struct SimState {
     calls: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
-    seen: Mutex<Vec<SeenRequest>>,
+    /// The latest `SEEN_REQUESTS` requests: a long-running simulator keeps no more.
+    seen: Mutex<VecDeque<SeenRequest>>,
 }
+
+/// How many requests a simulator remembers for `requests()`.
+pub const SEEN_REQUESTS: usize = 1024;
 
 /// A handle on a simulated vendor; clones share state.
 #[derive(Clone, Default)]
@@ -193,9 +197,9 @@ impl Simulator {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
-    /// Every request received so far, oldest first.
+    /// The requests received so far (the latest `SEEN_REQUESTS`), oldest first.
     pub fn requests(&self) -> Vec<SeenRequest> {
-        lock(&self.state.seen).clone()
+        lock(&self.state.seen).iter().cloned().collect()
     }
 
     pub fn router(&self) -> Router {
@@ -284,13 +288,19 @@ async fn get_user_token(
     };
     let authorization = header_text(header::AUTHORIZATION.as_str());
     let authtype = header_text("authtype");
-    lock(&state.seen).push(SeenRequest {
-        raw_query,
-        params: params.clone(),
-        authorization: authorization.clone(),
-        authtype: authtype.clone(),
-        headers: headers.clone(),
-    });
+    {
+        let mut seen = lock(&state.seen);
+        if seen.len() == SEEN_REQUESTS {
+            seen.pop_front();
+        }
+        seen.push_back(SeenRequest {
+            raw_query,
+            params: params.clone(),
+            authorization: authorization.clone(),
+            authtype: authtype.clone(),
+            headers: headers.clone(),
+        });
+    }
 
     let latency = *read(&state.latency);
     if !latency.is_zero() {

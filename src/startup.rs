@@ -54,6 +54,7 @@ pub struct Application {
     reloaders: Reloaders,
     /// Cancelled when serving ends: stops background tasks.
     stop: CancellationToken,
+    broker: Arc<Broker>,
 }
 
 impl Application {
@@ -108,6 +109,7 @@ impl Application {
             callers,
             metrics: metrics.clone(),
         });
+        let broker_handle = broker.clone();
         let admin_router = admin::router(AdminState {
             readiness: readiness.clone(),
             metrics: metrics.clone(),
@@ -127,6 +129,7 @@ impl Application {
             metrics,
             reloaders,
             stop,
+            broker: broker_handle,
         })
     }
 
@@ -143,6 +146,8 @@ impl Application {
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         let (stop_api, api_stopped) = watch::channel(false);
         let (stop_admin, admin_stopped) = watch::channel(false);
+        let close_api = CancellationToken::new();
+        let close_admin = CancellationToken::new();
         let mut api = tokio::spawn(listener::serve(
             self.api,
             self.api_router,
@@ -150,14 +155,16 @@ impl Application {
             "api",
             self.metrics.clone(),
             api_stopped,
+            close_api.clone(),
         ));
-        let admin = tokio::spawn(listener::serve(
+        let mut admin = tokio::spawn(listener::serve(
             self.admin,
             self.admin_router,
             self.limits,
             "admin",
             self.metrics,
             admin_stopped,
+            close_admin.clone(),
         ));
         self.readiness.set(true);
         tracing::info!("token-broker is ready");
@@ -166,16 +173,23 @@ impl Application {
         self.readiness.set(false);
         tracing::info!(grace = ?self.grace, "shutdown signal received, draining");
         let _ = stop_api.send(true);
-        match tokio::time::timeout(self.grace, &mut api).await {
-            Ok(_) => tracing::info!("all requests finished"),
-            Err(_) => {
-                tracing::warn!("shutdown grace period over, closing remaining connections");
-                api.abort();
-            }
+        if tokio::time::timeout(self.grace, &mut api).await.is_ok() {
+            tracing::info!("all requests finished");
+        } else {
+            tracing::warn!("shutdown grace period over, closing remaining connections");
+            close_api.cancel();
+            let _ = api.await;
         }
-        let _ = stop_admin.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
+        self.broker.shutdown();
         self.stop.cancel();
+        let _ = stop_admin.send(true);
+        if tokio::time::timeout(Duration::from_secs(1), &mut admin)
+            .await
+            .is_err()
+        {
+            close_admin.cancel();
+            let _ = admin.await;
+        }
         drop(self.reloaders);
     }
 }

@@ -12,16 +12,17 @@
 pub mod metrics;
 pub mod process;
 
-use opentelemetry::propagation::TextMapCompositePropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, span_processor_with_async_runtime};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogFormat, LogSettings};
 
@@ -55,10 +56,9 @@ fn env(name: &str) -> Option<String> {
 
 /// Installs logging and tracing for the process. Call once, inside the runtime.
 pub fn init(settings: &LogSettings) -> Telemetry {
-    opentelemetry::global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
-        Box::new(TraceContextPropagator::new()),
-        Box::new(BaggagePropagator::new()),
-    ]));
+    // W3C trace context only: a caller's `baggage` is neither read nor sent
+    // on to the vendor (SPEC §7).
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let endpoint_set = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
         || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
     let mut setup_error = None;
@@ -73,21 +73,23 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     let exporting = endpoint_set && setup_error.is_none();
     let tracer = provider.tracer(SERVICE_NAME);
 
-    let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
-    let _ = match settings.format {
-        LogFormat::Json => registry
-            .with(
-                fmt.json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_span_list(true),
-            )
-            .try_init(),
-        LogFormat::Pretty => registry.with(fmt.pretty()).try_init(),
-    };
+    let level = || EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // `log.level` filters traces and every log but the audit trail, whose own
+    // layer writes each audit event whatever the level says (SPEC §7).
+    let general = level().add_directive(
+        format!("{}=off", crate::audit::TARGET)
+            .parse()
+            .unwrap_or_else(|_| unreachable!("a valid directive")),
+    );
+    let audit = filter_fn(|metadata| metadata.target() == crate::audit::TARGET);
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(level());
+    let _ = tracing_subscriber::registry()
+        .with(otel)
+        .with(log_layer(settings.format).with_filter(general))
+        .with(log_layer(settings.format).with_filter(audit))
+        .try_init();
     if let Some(error) = setup_error {
         tracing::error!(%error, "cannot set up OTLP trace export; traces are not exported");
     } else if exporting {
@@ -96,6 +98,23 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     Telemetry {
         provider,
         exporting,
+    }
+}
+
+/// One log writer on stdout in the configured format.
+fn log_layer<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
+    match format {
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .boxed(),
+        LogFormat::Pretty => fmt.pretty().boxed(),
     }
 }
 
@@ -149,6 +168,38 @@ fn exporting_provider() -> Result<SdkTracerProvider, String> {
         .with_span_processor(processor)
         .with_resource(resource)
         .build())
+}
+
+/// Lets something through at most once per interval, across threads: for
+/// warnings that would otherwise repeat with every request.
+pub struct Throttle {
+    interval_ms: u64,
+    /// Milliseconds since `PROCESS_START` of the last pass, plus one (0: never).
+    last: std::sync::atomic::AtomicU64,
+}
+
+static PROCESS_START: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
+
+impl Throttle {
+    pub const fn every(interval: std::time::Duration) -> Self {
+        Self {
+            interval_ms: interval.as_millis() as u64,
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// True for the first call of each interval.
+    pub fn allow(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = u64::try_from(PROCESS_START.elapsed().as_millis()).unwrap_or(u64::MAX) + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= self.interval_ms)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
 }
 
 /// Copies the OpenTelemetry ids of `span` into its `trace_id` and `span_id`

@@ -174,8 +174,16 @@ fn parse_answer(
     if !status.is_success() {
         return Err(UpstreamError::from_status(status.as_u16(), retry_after));
     }
-    let body: VendorBody = serde_json::from_slice(body)
-        .map_err(|e| UpstreamError::Malformed(format!("not the documented JSON shape: {e}")))?;
+    // serde_json's message quotes the offending value, which may be a token:
+    // only its category and position are kept.
+    let body: VendorBody = serde_json::from_slice(body).map_err(|e| {
+        UpstreamError::Malformed(format!(
+            "not the documented JSON shape ({:?} error at line {} column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        ))
+    })?;
     let code = body.code.unwrap_or(i64::from(status.as_u16()));
     if code != 200 {
         let code = u16::try_from(code).unwrap_or(0);
@@ -234,6 +242,9 @@ impl UpstreamClient {
             .timeout(settings.timeout)
             .connect_timeout(settings.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
+            // A 3xx is an answer like any other (a 502): never followed to
+            // wherever it points, partner key and all.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let endpoint = endpoint(&settings.base_url);
         Ok(Self {

@@ -179,13 +179,20 @@ impl IntoResponse for ApiError {
             }
             ApiError::UpstreamUnavailable { retry_after_secs }
             | ApiError::RateLimited { retry_after_secs } => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs.min(MAX_RETRY_AFTER_SECS)),
+                );
             }
             _ => {}
         }
         response
     }
 }
+
+/// The longest `Retry-After` passed on to callers (SPEC §7), whatever the
+/// vendor or a rate limit says.
+pub const MAX_RETRY_AFTER_SECS: u64 = 60;
 
 /// `Retry-After` seconds for a wait: rounded up, at least 1.
 pub fn whole_seconds(wait: std::time::Duration) -> u64 {

@@ -94,8 +94,13 @@ fn request_id(request: &Request) -> HeaderValue {
         })
 }
 
-/// Refuses oversized requests and bodies before any handler runs.
-fn check_limits(request: &Request) -> Result<(), ApiError> {
+/// Refuses oversized requests, bodies, and `HEAD` on a token route (which
+/// would otherwise run the lookup, maybe a vendor call, and write an audit
+/// event for an answer nobody reads) before any handler runs.
+fn check_request(request: &Request, route: &'static str) -> Result<(), ApiError> {
+    if request.method() == Method::HEAD && matches!(route, TOKENS_ROUTE | VENDOR_ROUTE) {
+        return Err(ApiError::MethodNotAllowed);
+    }
     let target = request
         .uri()
         .path_and_query()
@@ -170,7 +175,7 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     request.extensions_mut().insert(slot.clone());
     request.extensions_mut().insert(RequestId(id.clone()));
 
-    let mut response = match check_limits(&request) {
+    let mut response = match check_request(&request, route) {
         Ok(()) => next.run(request).instrument(span.clone()).await,
         Err(refusal) => refusal.into_response(),
     };

@@ -8,7 +8,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::broker::Issued;
+use std::time::Duration;
+
+use crate::broker::{BrokerError, Issued};
 use crate::domain::Identity;
 use crate::http::AppState;
 use crate::http::auth::{Action, Caller};
@@ -16,6 +18,11 @@ use crate::http::error::{ApiError, Problem};
 use crate::http::observe::RequestId;
 use crate::http::openapi::{CallerErrors, VendorErrors};
 use crate::http::query;
+use crate::telemetry::Throttle;
+use crate::upstream::UpstreamError;
+
+/// Paces the warning for failed vendor lookups.
+static VENDOR_ERRORS: Throttle = Throttle::every(Duration::from_secs(10));
 
 /// `X-Cache`: where the token came from.
 pub const X_CACHE: &str = "x-cache";
@@ -200,12 +207,19 @@ async fn lookup(
 ) -> Result<Issued, ApiError> {
     caller.authorize(Action::Read, identity)?;
     state.broker.lookup(identity).await.map_err(|error| {
-        tracing::warn!(
-            identity = identity.kind(),
-            outcome = error.outcome(),
-            error = %error,
-            "no token from the vendor"
-        );
+        // Per request only at debug: during an outage every miss fails, and
+        // the metrics count them; a warning at most every ten seconds.
+        if !matches!(error, BrokerError::Upstream(UpstreamError::NotFound))
+            && VENDOR_ERRORS.allow()
+        {
+            tracing::warn!(
+                outcome = error.outcome(),
+                error = %error,
+                "no token from the vendor (warned at most every 10 s; see token_broker_upstream_requests_total)"
+            );
+        } else {
+            tracing::debug!(identity = identity.kind(), outcome = error.outcome(), error = %error, "no token from the vendor");
+        }
         ApiError::from(&error)
     })
 }

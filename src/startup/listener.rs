@@ -13,6 +13,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::telemetry::metrics::{ListenerLabels, Metrics};
 
@@ -44,7 +46,8 @@ pub struct Limits {
 }
 
 /// Accepts connections until `stop` turns true, then lets open ones finish
-/// (idle keep-alive connections are closed at once).
+/// (idle keep-alive connections are closed at once); `close` cuts those still
+/// open. Returns once every connection has ended.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -52,6 +55,7 @@ pub async fn serve(
     name: &'static str,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
+    close: CancellationToken,
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -60,6 +64,7 @@ pub async fn serve(
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let shedding = Arc::new(Semaphore::new(MAX_SHEDDING));
     let graceful = GracefulShutdown::new();
+    let connections_open = TaskTracker::new();
     let stopped = async move {
         let _ = stop.wait_for(|stop| *stop).await;
     };
@@ -85,7 +90,7 @@ pub async fn serve(
                 .get_or_create(&ListenerLabels { listener: name })
                 .inc();
             if let Ok(permit) = shedding.clone().try_acquire_owned() {
-                tokio::spawn(async move {
+                connections_open.spawn(async move {
                     shed(stream).await;
                     drop(permit);
                 });
@@ -94,15 +99,27 @@ pub async fn serve(
         };
         let service = TowerToHyperService::new(router.clone());
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
+        let close = close.clone();
+        connections_open.spawn(async move {
+            tokio::select! {
+                result = connection => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                }
+                // Dropping the connection closes its socket, mid-request or not.
+                () = close.cancelled() => {}
             }
             drop(permit);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    connections_open.close();
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = close.cancelled() => {}
+    }
+    connections_open.wait().await;
 }
 
 /// Answers 503 and closes, reading briefly so the client gets the answer.

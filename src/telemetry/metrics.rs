@@ -285,13 +285,65 @@ impl Metrics {
             .inc();
     }
 
-    /// The registry in the OpenMetrics text format Prometheus scrapes.
+    /// The registry in the Prometheus text format 0.0.4, which every scraper
+    /// (and `curl`) reads.
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode())
+    }
+
+    /// The registry in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text 0.0.4: counter families are
+/// named with their `_total` samples, info families become `_info` gauges,
+/// and the `# UNIT` and `# EOF` lines, which 0.0.4 lacks, go.
+fn openmetrics_to_prometheus(text: &str) -> String {
+    let mut renamed = std::collections::HashMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let Some((name, kind)) = rest.split_once(' ') else {
+            continue;
+        };
+        let family = match kind {
+            "counter" => (format!("{name}_total"), "counter"),
+            "info" => (format!("{name}_info"), "gauge"),
+            "unknown" => (name.to_owned(), "untyped"),
+            other => (name.to_owned(), other),
+        };
+        renamed.insert(name.to_owned(), family);
+    }
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# TYPE ", "# HELP "]
+            .into_iter()
+            .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                match renamed.get(name) {
+                    Some((new_name, kind)) if prefix == "# TYPE " => {
+                        out.push_str(&format!("# TYPE {new_name} {kind}"));
+                    }
+                    Some((new_name, _)) => out.push_str(&format!("# HELP {new_name} {tail}")),
+                    None => out.push_str(line),
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -333,5 +385,24 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+    }
+
+    #[test]
+    fn prometheus_text_names_families_as_their_samples() {
+        let m = Metrics::new();
+        m.cache_lookup("hit");
+        let text = m.encode_prometheus();
+        for line in [
+            "# TYPE token_broker_cache_lookups_total counter",
+            "token_broker_cache_lookups_total{result=\"hit\"} 1",
+            "# TYPE token_broker_build_info gauge",
+            "# TYPE token_broker_http_request_duration_seconds histogram",
+            "# TYPE token_broker_cache_entries gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+        assert!(text.contains("# HELP token_broker_cache_lookups_total Token lookups"));
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+        assert!(!text.contains(" info\n") && !text.contains(" unknown\n"));
     }
 }

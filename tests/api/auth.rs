@@ -66,6 +66,7 @@ async fn a_missing_scope_is_a_403_for_each_identity_form_and_for_delete() {
 #[tokio::test]
 async fn anonymous_callers_are_allowed_only_when_configured() {
     let app = TestApp::builder()
+        .without_clients()
         .config("[auth]\nallow_anonymous = true\n")
         .spawn()
         .await;

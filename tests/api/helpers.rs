@@ -66,6 +66,8 @@ pub struct TestAppBuilder {
     /// A simulator already serving here, shared with other brokers.
     upstream: Option<SocketAddr>,
     partner_key_file: Option<std::path::PathBuf>,
+    /// Whether the callers of `clients_toml` are configured.
+    default_clients: bool,
 }
 
 impl TestAppBuilder {
@@ -78,6 +80,12 @@ impl TestAppBuilder {
     /// Read the partner key from this file (and watch it) instead of inline.
     pub fn partner_key_file(mut self, path: &std::path::Path) -> Self {
         self.partner_key_file = Some(path.to_owned());
+        self
+    }
+
+    /// No configured callers (for `auth.allow_anonymous`).
+    pub fn without_clients(mut self) -> Self {
+        self.default_clients = false;
         self
     }
 
@@ -106,7 +114,7 @@ impl TestAppBuilder {
              [upstream]\nbase_url = \"http://{upstream}\"\n{key}\n"
         );
         let mut layers = vec![base];
-        if !self.sections.iter().any(|s| s.contains("[[clients]]")) {
+        if self.default_clients && !self.sections.iter().any(|s| s.contains("[[clients]]")) {
             layers.push(clients_toml());
         }
         layers.extend(self.sections);
@@ -155,6 +163,7 @@ impl TestApp {
             simulator: simulator(),
             upstream: None,
             partner_key_file: None,
+            default_clients: true,
         }
     }
 

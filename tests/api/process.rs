@@ -658,25 +658,63 @@ async fn the_config_file_can_come_from_token_broker_config() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("cache.ttl"));
 }
 
-#[tokio::test]
-async fn hash_key_prints_the_config_line() {
+async fn hash_key(args: &[&str], stdin_text: &[u8]) -> std::process::Output {
     let mut child = command()
         .arg("hash-key")
+        .args(args)
         .stdin(Stdio::piped())
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut stdin, b"test\n")
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, stdin_text)
         .await
         .unwrap();
     drop(stdin);
+    child.wait_with_output().await.unwrap()
+}
 
-    let output = child.wait_with_output().await.unwrap();
+#[tokio::test]
+async fn hash_key_prints_the_config_line() {
+    let key = "caller-key-0123456789-0123456789-x";
+    let output = hash_key(&[], format!("{key}\n").as_bytes()).await;
 
     assert_eq!(output.status.code(), Some(0));
     assert_eq!(
         String::from_utf8(output.stdout).unwrap(),
-        "key_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n"
+        format!(
+            "key_sha256 = \"{}\"\n",
+            token_broker::http::auth::key_sha256(key)
+        )
+    );
+}
+
+#[tokio::test]
+async fn hash_key_refuses_a_short_key_and_generates_a_strong_one() {
+    let short = hash_key(&[], b"test\n").await;
+    assert_ne!(short.status.code(), Some(0));
+    assert!(short.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&short.stderr).contains("at least 32 characters"));
+
+    let generated = hash_key(&["--generate"], b"").await;
+    assert_eq!(generated.status.code(), Some(0));
+    let text = String::from_utf8(generated.stdout).unwrap();
+    let key = text
+        .lines()
+        .find_map(|l| l.rsplit_once(": ").map(|(_, k)| k.to_owned()))
+        .expect("the key is printed");
+    assert!(
+        key.len() >= 32 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{key}"
+    );
+    assert!(text.contains(&format!(
+        "key_sha256 = \"{}\"",
+        token_broker::http::auth::key_sha256(&key)
+    )));
+    let again = hash_key(&["--generate"], b"").await;
+    assert_ne!(
+        String::from_utf8(again.stdout).unwrap(),
+        text,
+        "random each time"
     );
 }
 
