@@ -308,10 +308,10 @@ impl Settings {
         let config = builder
             .add_source(env)
             .build()
-            .map_err(|e| ConfigError::Source(e.to_string()))?;
+            .map_err(|e| ConfigError::Source(describe_source_error(&e)))?;
         let settings: Settings = serde_path_to_error::deserialize(config).map_err(|e| {
             let key = e.path().to_string();
-            let message = e.into_inner().to_string();
+            let message = without_quoted_text(&e.into_inner().to_string());
             if key == "." || key.is_empty() {
                 ConfigError::Source(message)
             } else {
@@ -517,6 +517,57 @@ impl Settings {
     pub fn redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// What went wrong reading a layer, without the text of the offending line
+/// (toml's message quotes it, and it may hold an inline secret).
+fn describe_source_error(error: &config::ConfigError) -> String {
+    match error {
+        config::ConfigError::FileParse { uri, cause } => {
+            let text = cause.to_string();
+            // toml: "TOML parse error at line L, column C", the quoted source
+            // line and a caret, then what is wrong.
+            let position = text.lines().next().unwrap_or_default();
+            let problem = text
+                .lines()
+                .skip(1)
+                .filter(|line| !line.contains('|') && !line.trim().is_empty())
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join("; ");
+            format!(
+                "{} is not valid TOML: {position}: {}",
+                uri.as_deref().unwrap_or("a configuration layer"),
+                without_quoted_text(&problem)
+            )
+        }
+        other => without_quoted_text(&other.to_string()),
+    }
+}
+
+/// Replaces every double-quoted part of a message (serde quotes the value it
+/// refused) so no configured text, secret or not, is printed.
+fn without_quoted_text(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let (mut quoted, mut in_backticks) = (false, false);
+    for c in message.chars() {
+        match c {
+            // Backticks name syntax or keys (`"`, `cache.ttl`): kept.
+            '`' if !quoted => {
+                in_backticks = !in_backticks;
+                out.push(c);
+            }
+            '"' if !in_backticks => {
+                if !quoted {
+                    out.push_str("(value not shown)");
+                }
+                quoted = !quoted;
+            }
+            _ if !quoted => out.push(c),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Reads the partner key file.
@@ -744,6 +795,31 @@ mod tests {
             )),
             "auth.allow_anonymous"
         );
+    }
+
+    #[test]
+    fn configuration_errors_never_print_the_offending_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broken.toml");
+        std::fs::write(
+            &path,
+            "[upstream]\npartner_key = \"pk-super-secret-value\nbase_url = 3\n",
+        )
+        .unwrap();
+        let err = Settings::load(&Sources {
+            file: Some(path),
+            ..Sources::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("pk-super-secret"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+
+        let err = load("[cache]\nmax_entries = \"pk-wrong-place-secret\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("cache.max_entries"), "{err}");
+        assert!(!err.contains("pk-wrong-place-secret"), "{err}");
     }
 
     #[test]

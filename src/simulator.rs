@@ -35,6 +35,8 @@ pub enum Fault {
     StatusRetryAfter(u16, u64),
     /// HTTP 200 with `"success":false` and this `code`.
     BodyCode(u16),
+    /// HTTP 200 with exactly this body.
+    Body(&'static str),
 }
 
 /// How an unknown user is reported; the vendor documents neither, so both are simulated.
@@ -330,6 +332,14 @@ async fn get_user_token(
             return response;
         }
         Fault::BodyCode(code) => return vendor_error(StatusCode::OK, code, "simulated failure"),
+        Fault::Body(body) => {
+            return (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response();
+        }
     }
 
     let presented = authorization

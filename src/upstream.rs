@@ -124,10 +124,12 @@ impl UpstreamError {
     fn from_reqwest(err: reqwest::Error) -> Self {
         // `without_url`: the URL holds the email address.
         let err = err.without_url();
-        if err.is_timeout() {
-            UpstreamError::Timeout
-        } else if err.is_connect() {
+        // A connect timeout is both `is_connect` and `is_timeout`: it is a
+        // connect error (retried), not the vendor being slow to answer.
+        if err.is_connect() {
             UpstreamError::Connect(error_chain(&err))
+        } else if err.is_timeout() {
+            UpstreamError::Timeout
         } else {
             UpstreamError::Transport(error_chain(&err))
         }

@@ -56,3 +56,56 @@ async fn the_admin_listener_does_not_serve_tokens() {
 
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_unless_openmetrics_is_asked_for() {
+    let app = TestApp::spawn().await;
+    app.get_token(&member_query(ALICE, "AGENT")).await;
+    let url = format!("http://{}/metrics", app.admin);
+
+    let plain = app.http.get(&url).send().await.unwrap();
+    assert_eq!(
+        plain.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = plain.text().await.unwrap();
+    assert!(!text.contains("# EOF"));
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let kind = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| std::mem::discriminant(&s.value))
+    };
+    let counter = std::mem::discriminant(&prometheus_parse::Value::Counter(0.0));
+    assert_eq!(kind("token_broker_cache_lookups_total"), Some(counter));
+    assert_eq!(kind("token_broker_http_requests_total"), Some(counter));
+    assert!(matches!(
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "token_broker_http_request_duration_seconds")
+            .map(|s| &s.value),
+        Some(prometheus_parse::Value::Histogram(_))
+    ));
+    assert!(scrape.docs.contains_key("token_broker_cache_lookups_total"));
+
+    let open = app
+        .http
+        .get(&url)
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        open.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let text = open.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"));
+    assert!(text.contains("# TYPE token_broker_cache_lookups counter"));
+}

@@ -12,6 +12,7 @@ mod openapi;
 mod policy;
 mod process;
 mod resilience;
+mod review;
 mod rotation;
 mod tokens;
 mod traces;

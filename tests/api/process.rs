@@ -25,6 +25,24 @@ pub fn command() -> Command {
     command
 }
 
+/// Collects the child's stdout and stderr, line by line.
+fn capture(child: &mut Child) -> Arc<Mutex<Vec<String>>> {
+    let output = Arc::new(Mutex::new(Vec::new()));
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let output = output.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                output.lock().unwrap().push(line);
+            }
+        });
+    }
+    output
+}
+
 /// A running `token-broker` whose output is captured line by line.
 pub struct Running {
     pub child: Child,
@@ -37,19 +55,7 @@ impl Running {
     /// Starts `args` and waits until the broker logs that it is listening.
     pub async fn start(mut command: Command) -> Running {
         let mut child = command.spawn().expect("binary starts");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let output = output.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    output.lock().unwrap().push(line);
-                }
-            });
-        }
+        let output = capture(&mut child);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let listening = output.lock().unwrap().iter().find_map(|line| {
@@ -75,6 +81,44 @@ impl Running {
                 output.lock().unwrap()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts `command` on free ports it is given, and waits for `/healthz`:
+    /// for log levels that do not print the `listening` line.
+    pub async fn start_quiet(mut command: Command) -> Running {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (api, admin) = (free(), free());
+        command
+            .env("TOKEN_BROKER__SERVER__LISTEN", api.to_string())
+            .env("TOKEN_BROKER__SERVER__ADMIN_LISTEN", admin.to_string());
+        let mut child = command.spawn().expect("binary starts");
+        let output = capture(&mut child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let http = reqwest::Client::new();
+        while http
+            .get(format!("http://{admin}/healthz"))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "broker did not start: {:?}",
+                output.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Running {
+            child,
+            output,
+            api,
+            admin,
         }
     }
 
@@ -561,7 +605,49 @@ async fn bad_configuration_exits_2_naming_the_key() {
     let valid = format!("[upstream]\npartner_key = \"{PARTNER_KEY}\"\n");
     // (case, config file, environment, the key the message must name)
     type Case<'a> = (&'a str, String, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 8] = [
+    let cases: [Case; 13] = [
+        (
+            "plain http to a remote vendor",
+            format!(
+                "{valid}base_url = \"http://vendor.example:80\"\n{}",
+                clients_toml()
+            ),
+            &[],
+            "upstream.base_url",
+        ),
+        (
+            "anonymous beside clients",
+            format!(
+                "{valid}[server]\nlisten = \"127.0.0.1:0\"\n[auth]\nallow_anonymous = true\n{}",
+                clients_toml()
+            ),
+            &[],
+            "auth.allow_anonymous",
+        ),
+        (
+            "anonymous off loopback",
+            format!("{valid}[auth]\nallow_anonymous = true\n"),
+            &[("TOKEN_BROKER__SERVER__LISTEN", "0.0.0.0:0")],
+            "auth.allow_anonymous",
+        ),
+        (
+            "a shared cache without an encryption key",
+            format!(
+                "{valid}{}[cache]\nredis_url = \"redis://127.0.0.1:6379\"\n",
+                clients_toml()
+            ),
+            &[],
+            "cache.encryption_key_file",
+        ),
+        (
+            "an unreadable encryption key",
+            format!(
+                "{valid}{}[cache]\nredis_url = \"redis://127.0.0.1:6379\"\nencryption_key_file = \"/nonexistent/k\"\n",
+                clients_toml()
+            ),
+            &[],
+            "cache.encryption_key_file",
+        ),
         (
             "missing audit key file",
             format!(
@@ -638,6 +724,33 @@ async fn bad_configuration_exits_2_naming_the_key() {
             );
             assert!(!stderr.contains(PARTNER_KEY));
         }
+    }
+}
+
+#[tokio::test]
+async fn a_configuration_line_holding_a_secret_is_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    let secret = "pk-inline-secret-4f7a";
+    std::fs::write(
+        &path,
+        format!("[upstream]\npartner_key = \"{secret}\nbase_url = 1\n"),
+    )
+    .unwrap();
+    for subcommand in ["serve", "check-config"] {
+        let output = command()
+            .arg(subcommand)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("line 2"), "{stderr}");
+        assert!(
+            !stderr.contains(secret) && !String::from_utf8_lossy(&output.stdout).contains(secret)
+        );
     }
 }
 

@@ -151,6 +151,7 @@ async fn traced_request(
         ))
         .bearer_auth(READER_KEY)
         .header("traceparent", format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01"))
+        .header("baggage", "tenant=caller-private")
         .send()
         .await
         .unwrap();
@@ -295,6 +296,10 @@ async fn without_an_endpoint_logs_and_the_vendor_still_see_the_callers_trace_id(
         .unwrap()
         .to_owned();
     assert_eq!(traceparent.split('-').nth(1), Some(CALLER_TRACE));
+    assert!(
+        !sim.requests()[0].headers.contains_key("baggage"),
+        "the caller's baggage is never sent to the vendor"
+    );
     let completed = logs
         .lines()
         .find(|l| l.contains("request completed"))
