@@ -6,9 +6,15 @@
 #
 #   docker build --build-arg GIT_COMMIT="$(git rev-parse --short=12 HEAD)" -t token-broker .
 
-ARG RUST_VERSION=1.95
+# Base images are pinned by digest, so a rebuild gets the same bytes whatever
+# the tags point at today; the tag beside each digest says what it was. To
+# move to newer base images, look the digests up and replace them together
+# (the builder's and the runtime's glibc must stay compatible: both Debian 12):
+#
+#   docker buildx imagetools inspect rust:1.95-slim-bookworm --format '{{json .Manifest.Digest}}'
+#   docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot --format '{{json .Manifest.Digest}}'
 
-FROM rust:${RUST_VERSION}-slim-bookworm AS chef
+FROM rust:1.95-slim-bookworm@sha256:d7482085ff5b415f84dba5647ae71606650bdef00db7aeb69f4b3d170c3e4082 AS chef
 RUN cargo install cargo-chef --locked --version 0.1.78
 WORKDIR /src
 
@@ -24,7 +30,7 @@ COPY . .
 ARG GIT_COMMIT=unknown
 RUN TOKEN_BROKER_COMMIT="${GIT_COMMIT}" cargo build --release --locked --bin token-broker
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
 ARG GIT_COMMIT=unknown
 LABEL org.opencontainers.image.title="token-broker" \
       org.opencontainers.image.description="Hands internal callers BotPenguin user tokens without exposing the partner key" \

@@ -36,6 +36,7 @@ pub struct AppState {
 
 /// The API router, without a listener, so tests can call it in-process.
 pub fn router(state: AppState) -> Router {
+    state.metrics.register_routes(&[TOKENS_ROUTE, VENDOR_ROUTE]);
     Router::new()
         .route(
             TOKENS_ROUTE,

@@ -41,19 +41,6 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause between attempts to re-subscribe to the invalidation channel.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
 
-/// Every `op` of `token_broker_shared_cache_operations_total`.
-pub const OPERATIONS: [&str; 7] = [
-    "get",
-    "claim",
-    "store",
-    "unlock",
-    "invalidate",
-    "rate_limit",
-    "subscribe",
-];
-/// Every `result` of `token_broker_shared_cache_operations_total`.
-pub const RESULTS: [&str; 3] = ["ok", "error", "timeout"];
-
 /// Takes the lock when it is free; returns whether it did, the key's
 /// generation and its current value either way.
 const CLAIM: &str = r"

@@ -189,12 +189,13 @@ def check_production(objects):
           "audit.hash_key_file is a file of the same Secret")
     check(not [o for o in objects if o["kind"] == "Secret"], "production commits no Secret; it must exist")
 
-    # Service, disruption budget, network policy.
-    service = one(objects, "Service")
-    named = {p["name"]: p for p in service["spec"]["ports"]}
-    check(set(named) == {"api", "admin"}, "the Service has named api and admin ports")
-    check(all(port_of(container, p["targetPort"]) in (api_port, admin_port) for p in named.values()),
-          "Service ports target the container ports")
+    # Services: callers reach the API port only; the admin port has its own.
+    service = one(objects, "Service", "token-broker")
+    admin_service = one(objects, "Service", "token-broker-admin")
+    service_ports = [port_of(container, p["targetPort"]) for p in service.get("spec", {}).get("ports", [])]
+    admin_ports = [port_of(container, p["targetPort"]) for p in admin_service.get("spec", {}).get("ports", [])]
+    check(service_ports == [api_port], "the Service callers use exposes the api port only")
+    check(admin_ports == [admin_port], "the admin port has a Service of its own")
     pdb = one(objects, "PodDisruptionBudget")
     selector = pdb["spec"]["selector"]["matchLabels"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -215,14 +216,28 @@ def check_production(objects):
             check(all("token-broker.io/client" in str(s) for s in sources), "the api port admits only labelled clients")
     egress_ports = {(p["port"], p.get("protocol", "TCP")) for rule in spec["egress"] for p in rule["ports"]}
     check(egress_ports == {(53, "UDP"), (53, "TCP"), (443, "TCP")}, "egress is DNS and HTTPS only")
+    for rule in spec["egress"]:
+        if any(p["port"] == 443 for p in rule["ports"]):
+            blocks = [peer.get("ipBlock") for peer in rule.get("to", [])]
+            check(bool(blocks) and all(blocks), "HTTPS egress names its destinations as ipBlocks")
+            v4 = [b for b in blocks if b and b["cidr"] == "0.0.0.0/0"]
+            check(bool(v4) and {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"} <= set(v4[0].get("except", [])),
+                  "HTTPS egress excludes the in-cluster (private) ranges: no API server, no other services")
+    otlp = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if otlp:
+        port = int(re.search(r":(\d+)", otlp.split("//", 1)[-1]).group(1))
+        opened = {p["port"] for o in objects if o["kind"] == "NetworkPolicy"
+                  for r in o["spec"].get("egress", []) for p in r["ports"]}
+        check(port in opened, f"egress to the OTLP collector port {port} is open")
 
     # Monitoring objects.
     monitor = one(objects, "ServiceMonitor")
     endpoint = monitor["spec"]["endpoints"][0]
     check(endpoint["port"] == "admin" and endpoint.get("path") == "/metrics", "the ServiceMonitor scrapes admin /metrics")
-    service_labels = service["metadata"].get("labels", {})
-    check(all(service_labels.get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items()),
-          "the ServiceMonitor selects the Service")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    selects = lambda svc: all(svc["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())
+    check(selects(admin_service) and not selects(service),
+          "the ServiceMonitor selects the admin Service, not the one callers use")
     rules = one(objects, "PrometheusRule")
     alerts = {r["alert"]: r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]}
     for alert in ("TokenBrokerUpstreamErrors", "TokenBrokerCircuitOpen", "TokenBroker5xxRising",

@@ -60,6 +60,19 @@ pub struct ClientLabels {
     pub result: &'static str,
 }
 
+/// Every `op` of `token_broker_shared_cache_operations_total`.
+pub const SHARED_CACHE_OPERATIONS: [&str; 7] = [
+    "get",
+    "claim",
+    "store",
+    "unlock",
+    "invalidate",
+    "rate_limit",
+    "subscribe",
+];
+/// Every `result` of `token_broker_shared_cache_operations_total`.
+pub const SHARED_CACHE_RESULTS: [&str; 3] = ["ok", "error", "timeout"];
+
 /// Every `outcome` of `token_broker_upstream_requests_total`.
 pub const UPSTREAM_OUTCOMES: [&str; 12] = [
     "ok",
@@ -205,8 +218,8 @@ impl Metrics {
                 "Calls to the shared cache (Redis) by operation and result",
                 shared_cache_operations.clone(),
             );
-            for op in crate::shared::OPERATIONS {
-                for result in crate::shared::RESULTS {
+            for op in SHARED_CACHE_OPERATIONS {
+                for result in SHARED_CACHE_RESULTS {
                     let _ = shared_cache_operations.get_or_create(&OperationLabels { op, result });
                 }
             }
@@ -217,11 +230,8 @@ impl Metrics {
         for listener in ["api", "admin"] {
             let _ = connections_shed.get_or_create(&ListenerLabels { listener });
         }
-        // Series dashboards and alerts query are present, at zero, from the first scrape.
-        for route in [crate::http::TOKENS_ROUTE, crate::http::VENDOR_ROUTE] {
-            let _ = http_requests.get_or_create(&HttpLabels { route, status: 200 });
-            let _ = http_duration.get_or_create(&RouteLabels { route });
-        }
+        // Series dashboards and alerts query are present, at zero, from the
+        // first scrape (routes: `register_routes`).
         for outcome in UPSTREAM_OUTCOMES {
             let _ = upstream_requests.get_or_create(&OutcomeLabels { outcome });
         }
@@ -249,6 +259,16 @@ impl Metrics {
         self.shared_cache_operations
             .get_or_create(&OperationLabels { op, result })
             .inc();
+    }
+
+    /// Starts the series of each route at zero.
+    pub fn register_routes(&self, routes: &[&'static str]) {
+        for &route in routes {
+            let _ = self
+                .http_requests
+                .get_or_create(&HttpLabels { route, status: 200 });
+            let _ = self.http_duration.get_or_create(&RouteLabels { route });
+        }
     }
 
     /// Starts the per-caller series at zero for each configured caller.
