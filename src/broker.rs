@@ -941,6 +941,60 @@ mod tests {
         assert_eq!(source.calls(), 1);
     }
 
+    /// On real threads, where a waiter can join while the leader is still
+    /// storing its answer: never a second vendor call for one key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_on_many_threads_make_one_fetch_per_key() {
+        let source = Counting::with(Duration::from_millis(5), true);
+        let broker = Arc::new(broker(source.clone(), Duration::from_secs(600), 1000));
+        for round in 0..50 {
+            let id = Identity::Customer(UserId::parse(&format!("c{round}")).unwrap());
+            let lookups: Vec<_> = (0..64)
+                .map(|i| {
+                    let broker = broker.clone();
+                    let id = id.clone();
+                    tokio::spawn(async move {
+                        if i % 2 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                        broker.lookup(&id).await.unwrap().token
+                    })
+                })
+                .collect();
+            let mut tokens = Vec::new();
+            for lookup in lookups {
+                tokens.push(lookup.await.unwrap().expose().to_owned());
+            }
+            assert!(tokens.windows(2).all(|w| w[0] == w[1]), "round {round}");
+            assert_eq!(source.calls(), round + 1, "round {round}: one fetch");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_begun_before_an_invalidation_does_not_store_its_answer() {
+        let source = Counting::with(Duration::from_millis(100), true);
+        let broker = Arc::new(broker(source.clone(), Duration::from_secs(600), 100));
+        let id = member("a@example.com", UserType::Agent);
+        let in_flight = {
+            let broker = broker.clone();
+            let id = id.clone();
+            tokio::spawn(async move { broker.lookup(&id).await.unwrap() })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        broker.invalidate(&id).await;
+        let joined_after = broker.lookup(&id).await.unwrap();
+        assert_eq!(in_flight.await.unwrap().token.expose(), "token-1");
+        assert_eq!(
+            joined_after.token.expose(),
+            "token-2",
+            "a lookup after the invalidation does not join the older fetch"
+        );
+        let next = broker.lookup(&id).await.unwrap();
+        assert_eq!(next.token.expose(), "token-2");
+        assert_eq!(next.cache, CacheResult::Hit);
+        assert_eq!(source.calls(), 2);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn inactive_tokens_and_errors_are_not_cached() {
         let source = Counting::with(Duration::from_millis(1), false);

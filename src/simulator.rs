@@ -194,6 +194,11 @@ impl Simulator {
         self.state.calls.load(Ordering::SeqCst)
     }
 
+    /// Requests being answered now.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+
     /// The most requests that were being answered at one time.
     pub fn max_in_flight(&self) -> usize {
         self.state.max_in_flight.load(Ordering::SeqCst)

@@ -410,6 +410,7 @@ mod tests {
     #[test]
     fn prometheus_text_names_families_as_their_samples() {
         let m = Metrics::new();
+        m.register_routes(&["/v1/tokens"]);
         m.cache_lookup("hit");
         let text = m.encode_prometheus();
         for line in [

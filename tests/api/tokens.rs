@@ -16,7 +16,8 @@ async fn a_team_member_token_is_returned_with_cache_headers() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["cache-control"], "no-store");
     assert_eq!(response.headers()["x-cache"], "miss");
-    assert_eq!(response.headers()["age"], "0");
+    let age: u64 = response.headers()["age"].to_str().unwrap().parse().unwrap();
+    assert!(age <= 2, "just fetched, Age {age}");
     assert_eq!(response.headers()["content-type"], "application/json");
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(
@@ -201,7 +202,7 @@ async fn two_types_of_one_email_stay_apart() {
     assert_eq!(app.sim.calls(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cold_requests_make_exactly_one_upstream_call() {
     let app = Arc::new(TestApp::spawn().await);
     app.sim.set_latency(std::time::Duration::from_millis(200));

@@ -161,14 +161,15 @@ async fn traced_request(
 }
 
 /// The spans of the traced request form one tree under the caller's span.
-fn assert_one_trace(received: &Received, sim: &token_broker::simulator::Simulator) {
+async fn assert_one_trace(received: &Received, sim: &token_broker::simulator::Simulator) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while received.spans().len() < 3 {
         assert!(
             std::time::Instant::now() < deadline,
             "spans were not exported"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        // Yield, so the collector on this runtime can take the export.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let spans = received.spans();
     let by_id: HashMap<String, &Span> = spans.iter().map(|(_, s)| (hex(&s.span_id), s)).collect();
@@ -263,7 +264,7 @@ async fn spans_of_one_request_reach_an_otlp_http_collector_as_one_trace() {
 
     let (logs, sim) = traced_request(Some(("http/protobuf", &format!("http://{collector}")))).await;
 
-    assert_one_trace(&received, &sim);
+    assert_one_trace(&received, &sim).await;
     let request_lines: Vec<_> = logs
         .lines()
         .filter(|l| l.contains("\"spans\":[{"))
@@ -284,7 +285,7 @@ async fn spans_reach_an_otlp_grpc_collector() {
 
     let (_, sim) = traced_request(Some(("grpc", &format!("http://{collector}")))).await;
 
-    assert_one_trace(&received, &sim);
+    assert_one_trace(&received, &sim).await;
 }
 
 #[tokio::test]
