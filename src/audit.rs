@@ -84,50 +84,46 @@ impl Auditor {
     }
 
     /// A token was handed out.
-    pub fn issued(
-        &self,
-        caller: &str,
-        identity: &Identity,
-        cache: &str,
-        active: bool,
-        request_id: &str,
-    ) {
-        self.event(
-            Outcome::Issued,
-            caller,
-            identity,
-            Some((cache, active)),
-            request_id,
-        );
+    pub fn issued(&self, actor: &Actor<'_>, identity: &Identity, cache: &str, active: bool) {
+        self.event(Outcome::Issued, actor, identity, Some((cache, active)));
     }
 
     /// A cached token was dropped on request.
-    pub fn invalidated(&self, caller: &str, identity: &Identity, request_id: &str) {
-        self.event(Outcome::Invalidated, caller, identity, None, request_id);
+    pub fn invalidated(&self, actor: &Actor<'_>, identity: &Identity) {
+        self.event(Outcome::Invalidated, actor, identity, None);
     }
 
     fn event(
         &self,
         outcome: Outcome,
-        caller: &str,
+        actor: &Actor<'_>,
         identity: &Identity,
         token: Option<(&str, bool)>,
-        request_id: &str,
     ) {
         tracing::info!(
             target: TARGET,
             outcome = outcome.as_str(),
-            caller,
+            caller = actor.caller,
+            service_account = actor.service_account,
             identity = identity.kind(),
             user_type = user_type(identity),
             subject = self.subject(identity),
             cache = token.map(|(cache, _)| cache),
             active = token.map(|(_, active)| active),
-            request_id,
+            request_id = actor.request_id,
             "{}",
             outcome.message()
         );
     }
+}
+
+/// Who acted, as an audit event names them.
+pub struct Actor<'a> {
+    /// The configured client name.
+    pub caller: &'a str,
+    /// `namespace:name`, when the caller presented a service-account token.
+    pub service_account: Option<&'a str>,
+    pub request_id: &'a str,
 }
 
 #[derive(Clone, Copy)]

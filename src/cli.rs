@@ -12,6 +12,7 @@ use secrecy::SecretString;
 use crate::audit::Auditor;
 use crate::config::{ClientSettings, ConfigError, Scope, Settings, Sources};
 use crate::http::auth::key_sha256;
+use crate::service_accounts::Verifier;
 use crate::shared::SharedCache;
 use crate::simulator::{Simulator, random_hex};
 use crate::startup::{Application, StartupError, shutdown_signal};
@@ -84,7 +85,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cli.config).await,
         Command::Demo => demo(cli.config).await,
-        Command::CheckConfig => check_config(cli.config),
+        Command::CheckConfig => check_config(cli.config).await,
         Command::HashKey { generate } => hash_key(generate),
         Command::SimulateUpstream {
             listen,
@@ -203,17 +204,15 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-fn check_config(file: Option<PathBuf>) -> Result<(), Failure> {
+async fn check_config(file: Option<PathBuf>) -> Result<(), Failure> {
     let settings = load(file)?;
     settings.require_serving()?;
     let partner_key = settings.upstream.read_partner_key()?;
     Auditor::from_settings(&settings.audit, &partner_key)?;
-    // Reads the encryption key and password files; connects to nothing.
-    SharedCache::from_settings(
-        &settings.cache,
-        settings.upstream.timeout,
-        std::sync::Arc::new(Metrics::new()),
-    )?;
+    // Reads the files they name (keys, password, JWKS, CA); connects to nothing.
+    let metrics = std::sync::Arc::new(Metrics::new());
+    SharedCache::from_settings(&settings.cache, settings.upstream.timeout, metrics.clone())?;
+    Verifier::from_settings(&settings.auth.kubernetes, metrics).await?;
     print!("{}", settings.redacted_toml());
     eprintln!("token-broker: configuration is valid");
     Ok(())

@@ -185,6 +185,33 @@ pub struct LogSettings {
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
     pub allow_anonymous: bool,
+    pub kubernetes: KubernetesSettings,
+}
+
+/// Kubernetes service-account tokens as caller credentials (SPEC §11).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSettings {
+    /// The cluster's service-account issuer (`iss`); unset: not accepted.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// A token must name one of these in `aud`.
+    pub audiences: Vec<String>,
+    /// The cluster's JWKS as a file, re-read when it changes.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// The cluster's JWKS over HTTPS.
+    #[serde(default)]
+    pub jwks_url: Option<Url>,
+    /// CA bundle (PEM) to trust for `jwks_url`, e.g. the service account's `ca.crt`.
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Bearer token file for `jwks_url` (the API server may require one).
+    #[serde(default)]
+    pub jwks_token_file: Option<PathBuf>,
+    /// How often `jwks_url` is fetched again.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh: Duration,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -231,7 +258,11 @@ impl Scope {
 pub struct ClientSettings {
     pub name: String,
     /// Hex SHA-256 of the caller's key, never the key itself.
-    pub key_sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
+    /// Kubernetes service accounts (`namespace:name` or `namespace:*`) that are this caller.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
     pub scopes: Vec<Scope>,
     /// Team-member types this caller may read; all when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -249,7 +280,8 @@ impl ClientSettings {
     pub fn new(name: &str, key_sha256: String, scopes: Vec<Scope>) -> Self {
         Self {
             name: name.to_owned(),
-            key_sha256,
+            key_sha256: Some(key_sha256),
+            service_accounts: Vec::new(),
             scopes,
             allowed_types: None,
             allowed_email_domains: None,
@@ -257,10 +289,10 @@ impl ClientSettings {
         }
     }
 
-    /// The decoded digest; valid once `Settings::load` has succeeded.
+    /// The decoded digest, if the client has a key; valid once `Settings::load` has succeeded.
     pub fn key_digest(&self) -> Option<[u8; 32]> {
         let mut digest = [0u8; 32];
-        hex::decode_to_slice(&self.key_sha256, &mut digest).ok()?;
+        hex::decode_to_slice(self.key_sha256.as_ref()?, &mut digest).ok()?;
         Some(digest)
     }
 }
@@ -432,8 +464,10 @@ impl Settings {
                 ));
             }
         }
+        self.validate_kubernetes()?;
         let mut names = HashSet::new();
         let mut digests = HashSet::new();
+        let mut accounts = HashSet::new();
         for (i, client) in self.clients.iter().enumerate() {
             let key = |field: &str| format!("clients[{i}].{field}");
             if client.name.trim().is_empty() || client.name.len() > 64 {
@@ -454,17 +488,44 @@ impl Settings {
                     "is used by another client",
                 ));
             }
-            let Some(digest) = client.key_digest() else {
-                return Err(ConfigError::invalid(
-                    key("key_sha256"),
-                    "must be 64 hex characters (the SHA-256 of the caller key; `token-broker hash-key` prints it)",
-                ));
-            };
-            if !digests.insert(digest) {
-                return Err(ConfigError::invalid(
-                    key("key_sha256"),
-                    "is used by another client",
-                ));
+            match (&client.key_sha256, client.key_digest()) {
+                (Some(_), None) => {
+                    return Err(ConfigError::invalid(
+                        key("key_sha256"),
+                        "must be 64 hex characters (the SHA-256 of the caller key; `token-broker hash-key` prints it)",
+                    ));
+                }
+                (Some(_), Some(digest)) if !digests.insert(digest) => {
+                    return Err(ConfigError::invalid(
+                        key("key_sha256"),
+                        "is used by another client",
+                    ));
+                }
+                (None, _) if client.service_accounts.is_empty() => {
+                    return Err(ConfigError::invalid(
+                        key("key_sha256"),
+                        "a client needs a key_sha256, service_accounts, or both",
+                    ));
+                }
+                _ => {}
+            }
+            for (j, account) in client.service_accounts.iter().enumerate() {
+                let at = format!("clients[{i}].service_accounts[{j}]");
+                if !valid_service_account(account) {
+                    return Err(ConfigError::invalid(
+                        at,
+                        "must be namespace:name or namespace:* (lower-case DNS labels)",
+                    ));
+                }
+                if !accounts.insert(account.as_str()) {
+                    return Err(ConfigError::invalid(at, "is named by another client"));
+                }
+                if self.auth.kubernetes.issuer.is_none() {
+                    return Err(ConfigError::invalid(
+                        "auth.kubernetes.issuer",
+                        "is required when a client names service_accounts",
+                    ));
+                }
             }
             if client.allowed_types.as_ref().is_some_and(Vec::is_empty) {
                 return Err(ConfigError::invalid(
@@ -494,6 +555,41 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    fn validate_kubernetes(&self) -> Result<(), ConfigError> {
+        let k = &self.auth.kubernetes;
+        let Some(issuer) = &k.issuer else {
+            return Ok(());
+        };
+        if issuer.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "auth.kubernetes.issuer",
+                "must not be empty",
+            ));
+        }
+        if k.audiences.is_empty() || k.audiences.iter().any(|a| a.trim().is_empty()) {
+            return Err(ConfigError::invalid(
+                "auth.kubernetes.audiences",
+                "must name at least one non-empty audience",
+            ));
+        }
+        match (&k.jwks_file, &k.jwks_url) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(ConfigError::invalid(
+                    "auth.kubernetes.jwks_file",
+                    "set exactly one of auth.kubernetes.jwks_file and jwks_url",
+                ));
+            }
+            (None, Some(url)) if url.scheme() != "https" => {
+                return Err(ConfigError::invalid(
+                    "auth.kubernetes.jwks_url",
+                    "must be an https:// URL",
+                ));
+            }
+            _ => {}
+        }
+        positive("auth.kubernetes.jwks_refresh", k.jwks_refresh)
     }
 
     /// What `serve` needs beyond a valid file: a partner key and someone allowed in.
@@ -593,6 +689,24 @@ pub fn read_secret_file(key: &str, path: &Path) -> Result<SecretString, ConfigEr
 
 fn valid_domain(domain: &str) -> bool {
     crate::domain::is_hostname(domain.trim_start_matches('.'))
+}
+
+/// `namespace:name` or `namespace:*`, each part a DNS-1123 label.
+fn valid_service_account(account: &str) -> bool {
+    let label = |s: &str| {
+        (1..=63).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    match account.split_once(':') {
+        Some((namespace, "*")) => label(namespace),
+        Some((namespace, name)) => {
+            label(namespace) && (1..=253).contains(&name.len()) && name.split('.').all(label)
+        }
+        None => false,
+    }
 }
 
 /// `localhost` or a loopback address.

@@ -19,10 +19,12 @@ use crate::audit::Auditor;
 use crate::broker::Broker;
 use crate::config::{ConfigError, Settings};
 use crate::http::{self, AppState, auth::Callers};
+use crate::service_accounts::Verifier;
 use crate::shared::SharedCache;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::UpstreamClient;
 use crate::upstream::partner_key::{PartnerKey, Reloaders};
+use crate::watch::FileWatch;
 use listener::Limits;
 
 /// Why the service could not start or run.
@@ -52,6 +54,8 @@ pub struct Application {
     limits: Limits,
     metrics: Arc<Metrics>,
     reloaders: Reloaders,
+    /// Re-reads `auth.kubernetes.jwks_file` while serving.
+    jwks_watch: Option<FileWatch>,
     /// Cancelled when serving ends: stops background tasks.
     stop: CancellationToken,
     broker: Arc<Broker>,
@@ -97,11 +101,16 @@ impl Application {
                 stop.clone(),
             );
         }
-        let callers = Arc::new(Callers::new(
-            &settings.clients,
-            settings.auth.allow_anonymous,
-            shared,
-        ));
+        let verifier = Verifier::from_settings(&settings.auth.kubernetes, metrics.clone()).await?;
+        let jwks_watch = match &verifier {
+            Some(verifier) => verifier.spawn_refresh(stop.clone())?,
+            None => None,
+        };
+        let callers = Arc::new(
+            Callers::new(&settings.clients, settings.auth.allow_anonymous)
+                .with_shared(shared)
+                .with_verifier(verifier),
+        );
         let readiness = Readiness::default();
         let api_router = http::router(AppState {
             broker: broker.clone(),
@@ -128,6 +137,7 @@ impl Application {
             },
             metrics,
             reloaders,
+            jwks_watch,
             stop,
             broker: broker_handle,
         })
@@ -191,6 +201,7 @@ impl Application {
             let _ = admin.await;
         }
         drop(self.reloaders);
+        drop(self.jwks_watch);
     }
 }
 

@@ -1,7 +1,10 @@
 //! Callers: authentication (`Authorization: Bearer <key>` checked in constant
-//! time against the configured SHA-256 digests), per-caller policy (scopes,
+//! time against the configured SHA-256 digests, or a Kubernetes
+//! service-account token verified by `service_accounts::Verifier` and matched
+//! against each client's `service_accounts`), per-caller policy (scopes,
 //! types, email domains) and per-caller rate limits.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock};
 
@@ -17,6 +20,7 @@ use crate::config::{ANONYMOUS, ClientSettings, Scope};
 use crate::domain::{Identity, UserType};
 use crate::http::AppState;
 use crate::http::error::{ApiError, whole_seconds};
+use crate::service_accounts::Verifier;
 use crate::shared::SharedCache;
 
 /// The SHA-256 of a caller key, as `hash-key` prints it.
@@ -40,28 +44,45 @@ struct Policy {
     allowed_domains: Option<Vec<String>>,
     /// `rate_limit_per_minute` and this replica's limiter for it.
     limit: Option<(NonZeroU32, DefaultDirectRateLimiter)>,
-    /// The fleet-wide limiter, when Redis is shared.
-    shared: Option<SharedCache>,
 }
 
 /// An authenticated caller; cheap to clone.
 #[derive(Clone)]
-pub struct Caller(Arc<Policy>);
+pub struct Caller {
+    policy: Arc<Policy>,
+    /// `namespace:name`, when the caller presented a service-account token.
+    service_account: Option<Arc<str>>,
+}
 
 impl std::fmt::Debug for Caller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Caller").field(&self.0.name).finish()
+        f.debug_struct("Caller")
+            .field("name", &self.policy.name)
+            .field("service_account", &self.service_account)
+            .finish()
     }
 }
 
 impl Caller {
+    fn by_key(policy: &Arc<Policy>) -> Self {
+        Self {
+            policy: policy.clone(),
+            service_account: None,
+        }
+    }
+
     pub fn name(&self) -> &Arc<str> {
-        &self.0.name
+        &self.policy.name
+    }
+
+    /// The service account it authenticated as, if not by key.
+    pub fn service_account(&self) -> Option<&str> {
+        self.service_account.as_deref()
     }
 
     /// Refuses unless the caller holds `scope`.
     fn require(&self, scope: Scope) -> Result<(), ApiError> {
-        if self.0.scopes.contains(&scope) {
+        if self.policy.scopes.contains(&scope) {
             Ok(())
         } else {
             Err(ApiError::Forbidden(format!(
@@ -83,14 +104,14 @@ impl Caller {
         let Identity::TeamMember { email, user_type } = identity else {
             return Ok(());
         };
-        if let Some(types) = &self.0.allowed_types
+        if let Some(types) = &self.policy.allowed_types
             && !types.contains(user_type)
         {
             return Err(ApiError::Forbidden(format!(
                 "this caller may not use tokens of type {user_type}"
             )));
         }
-        if let Some(domains) = &self.0.allowed_domains
+        if let Some(domains) = &self.policy.allowed_domains
             && !domains.iter().any(|d| domain_admits(d, email.domain()))
         {
             return Err(ApiError::Forbidden(
@@ -98,26 +119,6 @@ impl Caller {
             ));
         }
         Ok(())
-    }
-
-    /// Takes one request from the caller's rate limit: the fleet's when
-    /// Redis is shared and answering, else this replica's.
-    async fn admit(&self) -> Result<(), ApiError> {
-        let Some((per_minute, limiter)) = &self.0.limit else {
-            return Ok(());
-        };
-        let fleet = match &self.0.shared {
-            Some(shared) => shared.admit(&self.0.name, *per_minute).await,
-            None => None,
-        };
-        let verdict = fleet.unwrap_or_else(|| {
-            limiter
-                .check()
-                .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
-        });
-        verdict.map_err(|wait| ApiError::RateLimited {
-            retry_after_secs: whole_seconds(wait),
-        })
     }
 }
 
@@ -131,71 +132,164 @@ fn domain_admits(allowed: &str, domain: &str) -> bool {
 
 /// The configured callers.
 pub struct Callers {
-    clients: Vec<(Caller, [u8; 32])>,
-    anonymous: Option<Caller>,
+    keyed: Vec<(Arc<Policy>, [u8; 32])>,
+    /// `namespace:name` → client.
+    by_account: HashMap<String, Arc<Policy>>,
+    /// `namespace` → the client naming `namespace:*`.
+    by_namespace: HashMap<String, Arc<Policy>>,
+    verifier: Option<Arc<Verifier>>,
+    anonymous: Option<Arc<Policy>>,
+    /// The fleet-wide rate limiter, when Redis is shared.
+    shared: Option<SharedCache>,
 }
 
 impl Callers {
-    pub fn new(
-        clients: &[ClientSettings],
-        allow_anonymous: bool,
-        shared: Option<SharedCache>,
-    ) -> Self {
-        let clients = clients
-            .iter()
-            .filter_map(|c| {
-                let policy = Policy {
-                    name: Arc::from(c.name.as_str()),
-                    scopes: c.scopes.clone(),
-                    allowed_types: c.allowed_types.clone(),
-                    allowed_domains: c.allowed_email_domains.as_ref().map(|domains| {
-                        domains
-                            .iter()
-                            .map(|d| d.trim_start_matches('.').to_lowercase())
-                            .collect()
-                    }),
-                    limit: c
-                        .rate_limit_per_minute
-                        .map(|limit| (limit, per_minute(limit))),
-                    shared: shared.clone(),
-                };
-                Some((Caller(Arc::new(policy)), c.key_digest()?))
-            })
-            .collect();
-        let anonymous = allow_anonymous.then(|| {
-            Caller(Arc::new(Policy {
+    pub fn new(clients: &[ClientSettings], allow_anonymous: bool) -> Self {
+        let mut callers = Self {
+            keyed: Vec::new(),
+            by_account: HashMap::new(),
+            by_namespace: HashMap::new(),
+            verifier: None,
+            anonymous: None,
+            shared: None,
+        };
+        for client in clients {
+            let policy = Arc::new(Policy {
+                name: Arc::from(client.name.as_str()),
+                scopes: client.scopes.clone(),
+                allowed_types: client.allowed_types.clone(),
+                allowed_domains: client.allowed_email_domains.as_ref().map(|domains| {
+                    domains
+                        .iter()
+                        .map(|d| d.trim_start_matches('.').to_lowercase())
+                        .collect()
+                }),
+                limit: client
+                    .rate_limit_per_minute
+                    .map(|limit| (limit, per_minute(limit))),
+            });
+            if let Some(digest) = client.key_digest() {
+                callers.keyed.push((policy.clone(), digest));
+            }
+            for account in &client.service_accounts {
+                match account.split_once(':') {
+                    Some((namespace, "*")) => {
+                        callers
+                            .by_namespace
+                            .insert(namespace.to_owned(), policy.clone());
+                    }
+                    _ => {
+                        callers.by_account.insert(account.clone(), policy.clone());
+                    }
+                }
+            }
+        }
+        callers.anonymous = allow_anonymous.then(|| {
+            Arc::new(Policy {
                 name: Arc::from(ANONYMOUS),
                 scopes: Scope::ALL.to_vec(),
                 allowed_types: None,
                 allowed_domains: None,
                 limit: None,
-                shared: None,
-            }))
+            })
         });
-        Self { clients, anonymous }
+        callers
     }
 
-    /// Finds the caller presenting `authorization` (the header value, if any).
-    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Caller, ApiError> {
+    /// Rate limits hold for the whole fleet through `shared` while it answers.
+    pub fn with_shared(mut self, shared: Option<SharedCache>) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// Service-account tokens are verified by `verifier`.
+    pub fn with_verifier(mut self, verifier: Option<Arc<Verifier>>) -> Self {
+        self.verifier = verifier;
+        self
+    }
+
+    /// Finds the caller presenting `authorization` (the header value, if any):
+    /// 401 for a missing, unknown or unverifiable credential; 403 for a valid
+    /// service-account token that no client names.
+    pub async fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Caller, ApiError> {
         let Some(value) = authorization else {
-            return self.anonymous.clone().ok_or(ApiError::Unauthorized);
+            return self
+                .anonymous
+                .as_ref()
+                .map(Caller::by_key)
+                .ok_or(ApiError::Unauthorized);
         };
-        let key = bearer_key(value).ok_or(ApiError::Unauthorized)?;
+        let credential = bearer_key(value).ok_or(ApiError::Unauthorized)?;
+        if let Some(verifier) = &self.verifier
+            && looks_like_a_jwt(credential)
+        {
+            let token = std::str::from_utf8(credential).map_err(|_| ApiError::Unauthorized)?;
+            let verified = verifier.verify(token).await.map_err(|rejected| {
+                tracing::debug!(%rejected, "service-account token refused");
+                ApiError::Unauthorized
+            })?;
+            return self.for_service_account(&verified.service_account);
+        }
+        self.by_key(credential)
+    }
+
+    /// The client naming `account` (`namespace:name`), exactly or by `namespace:*`.
+    fn for_service_account(&self, account: &Arc<str>) -> Result<Caller, ApiError> {
+        let namespace = account.split_once(':').map_or("", |(ns, _)| ns);
+        let policy = self
+            .by_account
+            .get(&**account)
+            .or_else(|| self.by_namespace.get(namespace))
+            .ok_or_else(|| {
+                ApiError::Forbidden("this service account is not a caller of this service".into())
+            })?;
+        Ok(Caller {
+            policy: policy.clone(),
+            service_account: Some(account.clone()),
+        })
+    }
+
+    fn by_key(&self, key: &[u8]) -> Result<Caller, ApiError> {
         let presented: [u8; 32] = Sha256::digest(key).into();
         // Every digest is compared, so timing does not tell which (or whether) one matched.
         let mut found = subtle::Choice::from(0);
         let mut index = 0u32;
-        for (i, (_, digest)) in self.clients.iter().enumerate() {
+        for (i, (_, digest)) in self.keyed.iter().enumerate() {
             let matches = digest.ct_eq(&presented);
             index.conditional_assign(&(i as u32), matches);
             found |= matches;
         }
         if bool::from(found) {
-            Ok(self.clients[index as usize].0.clone())
+            Ok(Caller::by_key(&self.keyed[index as usize].0))
         } else {
             Err(ApiError::Unauthorized)
         }
     }
+
+    /// Takes one request from `caller`'s rate limit: the fleet's when Redis
+    /// is shared and answering, else this replica's.
+    async fn admit(&self, caller: &Caller) -> Result<(), ApiError> {
+        let Some((per_minute, limiter)) = &caller.policy.limit else {
+            return Ok(());
+        };
+        let fleet = match &self.shared {
+            Some(shared) => shared.admit(&caller.policy.name, *per_minute).await,
+            None => None,
+        };
+        let verdict = fleet.unwrap_or_else(|| {
+            limiter
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+        });
+        verdict.map_err(|wait| ApiError::RateLimited {
+            retry_after_secs: whole_seconds(wait),
+        })
+    }
+}
+
+/// Three base64url parts joined by dots, the first a JSON object: a JWT, not a key.
+fn looks_like_a_jwt(credential: &[u8]) -> bool {
+    credential.starts_with(b"eyJ") && credential.iter().filter(|b| **b == b'.').count() == 2
 }
 
 fn per_minute(limit: NonZeroU32) -> DefaultDirectRateLimiter {
@@ -223,12 +317,12 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
-        let caller = state.callers.authenticate(header)?;
+        let caller = state.callers.authenticate(header).await?;
         tracing::Span::current().record("client", &**caller.name());
         if let Some(slot) = parts.extensions.get::<CallerSlot>() {
             let _ = slot.0.set(caller.name().clone());
         }
-        caller.admit().await?;
+        state.callers.admit(&caller).await?;
         Ok(caller)
     }
 }
@@ -253,7 +347,6 @@ mod tests {
                 restricted,
             ],
             false,
-            None,
         )
     }
 
@@ -264,21 +357,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_matching_client_is_found() {
+    #[tokio::test]
+    async fn the_matching_client_is_found() {
         let c = callers();
         assert_eq!(
-            &**c.authenticate(Some(b"Bearer admin-key")).unwrap().name(),
+            &**c.authenticate(Some(b"Bearer admin-key"))
+                .await
+                .unwrap()
+                .name(),
             "admin"
         );
         assert_eq!(
-            &**c.authenticate(Some(b"bearer reader-key")).unwrap().name(),
+            &**c.authenticate(Some(b"bearer reader-key"))
+                .await
+                .unwrap()
+                .name(),
             "reader"
         );
     }
 
-    #[test]
-    fn unknown_malformed_and_missing_keys_are_refused() {
+    #[tokio::test]
+    async fn unknown_malformed_and_missing_keys_are_refused() {
         let c = callers();
         for header in [
             &b"Bearer wrong"[..],
@@ -288,22 +387,25 @@ mod tests {
             b"reader-key",
         ] {
             assert_eq!(
-                c.authenticate(Some(header)).unwrap_err(),
+                c.authenticate(Some(header)).await.unwrap_err(),
                 ApiError::Unauthorized
             );
         }
-        assert_eq!(c.authenticate(None).unwrap_err(), ApiError::Unauthorized);
+        assert_eq!(
+            c.authenticate(None).await.unwrap_err(),
+            ApiError::Unauthorized
+        );
     }
 
-    #[test]
-    fn anonymous_has_every_scope_but_a_presented_key_is_still_checked() {
-        let c = Callers::new(&[], true, None);
-        let anon = c.authenticate(None).unwrap();
+    #[tokio::test]
+    async fn anonymous_has_every_scope_but_a_presented_key_is_still_checked() {
+        let c = Callers::new(&[], true);
+        let anon = c.authenticate(None).await.unwrap();
         assert_eq!(&**anon.name(), ANONYMOUS);
         let customer = Identity::Customer(UserId::parse("c1").unwrap());
         assert!(anon.authorize(Action::Read, &customer).is_ok());
         assert!(anon.authorize(Action::Invalidate, &customer).is_ok());
-        assert!(c.authenticate(Some(b"Bearer whatever")).is_err());
+        assert!(c.authenticate(Some(b"Bearer whatever")).await.is_err());
     }
 
     #[test]
@@ -316,10 +418,13 @@ mod tests {
         assert!(!domain_admits("example.com", "example.co"));
     }
 
-    #[test]
-    fn policy_refusals_name_the_rule() {
+    #[tokio::test]
+    async fn policy_refusals_name_the_rule() {
         let c = callers();
-        let restricted = c.authenticate(Some(b"Bearer restricted-key")).unwrap();
+        let restricted = c
+            .authenticate(Some(b"Bearer restricted-key"))
+            .await
+            .unwrap();
         assert!(
             restricted
                 .authorize(Action::Read, &member("a@eu.EXAMPLE.com", UserType::Agent))
@@ -343,11 +448,11 @@ mod tests {
     async fn the_rate_limit_refuses_beyond_the_burst_with_a_wait() {
         let mut limited = client("limited", "limited-key", vec![Scope::TokensRead]);
         limited.rate_limit_per_minute = NonZeroU32::new(2);
-        let c = Callers::new(&[limited], false, None);
-        let caller = c.authenticate(Some(b"Bearer limited-key")).unwrap();
-        assert!(caller.admit().await.is_ok());
-        assert!(caller.admit().await.is_ok());
-        let Err(ApiError::RateLimited { retry_after_secs }) = caller.admit().await else {
+        let c = Callers::new(&[limited], false);
+        let caller = c.authenticate(Some(b"Bearer limited-key")).await.unwrap();
+        assert!(c.admit(&caller).await.is_ok());
+        assert!(c.admit(&caller).await.is_ok());
+        let Err(ApiError::RateLimited { retry_after_secs }) = c.admit(&caller).await else {
             panic!("third request in a minute should be limited");
         };
         assert!((1..=30).contains(&retry_after_secs), "{retry_after_secs}");

@@ -3,13 +3,15 @@
 
 use axum::Extension;
 use axum::Json;
-use axum::extract::{RawQuery, State};
+use axum::extract::{FromRequestParts, RawQuery, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use std::time::Duration;
 
+use crate::audit::Actor;
 use crate::broker::{BrokerError, Issued};
 use crate::domain::Identity;
 use crate::http::AppState;
@@ -26,6 +28,30 @@ static VENDOR_ERRORS: Throttle = Throttle::every(Duration::from_secs(10));
 
 /// `X-Cache`: where the token came from.
 pub const X_CACHE: &str = "x-cache";
+
+/// Whether the request says `Cache-Control: no-cache` (or `max-age=0`): the
+/// caller wants an answer from the vendor, not from the cache (SPEC §4).
+#[derive(Debug, Clone, Copy)]
+pub struct Revalidate(pub bool);
+
+impl<S: Send + Sync> FromRequestParts<S> for Revalidate {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let revalidate = parts
+            .headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            .any(|directive| {
+                directive.eq_ignore_ascii_case("no-cache")
+                    || directive.eq_ignore_ascii_case("max-age=0")
+            });
+        Ok(Revalidate(revalidate))
+    }
+}
 
 /// A token, with the identity it belongs to (`email` + `type`, or `user_id`).
 #[derive(Serialize, utoipa::ToSchema)]
@@ -88,11 +114,12 @@ pub struct VendorToken<'a> {
 pub async fn get_token(
     State(state): State<AppState>,
     caller: Caller,
+    revalidate: Revalidate,
     Extension(request_id): Extension<RequestId>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let identity = query::identity(raw.as_deref(), query::V1)?;
-    let issued = lookup(&state, &caller, &identity).await?;
+    let issued = lookup(&state, &caller, &identity, revalidate).await?;
     if !issued.active {
         return Err(ApiError::TokenInactive);
     }
@@ -136,11 +163,12 @@ pub async fn get_token(
 pub async fn get_vendor_token(
     State(state): State<AppState>,
     caller: Caller,
+    revalidate: Revalidate,
     Extension(request_id): Extension<RequestId>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let identity = query::identity(raw.as_deref(), query::VENDOR)?;
-    let issued = lookup(&state, &caller, &identity).await?;
+    let issued = lookup(&state, &caller, &identity, revalidate).await?;
     audit_issued(&state, &caller, &identity, &issued, &request_id);
     let body = VendorBody {
         success: true,
@@ -180,7 +208,7 @@ pub async fn delete_token(
     state.broker.invalidate(&identity).await;
     state
         .auditor
-        .invalidated(caller.name(), &identity, request_id.as_str());
+        .invalidated(&actor(&caller, &request_id), &identity);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -192,21 +220,34 @@ fn audit_issued(
     request_id: &RequestId,
 ) {
     state.auditor.issued(
-        caller.name(),
+        &actor(caller, request_id),
         identity,
         issued.cache.as_str(),
         issued.active,
-        request_id.as_str(),
     );
+}
+
+fn actor<'a>(caller: &'a Caller, request_id: &'a RequestId) -> Actor<'a> {
+    Actor {
+        caller: caller.name(),
+        service_account: caller.service_account(),
+        request_id: request_id.as_str(),
+    }
 }
 
 async fn lookup(
     state: &AppState,
     caller: &Caller,
     identity: &Identity,
+    Revalidate(revalidate): Revalidate,
 ) -> Result<Issued, ApiError> {
     caller.authorize(Action::Read, identity)?;
-    state.broker.lookup(identity).await.map_err(|error| {
+    let answer = if revalidate {
+        state.broker.revalidate(identity).await
+    } else {
+        state.broker.lookup(identity).await
+    };
+    answer.map_err(|error| {
         // Per request only at debug: during an outage every miss fails, and
         // the metrics count them; a warning at most every ten seconds.
         if !matches!(error, BrokerError::Upstream(UpstreamError::NotFound))

@@ -114,6 +114,7 @@ pub struct Metrics {
     pub client_requests: Family<ClientLabels, Counter>,
     pub partner_key_reloads: Family<ResultLabels, Counter>,
     pub connections_shed: Family<ListenerLabels, Counter>,
+    pub service_account_tokens: Family<ResultLabels, Counter>,
     pub shared_cache_up: Gauge,
     pub shared_cache_operations: Family<OperationLabels, Counter>,
 }
@@ -205,6 +206,15 @@ impl Metrics {
             "Connections refused with 503 because server.max_connections were open",
             connections_shed.clone(),
         );
+        let service_account_tokens = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "service_account_tokens",
+            "Service-account bearer tokens: verified (a signature check), cached (seen before), rejected",
+            service_account_tokens.clone(),
+        );
+        for result in ["verified", "cached", "rejected"] {
+            let _ = service_account_tokens.get_or_create(&ResultLabels { result });
+        }
         let shared_cache_up = Gauge::default();
         let shared_cache_operations = Family::<OperationLabels, Counter>::default();
         if shared_cache {
@@ -250,9 +260,16 @@ impl Metrics {
             client_requests,
             partner_key_reloads,
             connections_shed,
+            service_account_tokens,
             shared_cache_up,
             shared_cache_operations,
         }
+    }
+
+    pub fn service_account_token(&self, result: &'static str) {
+        self.service_account_tokens
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     pub fn shared_cache_operation(&self, op: &'static str, result: &'static str) {

@@ -5,21 +5,16 @@
 //! the key they started with. A file that turns empty or unreadable keeps the
 //! current key and logs an error.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::config::{ConfigError, UpstreamSettings, read_key_file};
 use crate::telemetry::metrics::{Metrics, ResultLabels};
-
-/// Lets a burst of file-system events (a Secret update makes several) settle.
-const SETTLE: Duration = Duration::from_millis(50);
+use crate::watch::{self, FileWatch};
 
 /// What a reload did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,29 +97,15 @@ impl PartnerKey {
     /// returned value is dropped.
     pub fn spawn_reloaders(self: &Arc<Self>) -> std::io::Result<Reloaders> {
         let mut tasks = Vec::new();
-        let mut watcher = None;
-        if let Some(path) = &self.file {
-            let (changed, mut changes) = mpsc::unbounded_channel::<()>();
-            let mut directory =
-                notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                    if event.is_ok() {
-                        let _ = changed.send(());
-                    }
-                })
-                .map_err(std::io::Error::other)?;
-            directory
-                .watch(watched_dir(path), RecursiveMode::NonRecursive)
-                .map_err(std::io::Error::other)?;
-            let key = self.clone();
-            tasks.push(tokio::spawn(async move {
-                while changes.recv().await.is_some() {
-                    tokio::time::sleep(SETTLE).await;
-                    while changes.try_recv().is_ok() {}
+        let watcher = match &self.file {
+            Some(path) => {
+                let key = self.clone();
+                Some(watch::on_change(path, move || {
                     key.reload();
-                }
-            }));
-            watcher = Some(directory);
-        }
+                })?)
+            }
+            None => None,
+        };
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
@@ -150,17 +131,9 @@ impl PartnerKey {
     }
 }
 
-/// The directory to watch: the file's parent, or `.` for a bare file name.
-fn watched_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    }
-}
-
 /// The background reloaders; dropping this stops them.
 pub struct Reloaders {
-    _watcher: Option<RecommendedWatcher>,
+    _watcher: Option<FileWatch>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -175,6 +148,7 @@ impl Drop for Reloaders {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn settings(file: &Path) -> UpstreamSettings {
         let mut settings = crate::config::Settings::load(&Default::default())

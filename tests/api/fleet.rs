@@ -603,3 +603,26 @@ async fn with_redis_killed_replicas_keep_answering_say_so_once_and_share_again_a
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_revalidation_interval_holds_across_replicas() {
+    let Some(fleet) = Fleet::start(2, "[cache]\nrevalidate_min_interval = \"5s\"\n").await else {
+        return;
+    };
+    let (a, b) = (&fleet.replicas[0], &fleet.replicas[1]);
+    let no_cache = |replica: &TestApp| {
+        replica
+            .http
+            .get(replica.url(&format!("/v1/tokens?{}", alice())))
+            .bearer_auth(READER_KEY)
+            .header("cache-control", "no-cache")
+            .send()
+    };
+    token_of(a.get_token(&alice()).await).await;
+    assert_eq!(
+        token_of(no_cache(b).await.unwrap()).await.1,
+        "hit",
+        "another replica's answer, younger than the interval"
+    );
+    assert_eq!(fleet.sim.calls(), 1);
+}

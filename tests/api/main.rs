@@ -14,6 +14,7 @@ mod process;
 mod resilience;
 mod review;
 mod rotation;
+mod service_accounts;
 mod tokens;
 mod traces;
 mod upstream_failures;

@@ -605,7 +605,41 @@ async fn bad_configuration_exits_2_naming_the_key() {
     let valid = format!("[upstream]\npartner_key = \"{PARTNER_KEY}\"\n");
     // (case, config file, environment, the key the message must name)
     type Case<'a> = (&'a str, String, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 13] = [
+    let cases: [Case; 17] = [
+        (
+            "service accounts without an issuer",
+            format!(
+                "{valid}[[clients]]\nname = \"sa\"\nservice_accounts = [\"inbox:app\"]\nscopes = [\"tokens:read\"]\n"
+            ),
+            &[],
+            "auth.kubernetes.issuer",
+        ),
+        (
+            "a malformed service account",
+            format!(
+                "{valid}[auth.kubernetes]\nissuer = \"https://k\"\njwks_file = \"/nonexistent\"\n[[clients]]\nname = \"sa\"\nservice_accounts = [\"Inbox/App\"]\nscopes = [\"tokens:read\"]\n"
+            ),
+            &[],
+            "clients[0].service_accounts[0]",
+        ),
+        (
+            "a JWKS URL without TLS",
+            format!(
+                "{valid}{}[auth.kubernetes]\nissuer = \"https://k\"\njwks_url = \"http://kubernetes.default.svc/openid/v1/jwks\"\n",
+                clients_toml()
+            ),
+            &[],
+            "auth.kubernetes.jwks_url",
+        ),
+        (
+            "an unreadable JWKS file",
+            format!(
+                "{valid}{}[auth.kubernetes]\nissuer = \"https://k\"\njwks_file = \"/nonexistent/jwks.json\"\n",
+                clients_toml()
+            ),
+            &[],
+            "auth.kubernetes.jwks_file",
+        ),
         (
             "plain http to a remote vendor",
             format!(

@@ -345,3 +345,98 @@ async fn client_requests_are_counted_per_caller_and_result() {
         1.0
     );
 }
+
+/// A broker whose `no-cache` answers may be 300 ms old.
+async fn revalidating_app() -> TestApp {
+    TestApp::builder()
+        .config("[cache]\nrevalidate_min_interval = \"300ms\"\n")
+        .spawn()
+        .await
+}
+
+async fn get_no_cache(app: &TestApp, query: &str) -> reqwest::Response {
+    app.http
+        .get(app.url(&format!("/v1/tokens?{query}")))
+        .bearer_auth(READER_KEY)
+        .header("cache-control", "no-cache")
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn token_and_cache(response: reqwest::Response) -> (String, String) {
+    assert_eq!(response.status(), 200);
+    let cache = response.headers()["x-cache"].to_str().unwrap().to_owned();
+    let body: serde_json::Value = response.json().await.unwrap();
+    (body["token"].as_str().unwrap().to_owned(), cache)
+}
+
+#[tokio::test]
+async fn no_cache_fetches_anew_where_a_plain_get_keeps_the_cached_token() {
+    let app = revalidating_app().await;
+    let query = member_query(ALICE, "AGENT");
+    app.get_token(&query).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    app.sim
+        .add_team_member(ALICE, UserType::Agent, "tok-alice-regenerated");
+
+    let plain = token_and_cache(app.get_token(&query).await).await;
+    let fresh = token_and_cache(get_no_cache(&app, &query).await).await;
+    let max_age_zero = app
+        .http
+        .get(app.url(&format!("/ext/get-user-token?{query}")))
+        .bearer_auth(READER_KEY)
+        .header("cache-control", "max-age=0")
+        .send()
+        .await
+        .unwrap();
+    let after = token_and_cache(app.get_token(&query).await).await;
+
+    assert_eq!(plain, (ALICE_AGENT_TOKEN.into(), "hit".into()));
+    assert_eq!(fresh, ("tok-alice-regenerated".into(), "miss".into()));
+    assert_eq!(
+        max_age_zero.headers()["x-cache"],
+        "hit",
+        "within the interval the recent answer is returned"
+    );
+    let age: u64 = max_age_zero.headers()["age"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(age, 0);
+    assert_eq!(after, ("tok-alice-regenerated".into(), "hit".into()));
+    assert_eq!(app.sim.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_no_cache_requests_share_one_vendor_call() {
+    let app = revalidating_app().await;
+    let query = member_query(ALICE, "AGENT");
+    app.get_token(&query).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    app.sim.set_latency(Duration::from_millis(200));
+
+    let answers = futures::future::join_all((0..50).map(|_| get_no_cache(&app, &query))).await;
+
+    for answer in answers {
+        assert_eq!(answer.status(), 200);
+    }
+    assert_eq!(app.sim.calls(), 2, "one revalidation for 50 callers");
+}
+
+#[tokio::test]
+async fn a_no_cache_get_of_a_now_inactive_token_is_a_409_and_drops_the_entry() {
+    let app = revalidating_app().await;
+    let query = member_query(ALICE, "AGENT");
+    app.get_token(&query).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    app.sim
+        .add_inactive_team_member(ALICE, UserType::Agent, ALICE_AGENT_TOKEN);
+
+    problem(get_no_cache(&app, &query).await, 409).await;
+    let next = app.get_token(&query).await;
+
+    problem(next, 409).await;
+    assert_eq!(app.sim.calls(), 3, "the next plain GET asked the vendor");
+}

@@ -1,0 +1,367 @@
+//! Kubernetes service-account tokens as caller credentials (SPEC §11).
+//!
+//! A projected service-account token is a JWT the cluster signed. It is
+//! verified offline against the cluster's JWKS (from `auth.kubernetes.jwks_file`,
+//! re-read when it changes, or `jwks_url`, fetched every `jwks_refresh`):
+//! RS256 or ES256 only, the key chosen by `kid`, `iss` and `aud` as
+//! configured, `exp` and `nbf` with 60 s leeway. An unknown `kid` re-reads
+//! the JWKS at most once per 30 s. A verified token is remembered until its
+//! `exp`, keyed by its SHA-256, so a hit costs one hash and no signature check.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::config::{ConfigError, KubernetesSettings};
+use crate::telemetry::metrics::Metrics;
+use crate::watch::{self, FileWatch};
+
+/// Clock skew allowed on `exp` and `nbf`.
+pub const LEEWAY: Duration = Duration::from_secs(60);
+/// The least time between two JWKS reloads caused by unknown `kid`s.
+const UNKNOWN_KID_RELOAD: Duration = Duration::from_secs(30);
+/// Verified tokens remembered at once.
+const VERIFIED_CAPACITY: u64 = 10_000;
+/// Largest JWKS read.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+/// What a service account's `sub` starts with.
+const SUBJECT_PREFIX: &str = "system:serviceaccount:";
+
+/// Why a bearer token was not accepted; the caller sees only a 401.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("service-account token refused: {0}")]
+pub struct Rejected(pub String);
+
+/// A token that passed verification: whose it is and until when.
+#[derive(Debug)]
+pub struct Verified {
+    /// `namespace:name`.
+    pub service_account: Arc<str>,
+    expires: SystemTime,
+}
+
+#[derive(serde::Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+}
+
+/// A signing key of the cluster.
+struct Key {
+    decoding: DecodingKey,
+    algorithm: Algorithm,
+}
+
+enum Source {
+    File(PathBuf),
+    Url {
+        http: reqwest::Client,
+        url: Url,
+        token_file: Option<PathBuf>,
+    },
+}
+
+/// Verifies service-account tokens; shared by every request.
+pub struct Verifier {
+    issuer: String,
+    audiences: Vec<String>,
+    keys: ArcSwap<HashMap<String, Key>>,
+    source: Source,
+    refresh: Duration,
+    last_unknown_kid_reload: Mutex<Option<Instant>>,
+    verified: moka::sync::Cache<[u8; 32], Arc<Verified>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Verifier {
+    /// The verifier `settings` ask for, if any: a JWKS file must be readable
+    /// and hold a key now; a JWKS URL is fetched by `spawn_refresh`, so a slow
+    /// API server never holds up the start.
+    pub async fn from_settings(
+        settings: &KubernetesSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Option<Arc<Self>>, ConfigError> {
+        let Some(issuer) = &settings.issuer else {
+            return Ok(None);
+        };
+        let source = match (&settings.jwks_file, &settings.jwks_url) {
+            (Some(path), None) => Source::File(path.clone()),
+            (None, Some(url)) => Source::Url {
+                http: jwks_client(settings)?,
+                url: url.clone(),
+                token_file: settings.jwks_token_file.clone(),
+            },
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "auth.kubernetes.jwks_file".into(),
+                    message: "set exactly one of auth.kubernetes.jwks_file and jwks_url".into(),
+                });
+            }
+        };
+        let verifier = Arc::new(Self {
+            issuer: issuer.clone(),
+            audiences: settings.audiences.clone(),
+            keys: ArcSwap::from_pointee(HashMap::new()),
+            source,
+            refresh: settings.jwks_refresh,
+            last_unknown_kid_reload: Mutex::new(None),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_CAPACITY)
+                .time_to_live(Duration::from_secs(24 * 3600))
+                .build(),
+            metrics,
+        });
+        if let Source::File(_) = verifier.source {
+            verifier
+                .reload()
+                .await
+                .map_err(|message| ConfigError::Invalid {
+                    key: "auth.kubernetes.jwks_file".into(),
+                    message,
+                })?;
+        }
+        Ok(Some(verifier))
+    }
+
+    /// Keeps the keys current: the file re-read when it changes, or the URL
+    /// fetched every `jwks_refresh`, until `stop`.
+    pub fn spawn_refresh(
+        self: &Arc<Self>,
+        stop: CancellationToken,
+    ) -> std::io::Result<Option<FileWatch>> {
+        let verifier = self.clone();
+        match &self.source {
+            Source::File(path) => {
+                let watch = watch::on_change(path, move || {
+                    let verifier = verifier.clone();
+                    tokio::spawn(async move { verifier.reload_and_log().await });
+                })?;
+                Ok(Some(watch))
+            }
+            Source::Url { .. } => {
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = verifier.reload_and_log() => {}
+                        }
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(verifier.refresh) => {}
+                        }
+                    }
+                });
+                Ok(None)
+            }
+        }
+    }
+
+    /// Checks `token`; a token seen before is answered from memory until its `exp`.
+    pub async fn verify(&self, token: &str) -> Result<Arc<Verified>, Rejected> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(verified) = self.verified.get(&digest) {
+            if verified.expires + LEEWAY > SystemTime::now() {
+                self.metrics.service_account_token("cached");
+                return Ok(verified);
+            }
+            self.verified.invalidate(&digest);
+        }
+        let result = self.verify_signed(token).await;
+        self.metrics.service_account_token(match result {
+            Ok(_) => "verified",
+            Err(_) => "rejected",
+        });
+        let verified = Arc::new(result?);
+        self.verified.insert(digest, verified.clone());
+        Ok(verified)
+    }
+
+    async fn verify_signed(&self, token: &str) -> Result<Verified, Rejected> {
+        let reject = |why: &str| Rejected(why.to_owned());
+        let header = jsonwebtoken::decode_header(token).map_err(|_| reject("not a JWT"))?;
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+            return Err(reject("only RS256 and ES256 are accepted"));
+        }
+        let kid = header.kid.unwrap_or_default();
+        if !self.keys.load().contains_key(&kid) && self.may_reload_for_unknown_kid() {
+            self.reload_and_log().await;
+        }
+        let keys = self.keys.load();
+        let key = keys.get(&kid).ok_or_else(|| reject("unknown kid"))?;
+        if key.algorithm != header.alg {
+            return Err(reject("alg does not match the key"));
+        }
+        let mut validation = Validation::new(key.algorithm);
+        validation.leeway = LEEWAY.as_secs();
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&self.audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
+            .map_err(|e| Rejected(format!("{:?}", e.kind())))?
+            .claims;
+        let service_account = claims
+            .sub
+            .strip_prefix(SUBJECT_PREFIX)
+            .filter(|account| account.split(':').count() == 2)
+            .ok_or_else(|| reject("sub is not a service account"))?;
+        Ok(Verified {
+            service_account: Arc::from(service_account),
+            expires: UNIX_EPOCH + Duration::from_secs(claims.exp),
+        })
+    }
+
+    /// True for the first unknown `kid` in each `UNKNOWN_KID_RELOAD`.
+    fn may_reload_for_unknown_kid(&self) -> bool {
+        let mut last = self
+            .last_unknown_kid_reload
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let due = last.is_none_or(|at| at.elapsed() >= UNKNOWN_KID_RELOAD);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
+    }
+
+    async fn reload_and_log(&self) {
+        match self.reload().await {
+            Ok(count) => tracing::info!(keys = count, "cluster JWKS loaded"),
+            Err(message) => {
+                tracing::warn!(%message, "cannot reload the cluster's JWKS; keeping the keys it had")
+            }
+        }
+    }
+
+    /// Reads the JWKS and swaps the keys in; returns how many it holds.
+    async fn reload(&self) -> Result<usize, String> {
+        let text = match &self.source {
+            Source::File(path) => read_jwks_file(path)?,
+            Source::Url {
+                http,
+                url,
+                token_file,
+            } => fetch_jwks(http, url, token_file.as_deref()).await?,
+        };
+        let keys = parse_jwks(&text)?;
+        let count = keys.len();
+        self.keys.store(Arc::new(keys));
+        Ok(count)
+    }
+}
+
+fn read_jwks_file(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))
+}
+
+async fn fetch_jwks(
+    http: &reqwest::Client,
+    url: &Url,
+    token_file: Option<&Path>,
+) -> Result<String, String> {
+    let mut request = http.get(url.clone());
+    if let Some(path) = token_file {
+        // Re-read each time: kubelet rotates projected tokens.
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))?;
+        request = request.bearer_auth(token.trim());
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("JWKS request failed: {}", e.without_url()))?;
+    if !response.status().is_success() {
+        return Err(format!("JWKS request answered {}", response.status()));
+    }
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| format!("JWKS body: {}", e.without_url()))?;
+    if body.len() > MAX_JWKS_BYTES {
+        return Err("JWKS larger than 256 KiB".into());
+    }
+    String::from_utf8(body.to_vec()).map_err(|_| "JWKS is not UTF-8".into())
+}
+
+/// The RS256 and ES256 (P-256) signing keys of a JWKS, by `kid`.
+fn parse_jwks(text: &str) -> Result<HashMap<String, Key>, String> {
+    let set: JwkSet =
+        serde_json::from_str(text).map_err(|e| format!("not a JWKS ({:?} error)", e.classify()))?;
+    let mut keys = HashMap::new();
+    for jwk in &set.keys {
+        let algorithm = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
+                Algorithm::ES256
+            }
+            _ => continue,
+        };
+        let declared = jwk
+            .common
+            .key_algorithm
+            .and_then(|a| a.to_string().parse::<Algorithm>().ok());
+        if declared.is_some_and(|declared| declared != algorithm) {
+            continue;
+        }
+        let Ok(decoding) = DecodingKey::from_jwk(jwk) else {
+            continue;
+        };
+        let kid = jwk.common.key_id.clone().unwrap_or_default();
+        keys.insert(
+            kid,
+            Key {
+                decoding,
+                algorithm,
+            },
+        );
+    }
+    if keys.is_empty() {
+        return Err("the JWKS holds no RS256 or ES256 signing key".into());
+    }
+    Ok(keys)
+}
+
+/// The client for `jwks_url`: HTTPS, trusting `jwks_ca_file` when given.
+fn jwks_client(settings: &KubernetesSettings) -> Result<reqwest::Client, ConfigError> {
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        key: key.into(),
+        message,
+    };
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .https_only(true)
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(path) = &settings.jwks_ca_file {
+        let pem = std::fs::read(path).map_err(|e| {
+            invalid(
+                "auth.kubernetes.jwks_ca_file",
+                format!("cannot read {}: {}", path.display(), e.kind()),
+            )
+        })?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|_| {
+            invalid(
+                "auth.kubernetes.jwks_ca_file",
+                format!("{} holds no PEM certificate", path.display()),
+            )
+        })?;
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder.build().map_err(|e| {
+        invalid(
+            "auth.kubernetes.jwks_url",
+            format!("cannot build a client: {e}"),
+        )
+    })
+}

@@ -1,0 +1,444 @@
+//! Callers known to the cluster (SPEC §11): Kubernetes service-account
+//! tokens, signed with RSA and EC keys the tests make, against a JWKS file.
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+
+use crate::helpers::*;
+
+const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// A signing key and its public JWK.
+struct SigningKey {
+    kid: &'static str,
+    algorithm: Algorithm,
+    encoding: EncodingKey,
+    jwk: Jwk,
+}
+
+/// A private key in DER, made by the `openssl` command line.
+fn openssl_der(generate: &[&str], convert: &[&str]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("key.pem");
+    let der = dir.path().join("key.der");
+    let run = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .status()
+            .expect("openssl runs");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    // `-out` right after the command: genrsa wants the key size last.
+    let mut args = vec![generate[0], "-out", pem.to_str().unwrap()];
+    args.extend(&generate[1..]);
+    run(&args);
+    let mut args = convert.to_vec();
+    args.extend([
+        "-in",
+        pem.to_str().unwrap(),
+        "-outform",
+        "DER",
+        "-out",
+        der.to_str().unwrap(),
+    ]);
+    run(&args);
+    std::fs::read(der).unwrap()
+}
+
+fn keys() -> &'static [SigningKey; 3] {
+    static KEYS: OnceLock<[SigningKey; 3]> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let rsa = |kid: &'static str| {
+            let der = openssl_der(
+                &["genrsa", "-traditional", "2048"],
+                &["rsa", "-traditional"],
+            );
+            let encoding = EncodingKey::from_rsa_der(&der);
+            let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::RS256).unwrap();
+            jwk.common.key_id = Some(kid.to_string());
+            SigningKey {
+                kid,
+                algorithm: Algorithm::RS256,
+                encoding,
+                jwk,
+            }
+        };
+        let der = openssl_der(
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ],
+            &["pkcs8", "-topk8", "-nocrypt"],
+        );
+        let encoding = EncodingKey::from_ec_der(&der);
+        let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::ES256).unwrap();
+        jwk.common.key_id = Some("ec-1".into());
+        [
+            rsa("rsa-1"),
+            SigningKey {
+                kid: "ec-1",
+                algorithm: Algorithm::ES256,
+                encoding,
+                jwk,
+            },
+            rsa("rsa-2"),
+        ]
+    })
+}
+
+fn rsa() -> &'static SigningKey {
+    &keys()[0]
+}
+fn ec() -> &'static SigningKey {
+    &keys()[1]
+}
+fn rotated() -> &'static SigningKey {
+    &keys()[2]
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The claims of a projected token for `account` (`namespace:name`).
+fn claims(account: &str) -> serde_json::Value {
+    json!({
+        "iss": ISSUER,
+        "aud": ["token-broker"],
+        "sub": format!("system:serviceaccount:{account}"),
+        "iat": now(),
+        "nbf": now(),
+        "exp": now() + 600,
+        "jti": token_broker::simulator::random_hex(8),
+    })
+}
+
+fn sign(key: &SigningKey, claims: &serde_json::Value) -> String {
+    let mut header = Header::new(key.algorithm);
+    header.kid = Some(key.kid.into());
+    jsonwebtoken::encode(&header, claims, &key.encoding).unwrap()
+}
+
+fn jwks(keys: &[&SigningKey]) -> String {
+    serde_json::to_string(&JwkSet {
+        keys: keys.iter().map(|k| k.jwk.clone()).collect(),
+    })
+    .unwrap()
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A broker accepting service-account tokens, the JWKS in a file it watches.
+struct Cluster {
+    app: TestApp,
+    jwks_file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn cluster() -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_file = dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks(&[rsa(), ec()])).unwrap();
+    let app = TestApp::builder()
+        .config(&format!(
+            r#"
+[auth.kubernetes]
+issuer = "{ISSUER}"
+jwks_file = {jwks:?}
+
+[[clients]]
+name = "reader"
+key_sha256 = "{reader}"
+scopes = ["tokens:read", "customer_tokens:read"]
+
+[[clients]]
+name = "embedder"
+service_accounts = ["inbox:embedder"]
+scopes = ["tokens:read"]
+allowed_types = ["AGENT"]
+allowed_email_domains = ["example.com"]
+
+[[clients]]
+name = "crm"
+service_accounts = ["crm:*"]
+scopes = ["tokens:read", "customer_tokens:read"]
+"#,
+            jwks = jwks_file.display().to_string(),
+            reader = token_broker::http::auth::key_sha256(READER_KEY),
+        ))
+        .spawn()
+        .await;
+    Cluster {
+        app,
+        jwks_file,
+        _dir: dir,
+    }
+}
+
+impl Cluster {
+    async fn get(&self, bearer: &str, query: &str) -> reqwest::Response {
+        self.app.get_token_as(Some(bearer), query).await
+    }
+}
+
+fn alice() -> String {
+    member_query(ALICE, "AGENT")
+}
+
+#[tokio::test]
+async fn a_valid_service_account_token_is_its_client_in_every_respect() {
+    let cluster = cluster().await;
+    for key in [rsa(), ec()] {
+        let token = sign(key, &claims("inbox:embedder"));
+        let response = cluster.get(&token, &alice()).await;
+        assert_eq!(response.status(), 200, "{:?}", key.algorithm);
+    }
+    assert_eq!(
+        cluster
+            .app
+            .metric(r#"token_broker_client_requests_total{client="embedder",result="ok"}"#)
+            .await,
+        2.0,
+        "metrics name the client"
+    );
+    // The client's policy applies: types, domains and scopes.
+    let token = sign(rsa(), &claims("inbox:embedder"));
+    problem(
+        cluster
+            .get(&token, &member_query(ALICE, "CUSTOM_USER"))
+            .await,
+        403,
+    )
+    .await;
+    problem(
+        cluster
+            .get(&token, &member_query("eve@other.org", "AGENT"))
+            .await,
+        403,
+    )
+    .await;
+    problem(
+        cluster.get(&token, &format!("user_id={CUSTOMER_ID}")).await,
+        403,
+    )
+    .await;
+    // Keys keep working beside it.
+    assert_eq!(cluster.app.get_token(&alice()).await.status(), 200);
+}
+
+#[tokio::test]
+async fn every_forged_or_misfit_token_is_a_401() {
+    let cluster = cluster().await;
+    let good = claims("inbox:embedder");
+    let with = |field: &str, value: serde_json::Value| {
+        let mut claims = good.clone();
+        claims[field] = value;
+        claims
+    };
+    let signed = sign(rsa(), &good);
+    let parts: Vec<&str> = signed.split('.').collect();
+    let mut tampered_payload = good.clone();
+    tampered_payload["sub"] = json!("system:serviceaccount:crm:admin");
+    let tampered_signature = {
+        let mut signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[2])
+            .unwrap();
+        signature[10] ^= 0x55;
+        b64(&signature)
+    };
+    let unknown_kid = {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("nobody-knows".into());
+        jsonwebtoken::encode(&header, &good, &rsa().encoding).unwrap()
+    };
+    let hs256_with_public_key = {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(rsa().kid.into());
+        let secret = serde_json::to_vec(&rsa().jwk).unwrap();
+        jsonwebtoken::encode(&header, &good, &EncodingKey::from_secret(&secret)).unwrap()
+    };
+    let cases = [
+        (
+            "wrong aud",
+            sign(rsa(), &with("aud", json!(["kubernetes"]))),
+        ),
+        (
+            "wrong iss",
+            sign(rsa(), &with("iss", json!("https://other.example"))),
+        ),
+        ("expired", sign(rsa(), &with("exp", json!(now() - 120)))),
+        (
+            "not yet valid",
+            sign(rsa(), &with("nbf", json!(now() + 120))),
+        ),
+        ("no exp", {
+            let mut claims = good.clone();
+            claims.as_object_mut().unwrap().remove("exp");
+            sign(rsa(), &claims)
+        }),
+        (
+            "tampered payload",
+            format!(
+                "{}.{}.{}",
+                parts[0],
+                b64(&serde_json::to_vec(&tampered_payload).unwrap()),
+                parts[2]
+            ),
+        ),
+        (
+            "tampered signature",
+            format!("{}.{}.{tampered_signature}", parts[0], parts[1]),
+        ),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(br#"{"alg":"none","typ":"JWT","kid":"rsa-1"}"#),
+                parts[1]
+            ),
+        ),
+        ("HS256 with the public key as secret", hs256_with_public_key),
+        ("unknown kid", unknown_kid),
+        ("signed by a key not in the JWKS", {
+            let mut header = Header::new(Algorithm::RS256);
+            header.kid = Some(rsa().kid.into());
+            jsonwebtoken::encode(&header, &good, &rotated().encoding).unwrap()
+        }),
+        (
+            "not a service account",
+            sign(rsa(), &with("sub", json!("system:node:worker-1"))),
+        ),
+    ];
+    for (case, token) in cases {
+        let response = cluster.get(&token, &alice()).await;
+        assert_eq!(response.status(), 401, "{case}");
+        assert_eq!(response.headers()["www-authenticate"], "Bearer", "{case}");
+        problem(response, 401).await;
+    }
+    assert_eq!(cluster.app.sim.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_valid_token_no_client_names_is_a_403_and_a_namespace_wildcard_admits_its_own_only() {
+    let cluster = cluster().await;
+    let unnamed = sign(ec(), &claims("inbox:other-app"));
+    problem(cluster.get(&unnamed, &alice()).await, 403).await;
+
+    for name in ["billing", "sync-job"] {
+        let token = sign(ec(), &claims(&format!("crm:{name}")));
+        assert_eq!(cluster.get(&token, &alice()).await.status(), 200, "{name}");
+    }
+    let other_namespace = sign(ec(), &claims("crm-staging:billing"));
+    problem(cluster.get(&other_namespace, &alice()).await, 403).await;
+    assert_eq!(
+        cluster
+            .app
+            .metric(r#"token_broker_client_requests_total{client="crm",result="ok"}"#)
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_jwks_file_is_picked_up_without_restart() {
+    let cluster = cluster().await;
+    assert_eq!(
+        cluster
+            .get(&sign(rsa(), &claims("inbox:embedder")), &alice())
+            .await
+            .status(),
+        200
+    );
+
+    std::fs::write(&cluster.jwks_file, jwks(&[rotated(), ec()])).unwrap();
+
+    // The new key is known (by the watch, or at worst by the unknown-kid reload).
+    let new_key = sign(rotated(), &claims("inbox:embedder"));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while cluster.get(&new_key, &alice()).await.status() != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new key never worked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // A fresh token of the removed key is refused.
+    let old_key = sign(rsa(), &claims("inbox:embedder"));
+    problem(cluster.get(&old_key, &alice()).await, 401).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_with_one_token_verify_its_signature_once() {
+    let cluster = cluster().await;
+    let token = sign(rsa(), &claims("inbox:embedder"));
+    let query = alice();
+    assert_eq!(cluster.get(&token, &query).await.status(), 200);
+    for batch in std::iter::once(99).chain(std::iter::repeat_n(100, 99)) {
+        let statuses =
+            futures::future::join_all((0..batch).map(|_| cluster.get(&token, &query))).await;
+        assert!(statuses.iter().all(|r| r.status() == 200));
+    }
+    let verified = cluster
+        .app
+        .metric(r#"token_broker_service_account_tokens_total{result="verified"}"#)
+        .await;
+    let cached = cluster
+        .app
+        .metric(r#"token_broker_service_account_tokens_total{result="cached"}"#)
+        .await;
+    assert_eq!(
+        (verified, cached),
+        (1.0, 9_999.0),
+        "one signature check for 10,000 hits"
+    );
+}
+
+#[tokio::test]
+async fn the_audit_event_names_the_client_and_the_service_account() {
+    use crate::process::{Running, command, config_file, upstream};
+    let (_sim, upstream) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_file = dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks(&[rsa(), ec()])).unwrap();
+    let extra = format!(
+        "[auth.kubernetes]\nissuer = \"{ISSUER}\"\njwks_file = {:?}\n\n[[clients]]\nname = \"embedder\"\nservice_accounts = [\"inbox:embedder\"]\nscopes = [\"tokens:read\"]\n",
+        jwks_file.display().to_string()
+    );
+    let mut cmd = command();
+    cmd.arg("--config").arg(config_file(&dir, upstream, &extra));
+    let mut broker = Running::start(cmd).await;
+    let token = sign(ec(), &claims("inbox:embedder"));
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/v1/tokens?{}", broker.api, alice()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    broker.stop().await;
+
+    let output = broker.output();
+    let audit: Vec<serde_json::Value> = output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["target"] == "audit")
+        .collect();
+    assert_eq!(audit.len(), 1, "{output}");
+    assert_eq!(audit[0]["caller"], "embedder");
+    assert_eq!(audit[0]["service_account"], "inbox:embedder");
+    assert!(!output.contains(&token), "the token is never logged");
+}
