@@ -66,6 +66,11 @@ def broker(objects):
     return deployment, pod, container, env
 
 
+KUBERNETES_FILES = {
+    "TOKEN_BROKER__AUTH__KUBERNETES__JWKS_CA_FILE": "ca.crt",
+    "TOKEN_BROKER__AUTH__KUBERNETES__JWKS_TOKEN_FILE": "token",
+}
+
 CACHE_FILES = {
     "TOKEN_BROKER__CACHE__ENCRYPTION_KEY_FILE": "encryption-key",
     "TOKEN_BROKER__CACHE__REDIS_PASSWORD_FILE": "redis-password",
@@ -243,6 +248,22 @@ def check_production(objects):
     for alert in ("TokenBrokerUpstreamErrors", "TokenBrokerCircuitOpen", "TokenBroker5xxRising",
                   "TokenBrokerLowHitRatio", "TokenBrokerPodsNotReady", "TokenBrokerSharedCacheDown"):
         check(alert in alerts, f"alert {alert} exists")
+    # Service-account callers: the JWKS from the API server, with a projected
+    # token and CA, and egress to the API server's address only.
+    check(env.get("TOKEN_BROKER__AUTH__KUBERNETES__JWKS_URL", "").startswith("https://"),
+          "production verifies service-account tokens against the cluster's JWKS over HTTPS")
+    check(bool(env.get("TOKEN_BROKER__AUTH__KUBERNETES__ISSUER")), "the service-account issuer is set")
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+    for variable, name in KUBERNETES_FILES.items():
+        path = Path(env.get(variable) or "/missing/file")
+        volume = volumes.get(mounts.get(str(path.parent), {}).get("name"), {})
+        sources = volume.get("projected", {}).get("sources", [])
+        check(path.name == name and any("serviceAccountToken" in s or "configMap" in s for s in sources),
+              f"{variable} is a file of the projected API-server volume")
+    api_egress = one(objects, "NetworkPolicy", "token-broker-kubernetes-api")
+    blocks = [peer.get("ipBlock", {}).get("cidr", "") for r in api_egress.get("spec", {}).get("egress", [])
+              for peer in r.get("to", [])]
+    check(blocks and all(b.endswith("/32") for b in blocks), "API-server egress is to one address only")
     redis_egress = one(objects, "NetworkPolicy", "token-broker-redis")
     check({p["port"] for r in redis_egress.get("spec", {}).get("egress", []) for p in r["ports"]} == {6379},
           "the redis component opens egress to Redis on 6379 only")
@@ -306,6 +327,14 @@ def environment(tmp, config_text, container_env):
     for variable, key in CACHE_FILES.items():
         if variable in env:
             env[variable] = str(tmp / key)
+    if "TOKEN_BROKER__AUTH__KUBERNETES__JWKS_CA_FILE" in env:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-subj", "/CN=check-manifests", "-days", "1",
+                        "-keyout", str(tmp / "ca.key"), "-out", str(tmp / "ca.crt")],
+                       check=True, capture_output=True)
+        (tmp / "token").write_text("check-manifests-token\n")
+        for variable, name in KUBERNETES_FILES.items():
+            env[variable] = str(tmp / name)
     return config_file, env
 
 

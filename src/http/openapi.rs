@@ -23,7 +23,8 @@ pub const OPENAPI_ROUTE: &str = "/openapi.json";
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct V1Query {
-    /// A team member's email: at most 254 bytes, one `@`, a domain with a dot.
+    /// A team member's email: at most 254 bytes; an RFC 5322 dot-atom, `@`,
+    /// a hostname of two or more labels (`xn--` form for international names).
     /// A literal `+` stays `+`. Give it with `type`.
     email: Option<String>,
     /// `AGENT`, `CUSTOM_USER` or `CUSTOMER` (any case). Give it with `email`.
@@ -49,6 +50,19 @@ pub struct VendorQuery {
     user_id: Option<String>,
 }
 
+/// Request headers of the token reads.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct ReadHeaders {
+    /// `no-cache` (or `max-age=0`): answer from a vendor fetch made after this
+    /// request (`X-Cache: miss`), unless the key was fetched less than
+    /// `cache.revalidate_min_interval` ago (that answer, `X-Cache: hit`). For a
+    /// caller whose token BotPenguin just rejected.
+    #[param(rename = "Cache-Control", example = "no-cache")]
+    cache_control: Option<String>,
+}
+
 /// Refusals every token operation can answer with.
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]
@@ -56,10 +70,10 @@ pub enum CallerErrors {
     /// Bad, missing, repeated or unknown parameter
     #[response(status = 400, content_type = "application/problem+json")]
     BadRequest(Problem<'static>),
-    /// Missing or unknown caller key
+    /// Missing or unknown caller key, or a service-account token that fails verification
     #[response(status = 401, content_type = "application/problem+json")]
     Unauthorized(Problem<'static>),
-    /// The caller lacks the scope, type or email domain
+    /// The caller lacks the scope, type or email domain, or no client names its service account
     #[response(status = 403, content_type = "application/problem+json")]
     Forbidden(Problem<'static>),
     /// Caller over its rate limit (`Retry-After`)
@@ -101,6 +115,19 @@ impl Modify for CallerKey {
                         .build(),
                 ),
             );
+            components.add_security_scheme(
+                "service_account",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .bearer_format("JWT")
+                        .description(Some(
+                            "A Kubernetes projected service-account token (audience token-broker) \
+                             whose namespace:name a client lists in service_accounts",
+                        ))
+                        .build(),
+                ),
+            );
         }
     }
 }
@@ -115,7 +142,7 @@ impl Modify for CallerKey {
     paths(tokens::get_token, tokens::delete_token, tokens::get_vendor_token),
     components(schemas(TokenBody, VendorBody, VendorData, VendorToken, Problem)),
     modifiers(&CallerKey),
-    security(("caller_key" = [])),
+    security(("caller_key" = []), ("service_account" = [])),
     tags((name = "tokens", description = "Team-member and customer tokens"))
 )]
 pub struct ApiDoc;

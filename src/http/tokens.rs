@@ -99,7 +99,7 @@ pub struct VendorToken<'a> {
     summary = "Get a team member's or a customer's token",
     description = "Give `email` and `type` (a team member, scope `tokens:read`) or `user_id` \
                    (a customer, scope `customer_tokens:read`). Answered from the cache when fresh.",
-    params(crate::http::openapi::V1Query),
+    params(crate::http::openapi::V1Query, crate::http::openapi::ReadHeaders),
     responses(
         (status = 200, description = "The active token", body = TokenBody, headers(
             ("Cache-Control" = String, description = "Always `no-store`"),
@@ -149,7 +149,7 @@ pub async fn get_token(
     description = "Same path, parameters and 200 body as BotPenguin's, so an app that called the \
                    vendor only changes its base URL and bearer key. An inactive token is passed \
                    through with `active: false`.",
-    params(crate::http::openapi::VendorQuery),
+    params(crate::http::openapi::VendorQuery, crate::http::openapi::ReadHeaders),
     responses(
         (status = 200, description = "The token as the vendor sent it", body = VendorBody, headers(
             ("Cache-Control" = String, description = "Always `no-store`"),
