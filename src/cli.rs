@@ -55,6 +55,12 @@ pub enum Command {
         /// Partner key the simulator accepts.
         #[arg(long, default_value = "demo-partner-key")]
         partner_key: String,
+        /// Added before every answer, e.g. 20ms (a realistic vendor).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        latency: std::time::Duration,
+        /// Also simulate agents user0@example.com … user{N-1}@example.com (for load tests).
+        #[arg(long, default_value_t = 0)]
+        users: usize,
     },
 }
 
@@ -90,7 +96,9 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::SimulateUpstream {
             listen,
             partner_key,
-        } => simulate_upstream(listen, &partner_key).await,
+            latency,
+            users,
+        } => simulate_upstream(listen, &partner_key, latency, users).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -250,14 +258,24 @@ fn hash_key(generate: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn simulate_upstream(listen: SocketAddr, partner_key: &str) -> Result<(), Failure> {
+async fn simulate_upstream(
+    listen: SocketAddr,
+    partner_key: &str,
+    latency: std::time::Duration,
+    users: usize,
+) -> Result<(), Failure> {
     let telemetry = telemetry::init(&load(None)?.log);
     let simulator = Simulator::demo(partner_key);
+    simulator.set_latency(latency);
     let addr = simulator.spawn(listen).await.map_err(other)?;
     println!(
         "simulated BotPenguin at http://{addr}/ext/get-user-token (partner key: {partner_key})\n{}",
         simulator.describe()
     );
+    simulator.add_numbered_agents(users);
+    if users > 0 {
+        println!("  and {users} agents user0@example.com … user{}@example.com", users - 1);
+    }
     shutdown_signal().await;
     telemetry.shutdown().await;
     Ok(())

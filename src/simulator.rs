@@ -121,6 +121,21 @@ impl Simulator {
         sim
     }
 
+    /// Agents `user0@example.com` … `user{n-1}@example.com`, each with a
+    /// random 48-character token (the size of a real one), for load tests.
+    pub fn add_numbered_agents(&self, n: usize) {
+        let mut members = write(&self.state.members);
+        for i in 0..n {
+            members.insert(
+                (format!("user{i}@example.com"), UserType::Agent),
+                SimToken {
+                    key: random_hex(24),
+                    active: true,
+                },
+            );
+        }
+    }
+
     /// A readable list of the simulated users, for `simulate-upstream`.
     pub fn describe(&self) -> String {
         let mut lines: Vec<String> = read(&self.state.members)

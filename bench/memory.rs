@@ -1,0 +1,69 @@
+//! Resident memory of the token cache: RSS with 0, 100k and 1M cached tokens
+//! of realistic size (an email of ~20 bytes, a 48-character token), filled
+//! through `Broker::lookup` from a source that answers at once.
+
+use std::sync::Arc;
+
+use token_broker::broker::{Broker, FetchFuture, TokenSource};
+use token_broker::config::{Settings, Sources};
+use token_broker::domain::{Email, Identity, Token, UserType};
+use token_broker::telemetry::metrics::Metrics;
+use token_broker::upstream::Fetched;
+
+struct Instant;
+
+impl TokenSource for Instant {
+    fn fetch<'a>(&'a self, identity: &'a Identity) -> FetchFuture<'a> {
+        let seed = match identity {
+            Identity::TeamMember { email, .. } => email.as_str().len(),
+            Identity::Customer(id) => id.as_str().len(),
+        };
+        Box::pin(async move {
+            Ok(Fetched {
+                token: Token::new(format!("{:048x}", seed)),
+                active: true,
+            })
+        })
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+fn identity(i: usize) -> Identity {
+    Identity::TeamMember {
+        email: Email::parse(&format!("user{i}@example.com")).unwrap(),
+        user_type: UserType::Agent,
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let mut settings = Settings::load(&Sources::default()).unwrap().cache;
+    settings.max_entries = 2_000_000;
+    let broker = Broker::new(&settings, Arc::new(Instant), Arc::new(Metrics::new()));
+    broker.run_pending_tasks().await;
+    let base = rss_bytes();
+    println!("entries        0: RSS {:7.1} MiB", base as f64 / 1048576.0);
+    let mut filled = 0;
+    for target in [100_000, 1_000_000] {
+        while filled < target {
+            broker.lookup(&identity(filled)).await.unwrap();
+            filled += 1;
+        }
+        broker.run_pending_tasks().await;
+        let rss = rss_bytes();
+        let per_entry = (rss - base) as f64 / target as f64;
+        // The bytes the entry must hold anyway: the email and the token.
+        let payload = (format!("user{}@example.com", target / 2).len() + 48) as f64;
+        println!(
+            "entries {target:>8}: RSS {:7.1} MiB, {per_entry:.0} bytes per entry, {:.0} beyond the email and token ({} entries counted)",
+            rss as f64 / 1048576.0,
+            per_entry - payload,
+            broker.entry_count()
+        );
+    }
+}
