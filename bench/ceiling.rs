@@ -20,7 +20,10 @@ async fn main() {
             r#"{{"success":true,"message":"","data":{{"permanentToken":{{"key":"{:048x}","active":true}}}},"code":200}}"#,
             i
         );
-        cache.insert(format!("email=user{i}%40example.com&type=AGENT"), Arc::from(body));
+        cache.insert(
+            format!("email=user{i}%40example.com&type=AGENT"),
+            Arc::from(body),
+        );
     }
     let app = axum::Router::new()
         .route(

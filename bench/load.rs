@@ -56,7 +56,14 @@ fn drop_in(url: &str, i: impl std::fmt::Display) -> String {
 }
 
 async fn vendor_calls(http: &reqwest::Client, metrics: &str) -> f64 {
-    let text = http.get(metrics).send().await.unwrap().text().await.unwrap();
+    let text = http
+        .get(metrics)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     text.lines()
         .filter(|l| l.starts_with("token_broker_upstream_requests_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -84,7 +91,12 @@ async fn main() {
             let failed = futures::stream::iter(0..keys)
                 .map(|i| {
                     let request = http.get(drop_in(&url, i)).bearer_auth(&bearer).send();
-                    async move { request.await.map(|r| r.status().is_success()).unwrap_or(false) }
+                    async move {
+                        request
+                            .await
+                            .map(|r| r.status().is_success())
+                            .unwrap_or(false)
+                    }
                 })
                 .buffer_unordered(concurrency)
                 .filter(|ok| std::future::ready(!ok))
@@ -154,7 +166,13 @@ async fn main() {
             for args in [
                 vec!["genrsa", "-out", pem.to_str().unwrap(), "2048"],
                 vec![
-                    "rsa", "-traditional", "-in", pem.to_str().unwrap(), "-outform", "DER", "-out",
+                    "rsa",
+                    "-traditional",
+                    "-in",
+                    pem.to_str().unwrap(),
+                    "-outform",
+                    "DER",
+                    "-out",
                     der.to_str().unwrap(),
                 ],
             ] {
@@ -172,7 +190,10 @@ async fn main() {
             jwk.common.key_id = Some("bench".into());
             let set = jsonwebtoken::jwk::JwkSet { keys: vec![jwk] };
             std::fs::write(dir.join("jwks.json"), serde_json::to_string(&set).unwrap()).unwrap();
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
             let claims = serde_json::json!({
                 "iss": issuer, "aud": ["token-broker"], "sub": format!("system:serviceaccount:{account}"),
                 "iat": now, "nbf": now, "exp": now + 3600,

@@ -21,7 +21,9 @@ const MIN_KEY_BYTES: usize = 16;
 
 /// Writes audit events; holds the subject-hashing key.
 pub struct Auditor {
-    key: SecretBox<Vec<u8>>,
+    /// HMAC state with the key already absorbed: each subject clones it
+    /// instead of hashing the key again.
+    keyed: Hmac<Sha256>,
 }
 
 impl Auditor {
@@ -60,16 +62,16 @@ impl Auditor {
     }
 
     pub fn with_key(key: Vec<u8>) -> Self {
-        Self {
-            key: SecretBox::new(Box::new(key)),
-        }
+        let key = SecretBox::new(Box::new(key));
+        let Ok(keyed) = Hmac::<Sha256>::new_from_slice(key.expose_secret()) else {
+            unreachable!("HMAC accepts keys of any length")
+        };
+        Self { keyed }
     }
 
     /// Hex HMAC-SHA256 (first 128 bits) of the email (or user id) of `identity`.
     pub fn subject(&self, identity: &Identity) -> String {
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(self.key.expose_secret()) else {
-            unreachable!("HMAC accepts keys of any length")
-        };
+        let mut mac = self.keyed.clone();
         match identity {
             Identity::TeamMember { email, .. } => {
                 mac.update(b"email:");

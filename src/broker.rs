@@ -374,6 +374,17 @@ impl Broker {
     }
 
     async fn traced(&self, identity: &Identity, revalidate: bool) -> Result<Issued, BrokerError> {
+        self.lookup_in_cache(identity, revalidate).await
+    }
+
+    /// Counts one lookup result.
+    fn counted(&self, result: &'static str) {
+        self.0.metrics.cache_lookup(result);
+    }
+
+    /// The span of a lookup that goes past this replica's memory; a plain hit
+    /// makes none.
+    fn miss_span(identity: &Identity) -> tracing::Span {
         let span = tracing::info_span!(
             "cache.lookup",
             otel.name = "cache.lookup",
@@ -383,29 +394,7 @@ impl Broker {
             span_id = tracing::field::Empty,
         );
         crate::telemetry::record_trace_ids(&span);
-        self.lookup_in_cache(identity, revalidate)
-            .instrument(span)
-            .await
-    }
-
-    /// Counts one lookup result and notes it on the lookup span.
-    fn counted(&self, result: &'static str) {
-        self.0.metrics.cache_lookup(result);
-        tracing::Span::current().record("cache.result", result);
-    }
-
-    /// Counts an answer by where it came from.
-    fn counted_issued(&self, entry: &Entry) -> Result<Issued, BrokerError> {
-        let issued = entry.issued();
-        match &issued {
-            Err(_) if !entry.from_vendor => self.counted("negative"),
-            Ok(Issued {
-                cache: CacheResult::Hit,
-                ..
-            }) => self.counted("hit"),
-            _ => self.counted("miss"),
-        }
-        issued
+        span
     }
 
     async fn lookup_in_cache(
@@ -447,22 +436,37 @@ impl Broker {
             };
             (Purpose::Lookup, want)
         };
-        match self.fetch_once(identity, purpose, want).await {
-            Ok(entry) => self.counted_issued(&entry),
+        let span = Self::miss_span(identity);
+        let fetched = self
+            .fetch_once(identity, purpose, want)
+            .instrument(span.clone())
+            .await;
+        let (result, label) = match fetched {
+            Ok(entry) => {
+                let label = match (&entry.answer, entry.from_vendor) {
+                    (_, true) => "miss",
+                    (Answer::NotFound, false) => "negative",
+                    (Answer::Token { .. }, false) => "hit",
+                };
+                (entry.issued(), label)
+            }
             Err(BrokerError::Upstream(error)) => {
                 // Read again: a fetch may have brought a stale entry from the shared cache.
                 let cached = inner.store.get(identity).await;
-                if let Some(stale) = cached.filter(|e| self.servable_when_failing(e, &error)) {
-                    if !inner.serving_stale.swap(true, Ordering::AcqRel) {
-                        tracing::warn!(%error, outcome = error.outcome(), "vendor failing, serving stale tokens (each counted as a stale cache lookup)");
+                match cached.filter(|e| self.servable_when_failing(e, &error)) {
+                    Some(stale) => {
+                        if !inner.serving_stale.swap(true, Ordering::AcqRel) {
+                            span.in_scope(|| tracing::warn!(%error, outcome = error.outcome(), "vendor failing, serving stale tokens (each counted as a stale cache lookup)"));
+                        }
+                        (stale.issued_as(CacheResult::Stale), "stale")
                     }
-                    self.counted("stale");
-                    return stale.issued_as(CacheResult::Stale);
+                    None => (Err(error.into()), "miss"),
                 }
-                self.counted("miss");
-                Err(error.into())
             }
-        }
+        };
+        self.counted(label);
+        span.record("cache.result", label);
+        result
     }
 
     /// An answer from this replica's memory.

@@ -274,7 +274,10 @@ async fn simulate_upstream(
     );
     simulator.add_numbered_agents(users);
     if users > 0 {
-        println!("  and {users} agents user0@example.com … user{}@example.com", users - 1);
+        println!(
+            "  and {users} agents user0@example.com … user{}@example.com",
+            users - 1
+        );
     }
     shutdown_signal().await;
     telemetry.shutdown().await;

@@ -9,6 +9,7 @@
 //! honoured). Without it nothing is recorded or exported: spans still carry
 //! W3C trace context so logs and the vendor see the caller's trace id.
 
+pub mod logs;
 pub mod metrics;
 pub mod process;
 
@@ -17,6 +18,7 @@ use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, span_processor_with_async_runtime};
+use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
@@ -29,24 +31,32 @@ use crate::config::{LogFormat, LogSettings};
 /// The service name when `OTEL_SERVICE_NAME` does not give one.
 pub const SERVICE_NAME: &str = "token-broker";
 
-/// Keeps the trace pipeline alive; `shutdown` flushes what is buffered.
+/// Keeps the log writer and the trace pipeline alive; `shutdown` flushes
+/// what is buffered.
 #[must_use = "dropping Telemetry without shutdown loses buffered spans"]
 pub struct Telemetry {
     provider: SdkTracerProvider,
     exporting: bool,
+    /// Dropping it writes out the log lines still queued.
+    log_writer: WorkerGuard,
 }
 
 impl Telemetry {
-    /// Flushes and stops span export; bounded by the exporter's own timeout.
+    /// Flushes and stops span export (bounded by the exporter's own timeout),
+    /// then the log lines still queued.
     pub async fn shutdown(self) {
-        if !self.exporting {
-            return;
+        let Telemetry {
+            provider,
+            exporting,
+            log_writer,
+        } = self;
+        if exporting {
+            let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            if let Ok(Err(error)) = flushed {
+                tracing::warn!(%error, "could not flush traces at shutdown");
+            }
         }
-        let provider = self.provider;
-        let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
-        if let Ok(Err(error)) = flushed {
-            tracing::warn!(%error, "could not flush traces at shutdown");
-        }
+        drop(log_writer);
     }
 }
 
@@ -85,10 +95,20 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_filter(level());
+    // A writer thread takes the lines off the request path. Lossless: when
+    // its queue is full, callers wait rather than an event being dropped.
+    let (writer, log_writer) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("token-broker-logs")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
     let _ = tracing_subscriber::registry()
         .with(otel)
-        .with(log_layer(settings.format).with_filter(general))
-        .with(log_layer(settings.format).with_filter(audit))
+        .with(log_layer(settings.format, writer.clone()).with_filter(general))
+        .with(log_layer(settings.format, writer).with_filter(audit))
         .try_init();
     if let Some(error) = setup_error {
         tracing::error!(%error, "cannot set up OTLP trace export; traces are not exported");
@@ -98,23 +118,24 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     Telemetry {
         provider,
         exporting,
+        log_writer,
     }
 }
 
-/// One log writer on stdout in the configured format.
-fn log_layer<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
+/// Log lines queued for the writer thread before callers wait.
+const LOG_QUEUE_LINES: usize = 64 * 1024;
+
+/// One log layer in the configured format, writing to `writer`.
+fn log_layer<S>(format: LogFormat, writer: NonBlocking) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
 {
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
     match format {
-        LogFormat::Json => fmt
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(true)
+        LogFormat::Json => logs::JsonLogs::new(writer).boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .pretty()
             .boxed(),
-        LogFormat::Pretty => fmt.pretty().boxed(),
     }
 }
 

@@ -1,0 +1,288 @@
+//! The JSON log writer: one object per event, the shape tracing-subscriber's
+//! JSON formatter gives (`timestamp`, `level`, the event's fields, `target`,
+//! and `spans`, the list of enclosing spans with their fields), built for the
+//! request path: a span's fields are serialised once, when they are recorded,
+//! and each event only copies them; the line goes to a writer thread.
+
+use std::cell::RefCell;
+use std::fmt::{self, Write as _};
+use std::io::Write as _;
+use std::time::SystemTime;
+
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::registry::LookupSpan;
+
+/// A span's fields as JSON members (`"key":value,…`, no braces), written
+/// when they are recorded.
+struct SpanFields(String);
+
+/// Writes each event as one JSON line to `W`.
+pub struct JsonLogs<W> {
+    writer: W,
+}
+
+impl<W> JsonLogs<W> {
+    pub fn new(writer: W) -> Self {
+        Self { writer }
+    }
+}
+
+thread_local! {
+    /// The line being built; reused, so an event allocates nothing here.
+    static LINE: RefCell<String> = RefCell::new(String::with_capacity(1024));
+}
+
+impl<S, W> Layer<S> for JsonLogs<W>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + 'static,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else {
+            return;
+        };
+        let mut fields = String::with_capacity(128);
+        attrs.record(&mut JsonFields::new(&mut fields));
+        span.extensions_mut().replace(SpanFields(fields));
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else {
+            return;
+        };
+        let mut extensions = span.extensions_mut();
+        if let Some(SpanFields(fields)) = extensions.get_mut::<SpanFields>() {
+            values.record(&mut JsonFields::new(fields));
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        LINE.with(|line| {
+            let Ok(mut line) = line.try_borrow_mut() else {
+                return;
+            };
+            line.clear();
+            line.push_str("{\"timestamp\":\"");
+            let _ = write!(
+                line,
+                "{}",
+                humantime::format_rfc3339_micros(SystemTime::now())
+            );
+            line.push_str("\",\"level\":\"");
+            line.push_str(event.metadata().level().as_str());
+            line.push('"');
+            event.record(&mut JsonFields {
+                out: &mut line,
+                leading_comma: true,
+            });
+            line.push_str(",\"target\":");
+            push_json_str(&mut line, event.metadata().target());
+            if let Some(scope) = ctx.event_scope(event) {
+                let mut first = true;
+                for span in scope.from_root() {
+                    line.push_str(if first { ",\"spans\":[" } else { "," });
+                    first = false;
+                    line.push_str("{\"name\":");
+                    push_json_str(&mut line, span.name());
+                    if let Some(SpanFields(fields)) = span.extensions().get::<SpanFields>()
+                        && !fields.is_empty()
+                    {
+                        line.push(',');
+                        line.push_str(fields);
+                    }
+                    line.push('}');
+                }
+                if !first {
+                    line.push(']');
+                }
+            }
+            line.push_str("}\n");
+            let _ = self.writer.make_writer().write_all(line.as_bytes());
+        });
+    }
+}
+
+/// Appends fields as JSON members.
+struct JsonFields<'a> {
+    out: &'a mut String,
+    /// Whether a comma is due before the next member.
+    leading_comma: bool,
+}
+
+impl<'a> JsonFields<'a> {
+    fn new(out: &'a mut String) -> Self {
+        let leading_comma = !out.is_empty();
+        Self { out, leading_comma }
+    }
+
+    fn key(&mut self, field: &Field) {
+        if self.leading_comma {
+            self.out.push(',');
+        }
+        self.leading_comma = true;
+        push_json_str(self.out, field.name());
+        self.out.push(':');
+    }
+}
+
+impl Visit for JsonFields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.key(field);
+        push_json_str(self.out, value);
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.key(field);
+        self.out.push_str(if value { "true" } else { "false" });
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.key(field);
+        let _ = write!(self.out, "{value}");
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.key(field);
+        let _ = write!(self.out, "{value}");
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.key(field);
+        if value.is_finite() {
+            let _ = write!(self.out, "{value}");
+        } else {
+            self.out.push_str("null");
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.key(field);
+        push_json_display(self.out, value);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.key(field);
+        push_json_display(self.out, &DebugAsDisplay(value));
+    }
+}
+
+struct DebugAsDisplay<'a>(&'a dyn fmt::Debug);
+
+impl fmt::Display for DebugAsDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// `value`'s text as a JSON string, escaped while it is written.
+fn push_json_display(out: &mut String, value: &dyn fmt::Display) {
+    struct Escaping<'a>(&'a mut String);
+    impl fmt::Write for Escaping<'_> {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            escape_into(self.0, s);
+            Ok(())
+        }
+    }
+    out.push('"');
+    let _ = write!(Escaping(out), "{value}");
+    out.push('"');
+}
+
+fn push_json_str(out: &mut String, value: &str) {
+    out.push('"');
+    escape_into(out, value);
+    out.push('"');
+}
+
+fn escape_into(out: &mut String, value: &str) {
+    let mut start = 0;
+    for (i, byte) in value.bytes().enumerate() {
+        let escape = match byte {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&value[start..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{byte:04x}");
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&value[start..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Sink {
+        type Writer = Sink;
+        fn make_writer(&'a self) -> Sink {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn events_are_json_lines_with_their_spans_fields() {
+        let sink = Sink::default();
+        let subscriber = tracing_subscriber::registry().with(JsonLogs::new(sink.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "request",
+                request_id = "r-1",
+                client = tracing::field::Empty
+            );
+            span.record("client", "app");
+            let _entered = span.enter();
+            let inner = tracing::info_span!("cache.lookup", cache.result = "hit");
+            let _inner = inner.enter();
+            tracing::info!(
+                status = 200u16,
+                ratio = 0.5,
+                ok = true,
+                note = "a \"quoted\"\nline\u{1}",
+                "request completed"
+            );
+        });
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(text.ends_with('\n'));
+        let event: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(event["level"], "INFO");
+        assert_eq!(event["message"], "request completed");
+        assert_eq!(event["status"], 200);
+        assert_eq!(event["ratio"], 0.5);
+        assert_eq!(event["ok"], true);
+        assert_eq!(event["note"], "a \"quoted\"\nline\u{1}");
+        assert_eq!(event["target"], module_path!());
+        assert_eq!(event["spans"][0]["name"], "request");
+        assert_eq!(event["spans"][0]["request_id"], "r-1");
+        assert_eq!(event["spans"][0]["client"], "app");
+        assert_eq!(event["spans"][1]["cache.result"], "hit");
+        assert!(event["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+}
