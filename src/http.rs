@@ -25,13 +25,30 @@ pub const TOKENS_ROUTE: &str = "/v1/tokens";
 /// The drop-in route, same as the vendor's.
 pub const VENDOR_ROUTE: &str = "/ext/get-user-token";
 
-/// What every handler shares.
+/// What every handler shares; one `Arc`, so a request clones one pointer.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// The parts of `AppState`.
+pub struct Shared {
     pub broker: Arc<Broker>,
-    pub auditor: Arc<Auditor>,
-    pub callers: Arc<Callers>,
+    pub auditor: Auditor,
+    pub callers: Callers,
     pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 /// The API router, without a listener, so tests can call it in-process.
@@ -43,6 +60,10 @@ pub fn router(state: AppState) -> Router {
             get(tokens::get_token).delete(tokens::delete_token),
         )
         .route(VENDOR_ROUTE, get(tokens::get_vendor_token))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .route(openapi::OPENAPI_ROUTE, get(openapi::serve))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -70,10 +70,7 @@ impl Application {
             metrics.register_clients([crate::config::ANONYMOUS]);
         }
         let partner_key = PartnerKey::load(&settings.upstream, metrics.clone())?;
-        let auditor = Arc::new(Auditor::from_settings(
-            &settings.audit,
-            &partner_key.current(),
-        )?);
+        let auditor = Auditor::from_settings(&settings.audit, &partner_key.current())?;
         let reloaders = partner_key.spawn_reloaders()?;
         let upstream = UpstreamClient::new(&settings.upstream, partner_key, metrics.clone())?;
         let shared = SharedCache::from_settings(
@@ -106,18 +103,16 @@ impl Application {
             Some(verifier) => verifier.spawn_refresh(stop.clone())?,
             None => None,
         };
-        let callers = Arc::new(
-            Callers::new(&settings.clients, settings.auth.allow_anonymous)
-                .with_shared(shared)
-                .with_verifier(verifier),
-        );
+        let callers = Callers::new(&settings.clients, settings.auth.allow_anonymous)
+            .with_shared(shared)
+            .with_verifier(verifier);
         let readiness = Readiness::default();
-        let api_router = http::router(AppState {
+        let api_router = http::router(AppState::new(http::Shared {
             broker: broker.clone(),
             auditor,
             callers,
             metrics: metrics.clone(),
-        });
+        }));
         let broker_handle = broker.clone();
         let admin_router = admin::router(AdminState {
             readiness: readiness.clone(),

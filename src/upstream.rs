@@ -298,9 +298,7 @@ impl UpstreamClient {
             span.record("error.type", error.outcome());
             span.record("otel.status_code", "ERROR");
         }
-        self.metrics
-            .upstream_duration
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.upstream_duration.observe(started.elapsed());
         self.metrics.upstream_outcome(match &result {
             Ok(fetched) if fetched.active => "ok",
             Ok(_) => "inactive",

@@ -6,11 +6,12 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
-use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sha2::{Digest, Sha256};
@@ -20,6 +21,7 @@ use crate::config::{ANONYMOUS, ClientSettings, Scope};
 use crate::domain::{Identity, UserType};
 use crate::http::AppState;
 use crate::http::error::{ApiError, whole_seconds};
+use crate::http::observe::Outcome;
 use crate::service_accounts::Verifier;
 use crate::shared::SharedCache;
 
@@ -306,25 +308,39 @@ fn bearer_key(value: &[u8]) -> Option<&[u8]> {
     (!key.is_empty()).then_some(key)
 }
 
-/// Filled by the `Caller` extractor so the request middleware can label
-/// `token_broker_client_requests_total` with the caller's name.
-#[derive(Clone, Default)]
-pub struct CallerSlot(pub Arc<OnceLock<Arc<str>>>);
-
-/// Authenticates and rate-limits: 401 before 429 before anything else.
-impl FromRequestParts<AppState> for Caller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
-        let caller = state.callers.authenticate(header).await?;
-        tracing::Span::current().record("client", &**caller.name());
-        if let Some(slot) = parts.extensions.get::<CallerSlot>() {
-            let _ = slot.0.set(caller.name().clone());
+/// Authenticates and rate-limits the token routes: 401 before 429 before
+/// anything else. The handler finds the `Caller` in the request; the
+/// response's `Outcome` names it for the log line and the metrics.
+pub async fn authenticate(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let header = request.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+    let caller = match state.callers.authenticate(header).await {
+        Ok(caller) => caller,
+        Err(refusal) => return refusal.into_response(),
+    };
+    tracing::Span::current().record("client", &**caller.name());
+    let name = caller.name().clone();
+    let mut response = match state.callers.admit(&caller).await {
+        Ok(()) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
         }
-        state.callers.admit(&caller).await?;
-        Ok(caller)
+        Err(refusal) => refusal.into_response(),
+    };
+    match response.extensions_mut().get_mut::<Outcome>() {
+        Some(outcome) => outcome.caller = Some(name),
+        None => {
+            response.extensions_mut().insert(Outcome {
+                caller: Some(name),
+                cache: None,
+                result: "ok",
+            });
+        }
     }
+    response
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::broker::BrokerError;
 use crate::domain::InvalidInput;
+use crate::http::observe::Outcome;
 use crate::upstream::UpstreamError;
 
 /// Seconds a caller is told to wait after the vendor was unavailable.
@@ -47,6 +48,28 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("internal error")]
     Internal,
+}
+
+impl ApiError {
+    /// The `result` label of `token_broker_client_requests_total`.
+    pub fn client_result(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) | ApiError::BodyNotAllowed => "bad_request",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::UserNotFound => "not_found",
+            ApiError::TokenInactive => "inactive",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::UpstreamBadResponse
+            | ApiError::UpstreamUnavailable { .. }
+            | ApiError::UpstreamTimeout
+            | ApiError::Internal => "error",
+            ApiError::Unauthorized
+            | ApiError::UriTooLong
+            | ApiError::HeadersTooLarge
+            | ApiError::RouteNotFound
+            | ApiError::MethodNotAllowed => "refused",
+        }
+    }
 }
 
 /// An RFC 9457 problem document.
@@ -173,6 +196,11 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response.extensions_mut().insert(Outcome {
+            result: self.client_result(),
+            ..Outcome::default()
+        });
+        let headers = response.headers_mut();
         match self {
             ApiError::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

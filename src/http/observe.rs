@@ -1,6 +1,7 @@
 //! Per-request middleware: request id, the request span, the size limits of
 //! SPEC §7, one log event and the HTTP metrics for every request.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Request, State};
@@ -10,18 +11,30 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::http::auth::CallerSlot;
+use crate::broker::CacheResult;
 use crate::http::error::ApiError;
 use crate::http::openapi::OPENAPI_ROUTE;
 use crate::http::{AppState, TOKENS_ROUTE, VENDOR_ROUTE};
 use crate::telemetry;
-use crate::telemetry::metrics::{HttpLabels, RouteLabels};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest accepted request target and header block (SPEC §7).
 pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// What a request came to, attached to its response by whoever answered it
+/// (the handler, the authentication layer, an error), and read back once here
+/// for the log line and the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// The authenticated caller, if it got that far.
+    pub caller: Option<Arc<str>>,
+    /// Where the token came from, when one was handed out.
+    pub cache: Option<CacheResult>,
+    /// The `result` label of `token_broker_client_requests_total`.
+    pub result: &'static str,
+}
 
 /// The request id, put into request extensions for handlers (audit events).
 #[derive(Debug, Clone)]
@@ -134,20 +147,6 @@ fn check_request(request: &Request, route: &'static str) -> Result<(), ApiError>
     Ok(())
 }
 
-/// The `result` label of `token_broker_client_requests_total`.
-fn client_result(status: u16) -> &'static str {
-    match status {
-        200..=299 => "ok",
-        400 => "bad_request",
-        403 => "forbidden",
-        404 => "not_found",
-        409 => "inactive",
-        429 => "rate_limited",
-        500..=599 => "error",
-        _ => "refused",
-    }
-}
-
 pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = request_id(&request);
@@ -174,8 +173,6 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     span.set_attribute("http.route", route);
     span.set_attribute("url.scheme", "http");
     telemetry::record_trace_ids(&span);
-    let slot = CallerSlot::default();
-    request.extensions_mut().insert(slot.clone());
     request.extensions_mut().insert(RequestId(id.clone()));
 
     let mut response = match check_request(&request, route) {
@@ -189,27 +186,19 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     if status >= 500 {
         span.record("otel.status_code", "ERROR");
     }
-    state
-        .metrics
-        .http_requests
-        .get_or_create(&HttpLabels { route, status })
-        .inc();
-    state
-        .metrics
-        .http_duration
-        .get_or_create(&RouteLabels { route })
-        .observe(elapsed.as_secs_f64());
-    if let Some(client) = slot.0.get() {
-        state.metrics.client_request(client, client_result(status));
+    state.metrics.http_request(route, status, elapsed);
+    let outcome = response.extensions_mut().remove::<Outcome>();
+    let outcome = outcome.as_ref();
+    if let Some(outcome) = outcome
+        && let Some(client) = &outcome.caller
+    {
+        state.metrics.client_request(client, outcome.result);
     }
     span.in_scope(|| {
         tracing::info!(
             status,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
-            cache = response
-                .headers()
-                .get(crate::http::tokens::X_CACHE)
-                .and_then(|v| v.to_str().ok()),
+            cache = outcome.and_then(|o| o.cache).map(CacheResult::as_str),
             "request completed"
         );
     });

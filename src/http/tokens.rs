@@ -17,7 +17,7 @@ use crate::domain::Identity;
 use crate::http::AppState;
 use crate::http::auth::{Action, Caller};
 use crate::http::error::{ApiError, Problem};
-use crate::http::observe::RequestId;
+use crate::http::observe::{Outcome, RequestId};
 use crate::http::openapi::{CallerErrors, VendorErrors};
 use crate::http::query;
 use crate::telemetry::Throttle;
@@ -113,7 +113,7 @@ pub struct VendorToken<'a> {
 )]
 pub async fn get_token(
     State(state): State<AppState>,
-    caller: Caller,
+    Extension(caller): Extension<Caller>,
     revalidate: Revalidate,
     Extension(request_id): Extension<RequestId>,
     RawQuery(raw): RawQuery,
@@ -162,7 +162,7 @@ pub async fn get_token(
 )]
 pub async fn get_vendor_token(
     State(state): State<AppState>,
-    caller: Caller,
+    Extension(caller): Extension<Caller>,
     revalidate: Revalidate,
     Extension(request_id): Extension<RequestId>,
     RawQuery(raw): RawQuery,
@@ -199,7 +199,7 @@ pub async fn get_vendor_token(
 )]
 pub async fn delete_token(
     State(state): State<AppState>,
-    caller: Caller,
+    Extension(caller): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
     RawQuery(raw): RawQuery,
 ) -> Result<StatusCode, ApiError> {
@@ -266,6 +266,11 @@ async fn lookup(
 }
 
 fn with_token_headers(mut response: Response, issued: &Issued) -> Response {
+    response.extensions_mut().insert(Outcome {
+        caller: None,
+        cache: Some(issued.cache),
+        result: "ok",
+    });
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(X_CACHE, HeaderValue::from_static(issued.cache.as_str()));

@@ -10,8 +10,13 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use crate::telemetry::process::ProcessCollector;
@@ -89,7 +94,7 @@ pub const UPSTREAM_OUTCOMES: [&str; 12] = [
     "saturated",
 ];
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+type HistogramFamily<L> = Family<L, LatencyHistogram, fn() -> LatencyHistogram>;
 
 /// Buckets from 50 µs (a cache hit) to 10 s (a slow vendor call).
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -97,9 +102,85 @@ const LATENCY_BUCKETS: [f64; 16] = [
     2.5, 10.0,
 ];
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS)
+fn latency_histogram() -> LatencyHistogram {
+    LatencyHistogram::default()
 }
+
+/// A latency histogram of atomic counters: observing takes no lock, so
+/// concurrent requests never wait on each other here.
+#[derive(Clone, Debug, Default)]
+pub struct LatencyHistogram(Arc<HistogramCells>);
+
+#[derive(Debug, Default)]
+struct HistogramCells {
+    /// One per bound of `LATENCY_BUCKETS`, and the last for `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let bucket = LATENCY_BUCKETS.partition_point(|bound| *bound < seconds);
+        self.0.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.0.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(&self.0.buckets)
+            .map(|(bound, count)| (bound, count.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.0.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// Statuses whose `http_requests_total` counters are resolved once per route.
+const KNOWN_STATUSES: [u16; 16] = [
+    200, 204, 400, 401, 403, 404, 405, 409, 414, 429, 431, 500, 502, 503, 504, 505,
+];
+
+/// A route's counters and histogram, resolved once so a request takes no
+/// family lock.
+struct RouteHandles {
+    route: &'static str,
+    duration: LatencyHistogram,
+    requests: [Counter; KNOWN_STATUSES.len()],
+}
+
+/// `client_requests_total` of one configured caller, one counter per result.
+struct ClientHandles {
+    name: Arc<str>,
+    results: [Counter; CLIENT_RESULTS.len()],
+}
+
+/// Every `result` of `token_broker_client_requests_total`.
+const CLIENT_RESULTS: [&str; 8] = [
+    "ok",
+    "bad_request",
+    "forbidden",
+    "not_found",
+    "inactive",
+    "rate_limited",
+    "error",
+    "refused",
+];
 
 /// Every metric the service exports.
 pub struct Metrics {
@@ -109,7 +190,7 @@ pub struct Metrics {
     pub cache_lookups: Family<ResultLabels, Counter>,
     pub cache_entries: Gauge,
     pub upstream_requests: Family<OutcomeLabels, Counter>,
-    pub upstream_duration: Histogram,
+    pub upstream_duration: LatencyHistogram,
     pub upstream_circuit_open: Gauge,
     pub client_requests: Family<ClientLabels, Counter>,
     pub partner_key_reloads: Family<ResultLabels, Counter>,
@@ -117,6 +198,8 @@ pub struct Metrics {
     pub service_account_tokens: Family<ResultLabels, Counter>,
     pub shared_cache_up: Gauge,
     pub shared_cache_operations: Family<OperationLabels, Counter>,
+    routes: OnceLock<Vec<RouteHandles>>,
+    clients: OnceLock<Vec<ClientHandles>>,
 }
 
 impl Default for Metrics {
@@ -263,6 +346,8 @@ impl Metrics {
             service_account_tokens,
             shared_cache_up,
             shared_cache_operations,
+            routes: OnceLock::new(),
+            clients: OnceLock::new(),
         }
     }
 
@@ -278,26 +363,81 @@ impl Metrics {
             .inc();
     }
 
-    /// Starts the series of each route at zero.
+    /// Starts the series of each route at zero and resolves their handles.
     pub fn register_routes(&self, routes: &[&'static str]) {
-        for &route in routes {
-            let _ = self
-                .http_requests
-                .get_or_create(&HttpLabels { route, status: 200 });
-            let _ = self.http_duration.get_or_create(&RouteLabels { route });
+        let handles = routes
+            .iter()
+            .map(|&route| {
+                let _ = self
+                    .http_requests
+                    .get_or_create(&HttpLabels { route, status: 200 });
+                RouteHandles {
+                    route,
+                    duration: self
+                        .http_duration
+                        .get_or_create(&RouteLabels { route })
+                        .clone(),
+                    requests: KNOWN_STATUSES.map(|status| {
+                        self.http_requests
+                            .get_or_create(&HttpLabels { route, status })
+                            .clone()
+                    }),
+                }
+            })
+            .collect();
+        let _ = self.routes.set(handles);
+    }
+
+    /// Counts one API request and its latency.
+    pub fn http_request(&self, route: &'static str, status: u16, elapsed: Duration) {
+        let known = self
+            .routes
+            .get()
+            .and_then(|routes| routes.iter().find(|r| r.route == route));
+        let Some(handles) = known else {
+            self.http_duration
+                .get_or_create(&RouteLabels { route })
+                .observe(elapsed);
+            self.http_requests
+                .get_or_create(&HttpLabels { route, status })
+                .inc();
+            return;
+        };
+        handles.duration.observe(elapsed);
+        match KNOWN_STATUSES.iter().position(|s| *s == status) {
+            Some(i) => {
+                handles.requests[i].inc();
+            }
+            None => {
+                self.http_requests
+                    .get_or_create(&HttpLabels { route, status })
+                    .inc();
+            }
         }
     }
 
-    /// Starts the per-caller series at zero for each configured caller.
+    /// Starts the per-caller series at zero for each configured caller and
+    /// resolves their handles (the series that dashboards and alerts read
+    /// exist from the first scrape).
     pub fn register_clients<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
-        for client in names {
-            for result in ["ok", "forbidden", "rate_limited"] {
-                let _ = self.client_requests.get_or_create(&ClientLabels {
-                    client: Arc::from(client),
-                    result,
-                });
-            }
-        }
+        let handles = names
+            .into_iter()
+            .map(|client| {
+                let name: Arc<str> = Arc::from(client);
+                ClientHandles {
+                    results: CLIENT_RESULTS.map(|result| {
+                        self.client_requests
+                            .get_or_create(&ClientLabels {
+                                client: name.clone(),
+                                result,
+                            })
+                            .clone()
+                    }),
+                    name,
+                }
+            })
+            .collect();
+        let _ = self.clients.set(handles);
     }
 
     /// Counts one vendor request, or a fetch refused before reaching the vendor.
@@ -314,12 +454,26 @@ impl Metrics {
     }
 
     pub fn client_request(&self, client: &Arc<str>, result: &'static str) {
-        self.client_requests
-            .get_or_create(&ClientLabels {
-                client: client.clone(),
-                result,
-            })
-            .inc();
+        let resolved = self.clients.get().and_then(|clients| {
+            let handles = clients
+                .iter()
+                .find(|c| Arc::ptr_eq(&c.name, client) || c.name == *client)?;
+            let i = CLIENT_RESULTS.iter().position(|r| *r == result)?;
+            Some(&handles.results[i])
+        });
+        match resolved {
+            Some(counter) => {
+                counter.inc();
+            }
+            None => {
+                self.client_requests
+                    .get_or_create(&ClientLabels {
+                        client: client.clone(),
+                        result,
+                    })
+                    .inc();
+            }
+        }
     }
 
     /// The registry in the Prometheus text format 0.0.4, which every scraper
@@ -404,7 +558,7 @@ mod tests {
             .get_or_create(&RouteLabels {
                 route: "/v1/tokens",
             })
-            .observe(0.001);
+            .observe(Duration::from_millis(1));
         let text = m.encode();
         for name in [
             "token_broker_http_requests_total{route=\"/v1/tokens\",status=\"200\"} 1",
