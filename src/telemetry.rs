@@ -92,9 +92,13 @@ pub fn init(settings: &LogSettings) -> Telemetry {
             .unwrap_or_else(|_| unreachable!("a valid directive")),
     );
     let audit = filter_fn(|metadata| metadata.target() == crate::audit::TARGET);
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_filter(level());
+    EXPORTING.store(exporting, std::sync::atomic::Ordering::Relaxed);
+    // Without export, no OpenTelemetry work per span at all.
+    let otel = exporting.then(|| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(level())
+    });
     // A writer thread takes the lines off the request path. Lossless: when
     // its queue is full, callers wait rather than an event being dropped.
     let (writer, log_writer) = tracing_appender::non_blocking::NonBlockingBuilder::default()
@@ -191,6 +195,110 @@ fn exporting_provider() -> Result<SdkTracerProvider, String> {
         .build())
 }
 
+/// Whether spans are exported (`OTEL_EXPORTER_OTLP_ENDPOINT` is set and the
+/// exporter was built). Without export no OpenTelemetry layer is installed:
+/// the W3C trace context is carried by `TraceParent` alone.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True once `init` set up span export.
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+tokio::task_local! {
+    /// The request's W3C trace context while nothing is exported.
+    static TRACE_PARENT: TraceParent;
+}
+
+/// A W3C trace context (`traceparent`, and `tracestate` passed through), as
+/// carried without OpenTelemetry: the caller's trace id, or a new one.
+#[derive(Debug, Clone)]
+pub struct TraceParent {
+    /// 32 lower-case hex digits.
+    pub trace_id: String,
+    /// This service's span: 16 lower-case hex digits.
+    pub span_id: String,
+    flags: String,
+    state: Option<axum::http::HeaderValue>,
+}
+
+impl TraceParent {
+    /// Continues the caller's `traceparent` (version 00), else starts a trace.
+    pub fn from_headers(headers: &axum::http::HeaderMap) -> Self {
+        let caller = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let mut parts = v.split('-');
+                let (Some("00"), Some(trace), Some(parent), Some(flags), None) = (
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                    parts.next(),
+                ) else {
+                    return None;
+                };
+                let hex = |s: &str, n: usize| {
+                    s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                };
+                (hex(trace, 32)
+                    && hex(parent, 16)
+                    && hex(flags, 2)
+                    && trace.bytes().any(|b| b != b'0')
+                    && parent.bytes().any(|b| b != b'0'))
+                .then(|| (trace.to_owned(), flags.to_owned()))
+            });
+        let (trace_id, flags, state) = match caller {
+            Some((trace, flags)) => (trace, flags, headers.get("tracestate").cloned()),
+            None => (
+                format!("{:032x}", rand::random::<u128>() | 1),
+                "00".into(),
+                None,
+            ),
+        };
+        Self {
+            trace_id,
+            span_id: new_span_id(),
+            flags,
+            state,
+        }
+    }
+
+    /// Runs `future` with this context current, for `inject_current`.
+    pub async fn scope<F: std::future::Future>(self, future: F) -> F::Output {
+        TRACE_PARENT.scope(self, future).await
+    }
+}
+
+fn new_span_id() -> String {
+    format!("{:016x}", rand::random::<u64>() | 1)
+}
+
+/// Adds `traceparent` (and `tracestate`) for an outgoing request: from the
+/// current span when exporting, else from the request's `TraceParent` with a
+/// new span id for the call. Never `baggage`.
+pub fn inject_current(headers: &mut reqwest::header::HeaderMap) {
+    if exporting() {
+        opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.inject_context(
+                &tracing::Span::current().context(),
+                &mut opentelemetry_http::HeaderInjector(headers),
+            );
+        });
+        return;
+    }
+    let _ = TRACE_PARENT.try_with(|parent| {
+        let value = format!("00-{}-{}-{}", parent.trace_id, new_span_id(), parent.flags);
+        if let Ok(value) = reqwest::header::HeaderValue::from_str(&value) {
+            headers.insert("traceparent", value);
+        }
+        if let Some(state) = &parent.state {
+            headers.insert("tracestate", state.clone());
+        }
+    });
+}
+
 /// Lets something through at most once per interval, across threads: for
 /// warnings that would otherwise repeat with every request.
 pub struct Throttle {
@@ -224,13 +332,76 @@ impl Throttle {
 }
 
 /// Copies the OpenTelemetry ids of `span` into its `trace_id` and `span_id`
-/// fields, so every log event inside it carries them.
+/// fields, so every log event inside it carries them (when exporting; else
+/// the request span has them from its `TraceParent`).
 pub fn record_trace_ids(span: &tracing::Span) {
+    if !exporting() {
+        return;
+    }
     let context = span.context();
     let span_ref = context.span();
     let ids = span_ref.span_context();
     if ids.is_valid() {
         span.record("trace_id", tracing::field::display(ids.trace_id()));
         span.record("span_id", tracing::field::display(ids.span_id()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderMap, HeaderValue};
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    axum::http::HeaderName::from_static(k),
+                    HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_callers_trace_is_continued_and_anything_else_starts_a_new_one() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let given = headers(&[
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("tracestate", "vendor=x"),
+            ("baggage", "secret=1"),
+        ]);
+        let parent = TraceParent::from_headers(&given);
+        assert_eq!(parent.trace_id, trace);
+        assert_ne!(parent.span_id, "00f067aa0ba902b7");
+        let mut out = reqwest::header::HeaderMap::new();
+        parent.scope(async { inject_current(&mut out) }).await;
+        let sent = out["traceparent"].to_str().unwrap();
+        assert!(
+            sent.starts_with(&format!("00-{trace}-")) && sent.ends_with("-01"),
+            "{sent}"
+        );
+        assert_eq!(out["tracestate"], "vendor=x");
+        assert!(!out.contains_key("baggage"));
+
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "garbage",
+        ] {
+            let mut map = HeaderMap::new();
+            map.insert("traceparent", HeaderValue::from_static(bad));
+            let fresh = TraceParent::from_headers(&map);
+            assert_ne!(fresh.trace_id, trace, "{bad}");
+            assert_eq!(fresh.trace_id.len(), 32);
+        }
+        let mut none = reqwest::header::HeaderMap::new();
+        inject_current(&mut none);
+        assert!(none.is_empty(), "outside a request nothing is invented");
     }
 }

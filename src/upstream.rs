@@ -16,7 +16,6 @@ use partner_key::PartnerKey;
 use resilience::Resilience;
 use serde::Deserialize;
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use url::Url;
 
 use crate::config::UpstreamSettings;
@@ -323,12 +322,7 @@ impl UpstreamClient {
             }
         }
         let mut trace_headers = reqwest::header::HeaderMap::new();
-        opentelemetry::global::get_text_map_propagator(|propagator| {
-            propagator.inject_context(
-                &tracing::Span::current().context(),
-                &mut opentelemetry_http::HeaderInjector(&mut trace_headers),
-            );
-        });
+        crate::telemetry::inject_current(&mut trace_headers);
         let partner_key = self.partner_key.current();
         let mut response = self
             .http

@@ -164,27 +164,44 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         span_id = tracing::field::Empty,
     );
     // Continue the caller's trace (W3C traceparent/tracestate), if any.
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&opentelemetry_http::HeaderExtractor(request.headers()))
-    });
-    let _ = span.set_parent(parent);
-    // Semantic-convention attributes go to the trace only, keeping log lines short.
-    span.set_attribute("http.request.method", method_name(&method));
-    span.set_attribute("http.route", route);
-    span.set_attribute("url.scheme", "http");
-    telemetry::record_trace_ids(&span);
+    let exporting = telemetry::exporting();
+    let trace_parent = if exporting {
+        let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.extract(&opentelemetry_http::HeaderExtractor(request.headers()))
+        });
+        let _ = span.set_parent(parent);
+        // Semantic-convention attributes go to the trace only, keeping log lines short.
+        span.set_attribute("http.request.method", method_name(&method));
+        span.set_attribute("http.route", route);
+        span.set_attribute("url.scheme", "http");
+        telemetry::record_trace_ids(&span);
+        None
+    } else {
+        let parent = telemetry::TraceParent::from_headers(request.headers());
+        span.record("trace_id", parent.trace_id.as_str());
+        span.record("span_id", parent.span_id.as_str());
+        Some(parent)
+    };
     request.extensions_mut().insert(RequestId(id.clone()));
 
     let mut response = match check_request(&request, route) {
-        Ok(()) => next.run(request).instrument(span.clone()).await,
+        Ok(()) => {
+            let handled = next.run(request).instrument(span.clone());
+            match trace_parent {
+                Some(parent) => parent.scope(handled).await,
+                None => handled.await,
+            }
+        }
         Err(refusal) => refusal.into_response(),
     };
 
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    span.set_attribute("http.response.status_code", i64::from(status));
-    if status >= 500 {
-        span.record("otel.status_code", "ERROR");
+    if exporting {
+        span.set_attribute("http.response.status_code", i64::from(status));
+        if status >= 500 {
+            span.record("otel.status_code", "ERROR");
+        }
     }
     state.metrics.http_request(route, status, elapsed);
     let outcome = response.extensions_mut().remove::<Outcome>();

@@ -199,6 +199,11 @@ fn push_json_str(out: &mut String, value: &str) {
 }
 
 fn escape_into(out: &mut String, value: &str) {
+    // Most values need no escaping: one scan, one copy.
+    if !value.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(value);
+        return;
+    }
     let mut start = 0;
     for (i, byte) in value.bytes().enumerate() {
         let escape = match byte {

@@ -1,0 +1,91 @@
+//! The cache-hit path in process: the API router through `oneshot`, from
+//! request to response bytes, with the production middleware (request id,
+//! span, authentication, metrics) and JSON logging at `info` into a sink, so a
+//! regression shows without a network.
+//!
+//!     cargo bench --bench hit_path
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::Request;
+use criterion::{Criterion, criterion_group, criterion_main};
+use tower::ServiceExt;
+use tracing_subscriber::layer::SubscriberExt;
+
+use token_broker::audit::Auditor;
+use token_broker::broker::{Broker, FetchFuture, TokenSource};
+use token_broker::config::{ClientSettings, Scope, Settings, Sources};
+use token_broker::domain::{Identity, Token};
+use token_broker::http::auth::{Callers, key_sha256};
+use token_broker::http::{AppState, Shared, router};
+use token_broker::telemetry::logs::JsonLogs;
+use token_broker::telemetry::metrics::Metrics;
+use token_broker::upstream::Fetched;
+
+const KEY: &str = "bench-caller-key-0123456789abcdef0123";
+
+/// Answers at once, like a vendor that is never asked twice.
+struct Instant;
+
+impl TokenSource for Instant {
+    fn fetch<'a>(&'a self, _identity: &'a Identity) -> FetchFuture<'a> {
+        Box::pin(async {
+            Ok(Fetched {
+                token: Token::new("0123456789abcdef0123456789abcdef0123456789abcdef"),
+                active: true,
+            })
+        })
+    }
+}
+
+fn request() -> Request<Body> {
+    Request::builder()
+        .uri("/ext/get-user-token?email=alice%40example.com&type=AGENT")
+        .header("authorization", format!("Bearer {KEY}"))
+        .body(Body::empty())
+        .unwrap()
+}
+
+fn hit_path(c: &mut Criterion) {
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_subscriber::filter::LevelFilter::INFO)
+        .with(JsonLogs::new(std::io::sink));
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let settings = Settings::load(&Sources::default()).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let clients = [ClientSettings::new(
+        "bench",
+        key_sha256(KEY),
+        vec![Scope::TokensRead],
+    )];
+    metrics.register_clients(["bench"]);
+    let app = router(AppState::new(Shared {
+        broker: Arc::new(Broker::new(
+            &settings.cache,
+            Arc::new(Instant),
+            metrics.clone(),
+        )),
+        auditor: Auditor::with_key(b"bench-audit-key-0123456789".to_vec()),
+        callers: Callers::new(&clients, false),
+        metrics,
+    }));
+    let warm = runtime.block_on(app.clone().oneshot(request())).unwrap();
+    assert_eq!(warm.status(), 200);
+
+    c.bench_function("cache hit, info logging, key caller", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let response = app.clone().oneshot(request()).await.unwrap();
+            axum::body::to_bytes(response.into_body(), 4096)
+                .await
+                .unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, hit_path);
+criterion_main!(benches);
