@@ -241,10 +241,19 @@ fn limited_client() -> String {
 }
 
 /// The JSON events a broker logged.
-fn events(output: &str) -> Vec<serde_json::Value> {
+/// The JSON log events of `output`.
+pub fn events(output: &str) -> Vec<serde_json::Value> {
     output
         .lines()
         .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+/// The audit events of `output`.
+pub fn audit_events(output: &str) -> Vec<serde_json::Value> {
+    events(output)
+        .into_iter()
+        .filter(|event| event["target"] == "audit")
         .collect()
 }
 

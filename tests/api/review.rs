@@ -11,7 +11,7 @@ use token_broker::simulator::Fault;
 use tokio::time::Instant;
 
 use crate::helpers::*;
-use crate::process::{Running, command, config_file, upstream};
+use crate::process::{Running, audit_events, command, config_file, upstream};
 
 #[tokio::test]
 async fn an_address_smuggling_another_domain_is_a_400_that_never_reaches_the_vendor() {
@@ -127,12 +127,7 @@ async fn audit_events_are_written_whatever_the_log_level_and_head_writes_none() 
         assert_eq!(vendor_head.status(), 405);
         broker.stop().await;
 
-        let audit: Vec<serde_json::Value> = broker
-            .output()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["target"] == "audit")
-            .collect();
+        let audit = audit_events(&broker.output());
         assert_eq!(audit.len(), 1, "level {level}: {audit:?}");
         assert_eq!(audit[0]["outcome"], "issued");
         assert_eq!(audit[0]["caller"], "reader");

@@ -409,7 +409,7 @@ async fn hits_with_one_token_verify_its_signature_once() {
 
 #[tokio::test]
 async fn the_audit_event_names_the_client_and_the_service_account() {
-    use crate::process::{Running, command, config_file, upstream};
+    use crate::process::{Running, audit_events, command, config_file, upstream};
     let (_sim, upstream) = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let jwks_file = dir.path().join("jwks.json");
@@ -432,11 +432,7 @@ async fn the_audit_event_names_the_client_and_the_service_account() {
     broker.stop().await;
 
     let output = broker.output();
-    let audit: Vec<serde_json::Value> = output
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["target"] == "audit")
-        .collect();
+    let audit = audit_events(&output);
     assert_eq!(audit.len(), 1, "{output}");
     assert_eq!(audit[0]["caller"], "embedder");
     assert_eq!(audit[0]["service_account"], "inbox:embedder");
