@@ -18,7 +18,6 @@ use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, span_processor_with_async_runtime};
-use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
@@ -38,7 +37,7 @@ pub struct Telemetry {
     provider: SdkTracerProvider,
     exporting: bool,
     /// Dropping it writes out the log lines still queued.
-    log_writer: WorkerGuard,
+    log_writer: logs::WriterGuard,
 }
 
 impl Telemetry {
@@ -100,15 +99,8 @@ pub fn init(settings: &LogSettings) -> Telemetry {
             .with_filter(level())
     });
     // A writer thread takes the lines off the request path. Lossless: when
-    // its queue is full, callers wait rather than an event being dropped.
-    let (writer, log_writer) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("token-broker-logs")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stdout(),
-        ));
+    // its batch is full, callers wait rather than an event being dropped.
+    let (writer, log_writer) = logs::BatchWriter::spawn(std::io::stdout());
     let _ = tracing_subscriber::registry()
         .with(otel)
         .with(log_layer(settings.format, writer.clone()).with_filter(general))
@@ -126,11 +118,8 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     }
 }
 
-/// Log lines queued for the writer thread before callers wait.
-const LOG_QUEUE_LINES: usize = 64 * 1024;
-
 /// One log layer in the configured format, writing to `writer`.
-fn log_layer<S>(format: LogFormat, writer: NonBlocking) -> Box<dyn Layer<S> + Send + Sync>
+fn log_layer<S>(format: LogFormat, writer: logs::BatchWriter) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
 {

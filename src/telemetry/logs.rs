@@ -2,12 +2,15 @@
 //! JSON formatter gives (`timestamp`, `level`, the event's fields, `target`,
 //! and `spans`, the list of enclosing spans with their fields), built for the
 //! request path: a span's fields are serialised once, when they are recorded,
-//! and each event only copies them; the line goes to a writer thread.
+//! and each event only copies them into a shared batch (`BatchWriter`) that a
+//! writer thread empties every few milliseconds, so a request neither makes a
+//! system call nor wakes another thread to log.
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::io::Write as _;
-use std::time::SystemTime;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime};
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -226,10 +229,142 @@ fn escape_into(out: &mut String, value: &str) {
     out.push_str(&value[start..]);
 }
 
+/// How long a line may wait in the batch before the writer thread takes it.
+const FLUSH_EVERY: Duration = Duration::from_millis(5);
+/// A batch this large wakes the writer at once.
+const WAKE_AT_BYTES: usize = 256 * 1024;
+/// Past this many bytes waiting, loggers wait for the writer: nothing is
+/// ever dropped.
+const MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
+
+struct Batch {
+    pending: Mutex<Pending>,
+    /// The writer waits here for lines (or its timer).
+    filled: Condvar,
+    /// Loggers wait here when `MAX_PENDING_BYTES` are queued.
+    drained: Condvar,
+}
+
+struct Pending {
+    bytes: Vec<u8>,
+    closed: bool,
+}
+
+/// Where log lines go: a batch in memory that a thread of its own writes to
+/// `out`. Lossless: when the batch is full, loggers wait.
+#[derive(Clone)]
+pub struct BatchWriter(Arc<Batch>);
+
+/// Stops the writer thread once everything queued is written; dropping it
+/// flushes.
+pub struct WriterGuard {
+    batch: Arc<Batch>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BatchWriter {
+    /// Starts the writer thread on `out`.
+    pub fn spawn(mut out: impl std::io::Write + Send + 'static) -> (Self, WriterGuard) {
+        let batch = Arc::new(Batch {
+            pending: Mutex::new(Pending {
+                bytes: Vec::with_capacity(WAKE_AT_BYTES),
+                closed: false,
+            }),
+            filled: Condvar::new(),
+            drained: Condvar::new(),
+        });
+        let shared = batch.clone();
+        let thread = std::thread::Builder::new()
+            .name("token-broker-logs".into())
+            .spawn(move || {
+                let mut writing = Vec::with_capacity(WAKE_AT_BYTES);
+                loop {
+                    let closed = {
+                        let mut pending = lock(&shared.pending);
+                        if pending.bytes.is_empty() && !pending.closed {
+                            pending = shared
+                                .filled
+                                .wait_timeout(pending, FLUSH_EVERY)
+                                .map_or_else(|e| e.into_inner().0, |(guard, _)| guard);
+                        }
+                        std::mem::swap(&mut pending.bytes, &mut writing);
+                        pending.closed
+                    };
+                    shared.drained.notify_all();
+                    if !writing.is_empty() {
+                        let _ = out.write_all(&writing);
+                        let _ = out.flush();
+                        writing.clear();
+                    }
+                    if closed && lock(&shared.pending).bytes.is_empty() {
+                        return;
+                    }
+                    if writing.capacity() > 4 * WAKE_AT_BYTES {
+                        writing.shrink_to(WAKE_AT_BYTES);
+                    }
+                }
+            })
+            .ok();
+        (Self(batch.clone()), WriterGuard { batch, thread })
+    }
+
+    fn append(&self, line: &[u8]) {
+        let batch = &self.0;
+        let mut pending = lock(&batch.pending);
+        while pending.bytes.len() >= MAX_PENDING_BYTES && !pending.closed {
+            pending = batch
+                .drained
+                .wait(pending)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        pending.bytes.extend_from_slice(line);
+        if pending.bytes.len() >= WAKE_AT_BYTES {
+            batch.filled.notify_one();
+        }
+    }
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        lock(&self.batch.pending).closed = true;
+        self.batch.filled.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    pending
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One `make_writer` handle: whatever is written goes to the batch.
+pub struct BatchHandle<'a>(&'a BatchWriter);
+
+impl std::io::Write for BatchHandle<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.append(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for BatchWriter {
+    type Writer = BatchHandle<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        BatchHandle(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
     use tracing_subscriber::layer::SubscriberExt;
 
     #[derive(Clone, Default)]
@@ -289,5 +424,29 @@ mod tests {
         assert_eq!(event["spans"][0]["client"], "app");
         assert_eq!(event["spans"][1]["cache.result"], "hit");
         assert!(event["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn the_batch_writer_loses_nothing_and_flushes_when_dropped() {
+        let sink = Sink::default();
+        let (writer, guard) = BatchWriter::spawn(sink.clone());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let writer = writer.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000 {
+                        let line = format!("{t}-{i}\n");
+                        writer.make_writer().write_all(line.as_bytes()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        drop(guard);
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 80_000);
+        assert!(text.lines().any(|l| l == "3-19999"));
     }
 }
