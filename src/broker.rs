@@ -363,18 +363,14 @@ impl Broker {
     /// The token for `identity`: from the cache while fresh, else from the
     /// vendor, else (while the vendor fails) a stale one.
     pub async fn lookup(&self, identity: &Identity) -> Result<Issued, BrokerError> {
-        self.traced(identity, false).await
+        self.lookup_in_cache(identity, false).await
     }
 
     /// The token for `identity` from a vendor fetch made after this call,
     /// unless the key's last vendor answer is younger than
     /// `revalidate_min_interval` (then that answer).
     pub async fn revalidate(&self, identity: &Identity) -> Result<Issued, BrokerError> {
-        self.traced(identity, true).await
-    }
-
-    async fn traced(&self, identity: &Identity, revalidate: bool) -> Result<Issued, BrokerError> {
-        self.lookup_in_cache(identity, revalidate).await
+        self.lookup_in_cache(identity, true).await
     }
 
     /// Counts one lookup result.
