@@ -11,6 +11,7 @@ use axum::body::Body;
 use axum::http::Request;
 use criterion::{Criterion, criterion_group, criterion_main};
 use tower::ServiceExt;
+use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 
 use token_broker::audit::Auditor;
@@ -48,9 +49,14 @@ fn request() -> Request<Body> {
 }
 
 fn hit_path(c: &mut Criterion) {
+    // As `telemetry::init` layers it: `log.level` for everything but the
+    // audit events, which have a layer of their own.
+    let general =
+        tracing_subscriber::EnvFilter::new("info").add_directive("audit=off".parse().unwrap());
+    let audit = tracing_subscriber::filter::filter_fn(|m| m.target() == "audit");
     let subscriber = tracing_subscriber::registry()
-        .with(tracing_subscriber::filter::LevelFilter::INFO)
-        .with(JsonLogs::new(std::io::sink));
+        .with(JsonLogs::new(std::io::sink).with_filter(general))
+        .with(JsonLogs::new(std::io::sink).with_filter(audit));
     tracing::subscriber::set_global_default(subscriber).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
