@@ -13,8 +13,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::telemetry::metrics::{ListenerLabels, Metrics};
 
@@ -64,7 +64,9 @@ pub async fn serve(
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let shedding = Arc::new(Semaphore::new(MAX_SHEDDING));
     let graceful = GracefulShutdown::new();
-    let connections_open = TaskTracker::new();
+    // Every connection's task, so `close` can abort them. (A per-connection
+    // select on the cancellation token would be polled with every request.)
+    let mut connections_open = JoinSet::new();
     let stopped = async move {
         let _ = stop.wait_for(|stop| *stop).await;
     };
@@ -83,6 +85,8 @@ pub async fn serve(
                 continue;
             }
         };
+        // Reap finished connections, so the set holds only open ones.
+        while connections_open.try_join_next().is_some() {}
         let _ = stream.set_nodelay(true);
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             metrics
@@ -99,27 +103,20 @@ pub async fn serve(
         };
         let service = TowerToHyperService::new(router.clone());
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        let close = close.clone();
         connections_open.spawn(async move {
-            tokio::select! {
-                result = connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, "connection ended with an error");
-                    }
-                }
-                // Dropping the connection closes its socket, mid-request or not.
-                () = close.cancelled() => {}
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
             }
             drop(permit);
         });
     }
     drop(listener);
-    connections_open.close();
     tokio::select! {
         () = graceful.shutdown() => {}
-        () = close.cancelled() => {}
+        // Aborting a connection's task drops it, closing its socket mid-request or not.
+        () = close.cancelled() => connections_open.abort_all(),
     }
-    connections_open.wait().await;
+    while connections_open.join_next().await.is_some() {}
 }
 
 /// Answers 503 and closes, reading briefly so the client gets the answer.
