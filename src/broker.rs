@@ -565,11 +565,6 @@ impl Broker {
         self.0.store.invalidate_all();
     }
 
-    /// The shared cache, when this broker has one.
-    pub fn shared(&self) -> Option<&SharedCache> {
-        self.0.shared.as_ref().map(|s| &s.cache)
-    }
-
     /// Entries currently cached (tokens and remembered "no such user" answers).
     pub fn entry_count(&self) -> u64 {
         self.0.store.entry_count()

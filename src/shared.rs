@@ -239,11 +239,6 @@ impl SharedCache {
         self.0.sealer.name(identity)
     }
 
-    /// Whether the last Redis call succeeded.
-    pub fn is_up(&self) -> bool {
-        self.0.health.up.load(Ordering::Acquire)
-    }
-
     /// What Redis holds for `identity`; `None` when nothing usable is there
     /// or Redis cannot be asked.
     pub async fn get(&self, identity: &Identity, name: &KeyName) -> Option<Stored> {
