@@ -10,6 +10,10 @@ use token_broker::domain::{Email, Identity, Token, UserType};
 use token_broker::telemetry::metrics::Metrics;
 use token_broker::upstream::Fetched;
 
+/// The service's allocator (see `src/main.rs`), so the numbers are its own.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Instant;
 
 impl TokenSource for Instant {
