@@ -11,16 +11,15 @@ use axum::body::Body;
 use axum::http::Request;
 use criterion::{Criterion, criterion_group, criterion_main};
 use tower::ServiceExt;
-use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 
 use token_broker::audit::Auditor;
 use token_broker::broker::{Broker, FetchFuture, TokenSource};
-use token_broker::config::{ClientSettings, Scope, Settings, Sources};
+use token_broker::config::{ClientSettings, LogFormat, Scope, Settings, Sources};
 use token_broker::domain::{Identity, Token};
 use token_broker::http::auth::{Callers, key_sha256};
 use token_broker::http::{AppState, Shared, router};
-use token_broker::telemetry::logs::JsonLogs;
+use token_broker::telemetry::log_layers;
 use token_broker::telemetry::metrics::Metrics;
 use token_broker::upstream::Fetched;
 
@@ -49,14 +48,9 @@ fn request() -> Request<Body> {
 }
 
 fn hit_path(c: &mut Criterion) {
-    // As `telemetry::init` layers it: `log.level` for everything but the
-    // audit events, which have a layer of their own.
-    let general =
-        tracing_subscriber::EnvFilter::new("info").add_directive("audit=off".parse().unwrap());
-    let audit = tracing_subscriber::filter::filter_fn(|m| m.target() == "audit");
-    let subscriber = tracing_subscriber::registry()
-        .with(JsonLogs::new(std::io::sink).with_filter(general))
-        .with(JsonLogs::new(std::io::sink).with_filter(audit));
+    // The layers `telemetry::init` installs, at the default level, into a sink.
+    let subscriber =
+        tracing_subscriber::registry().with(log_layers("info", LogFormat::Json, std::io::sink));
     tracing::subscriber::set_global_default(subscriber).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

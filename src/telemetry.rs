@@ -19,7 +19,8 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, span_processor_with_async_runtime};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -83,14 +84,6 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     let tracer = provider.tracer(SERVICE_NAME);
 
     let level = || EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
-    // `log.level` filters traces and every log but the audit trail, whose own
-    // layer writes each audit event whatever the level says (SPEC §7).
-    let general = level().add_directive(
-        format!("{}=off", crate::audit::TARGET)
-            .parse()
-            .unwrap_or_else(|_| unreachable!("a valid directive")),
-    );
-    let audit = filter_fn(|metadata| metadata.target() == crate::audit::TARGET);
     EXPORTING.store(exporting, std::sync::atomic::Ordering::Relaxed);
     // Without export, no OpenTelemetry work per span at all.
     let otel = exporting.then(|| {
@@ -103,8 +96,7 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     let (writer, log_writer) = logs::BatchWriter::spawn(std::io::stdout());
     let _ = tracing_subscriber::registry()
         .with(otel)
-        .with(log_layer(settings.format, writer.clone()).with_filter(general))
-        .with(log_layer(settings.format, writer).with_filter(audit))
+        .with(log_layers(&settings.level, settings.format, writer))
         .try_init();
     if let Some(error) = setup_error {
         tracing::error!(%error, "cannot set up OTLP trace export; traces are not exported");
@@ -118,10 +110,33 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     }
 }
 
-/// One log layer in the configured format, writing to `writer`.
-fn log_layer<S>(format: LogFormat, writer: logs::BatchWriter) -> Box<dyn Layer<S> + Send + Sync>
+/// The log layers: `level` (an `EnvFilter` directive; `info` if invalid)
+/// filters every log but the audit trail, whose own layer writes each audit
+/// event whatever the level says (SPEC §7).
+pub fn log_layers<S, W>(level: &str, format: LogFormat, writer: W) -> impl Layer<S>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Clone + Send + Sync + 'static,
+{
+    let general = EnvFilter::try_new(level)
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(
+            format!("{}=off", crate::audit::TARGET)
+                .parse()
+                .unwrap_or_else(|_| unreachable!("a valid directive")),
+        );
+    // A static filter: whether a callsite is an audit event is decided once.
+    let audit = Targets::new().with_target(crate::audit::TARGET, LevelFilter::TRACE);
+    log_layer(format, writer.clone())
+        .with_filter(general)
+        .and_then(log_layer(format, writer).with_filter(audit))
+}
+
+/// One log layer in the configured format, writing to `writer`.
+fn log_layer<S, W>(format: LogFormat, writer: W) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     match format {
         LogFormat::Json => logs::JsonLogs::new(writer).boxed(),
@@ -203,12 +218,68 @@ tokio::task_local! {
 /// carried without OpenTelemetry: the caller's trace id, or a new one.
 #[derive(Debug, Clone)]
 pub struct TraceParent {
-    /// 32 lower-case hex digits.
-    pub trace_id: String,
-    /// This service's span: 16 lower-case hex digits.
-    pub span_id: String,
-    flags: String,
+    pub trace_id: HexId<32>,
+    /// This service's span.
+    pub span_id: HexId<16>,
+    flags: HexId<2>,
     state: Option<axum::http::HeaderValue>,
+}
+
+/// An id as `N` lower-case hex digits, kept inline: a request makes a few.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HexId<const N: usize>([u8; N]);
+
+impl<const N: usize> HexId<N> {
+    /// `text` if it is exactly `N` lower-case hex digits.
+    fn parse(text: &str) -> Option<Self> {
+        let bytes: [u8; N] = text.as_bytes().try_into().ok()?;
+        bytes
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            .then_some(Self(bytes))
+    }
+
+    /// The low `4 * N` bits of `value`.
+    fn from_bits(mut value: u128) -> Self {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [b'0'; N];
+        for digit in text.iter_mut().rev() {
+            *digit = DIGITS[(value & 0xf) as usize];
+            value >>= 4;
+        }
+        Self(text)
+    }
+
+    /// A random id that is not all zeros (W3C: an invalid id).
+    fn random() -> Self {
+        Self::from_bits(rand::random::<u128>() | 1)
+    }
+
+    fn is_zero(&self) -> bool {
+        self.0.iter().all(|&b| b == b'0')
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl<const N: usize> std::fmt::Display for HexId<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for HexId<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> PartialEq<&str> for HexId<N> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 impl TraceParent {
@@ -228,27 +299,18 @@ impl TraceParent {
                 ) else {
                     return None;
                 };
-                let hex = |s: &str, n: usize| {
-                    s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-                };
-                (hex(trace, 32)
-                    && hex(parent, 16)
-                    && hex(flags, 2)
-                    && trace.bytes().any(|b| b != b'0')
-                    && parent.bytes().any(|b| b != b'0'))
-                .then(|| (trace.to_owned(), flags.to_owned()))
+                let trace = HexId::<32>::parse(trace)?;
+                let parent = HexId::<16>::parse(parent)?;
+                (!trace.is_zero() && !parent.is_zero())
+                    .then_some((trace, HexId::<2>::parse(flags)?))
             });
         let (trace_id, flags, state) = match caller {
             Some((trace, flags)) => (trace, flags, headers.get("tracestate").cloned()),
-            None => (
-                format!("{:032x}", rand::random::<u128>() | 1),
-                "00".into(),
-                None,
-            ),
+            None => (HexId::random(), HexId(*b"00"), None),
         };
         Self {
             trace_id,
-            span_id: new_span_id(),
+            span_id: HexId::random(),
             flags,
             state,
         }
@@ -258,10 +320,6 @@ impl TraceParent {
     pub async fn scope<F: std::future::Future>(self, future: F) -> F::Output {
         TRACE_PARENT.scope(self, future).await
     }
-}
-
-fn new_span_id() -> String {
-    format!("{:016x}", rand::random::<u64>() | 1)
 }
 
 /// Adds `traceparent` (and `tracestate`) for an outgoing request: from the
@@ -278,7 +336,12 @@ pub fn inject_current(headers: &mut reqwest::header::HeaderMap) {
         return;
     }
     let _ = TRACE_PARENT.try_with(|parent| {
-        let value = format!("00-{}-{}-{}", parent.trace_id, new_span_id(), parent.flags);
+        let value = format!(
+            "00-{}-{}-{}",
+            parent.trace_id,
+            HexId::<16>::random(),
+            parent.flags
+        );
         if let Ok(value) = reqwest::header::HeaderValue::from_str(&value) {
             headers.insert("traceparent", value);
         }
@@ -353,6 +416,15 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn hex_ids_are_fixed_width_lower_case() {
+        assert_eq!(HexId::<16>::from_bits(0xab), "00000000000000ab");
+        assert_eq!(HexId::<2>::from_bits(u128::MAX), "ff");
+        assert_eq!(HexId::<4>::parse("0a1f"), Some(HexId(*b"0a1f")));
+        assert_eq!(HexId::<4>::parse("0A1F"), None);
+        assert_eq!(HexId::<4>::parse("0a1"), None);
+    }
+
     #[tokio::test]
     async fn a_callers_trace_is_continued_and_anything_else_starts_a_new_one() {
         let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -381,13 +453,17 @@ mod tests {
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
             "garbage",
         ] {
             let mut map = HeaderMap::new();
             map.insert("traceparent", HeaderValue::from_static(bad));
             let fresh = TraceParent::from_headers(&map);
             assert_ne!(fresh.trace_id, trace, "{bad}");
-            assert_eq!(fresh.trace_id.len(), 32);
+            let id = fresh.trace_id.as_str();
+            assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert!(!fresh.trace_id.is_zero());
         }
         let mut none = reqwest::header::HeaderMap::new();
         inject_current(&mut none);

@@ -152,6 +152,14 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     let id = request_id(&request);
     let route = route_label(request.uri().path());
     let method = request.method().clone();
+    // Continue the caller's trace (W3C traceparent/tracestate), if any. Without
+    // export the ids are known before the span exists, so it is made with them.
+    let exporting = telemetry::exporting();
+    let trace_parent =
+        (!exporting).then(|| telemetry::TraceParent::from_headers(request.headers()));
+    // `None` leaves the field empty (for `record_trace_ids` when exporting).
+    let trace_id = trace_parent.as_ref().map(|p| p.trace_id.as_str());
+    let span_id = trace_parent.as_ref().map(|p| p.span_id.as_str());
     let span = tracing::info_span!(
         "request",
         otel.name = span_name(&method, route),
@@ -160,12 +168,10 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         route,
         request_id = id.to_str().unwrap_or_default(),
         client = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
+        trace_id,
+        span_id,
     );
-    // Continue the caller's trace (W3C traceparent/tracestate), if any.
-    let exporting = telemetry::exporting();
-    let trace_parent = if exporting {
+    if exporting {
         let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
             propagator.extract(&opentelemetry_http::HeaderExtractor(request.headers()))
         });
@@ -175,13 +181,7 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         span.set_attribute("http.route", route);
         span.set_attribute("url.scheme", "http");
         telemetry::record_trace_ids(&span);
-        None
-    } else {
-        let parent = telemetry::TraceParent::from_headers(request.headers());
-        span.record("trace_id", parent.trace_id.as_str());
-        span.record("span_id", parent.span_id.as_str());
-        Some(parent)
-    };
+    }
     request.extensions_mut().insert(RequestId(id.clone()));
 
     let mut response = match check_request(&request, route) {

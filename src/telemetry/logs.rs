@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::io::Write as _;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -37,6 +37,34 @@ impl<W> JsonLogs<W> {
 thread_local! {
     /// The line being built; reused, so an event allocates nothing here.
     static LINE: RefCell<String> = RefCell::new(String::with_capacity(1024));
+    /// The current second as RFC 3339 (`2026-11-27T06:23:18`), formatted once
+    /// a second rather than once a line.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+/// Appends `now` as RFC 3339 UTC with microseconds, as `humantime` writes it.
+fn push_timestamp(line: &mut String, now: SystemTime) {
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let second = since_epoch.as_secs();
+    SECOND.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second {
+            let text = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(second));
+            cached.1.clear();
+            let _ = write!(cached.1, "{text}");
+            cached.1.pop(); // the `Z`
+            cached.0 = second;
+        }
+        line.push_str(&cached.1);
+    });
+    let micros = since_epoch.subsec_micros();
+    let mut digits = *b".000000Z";
+    let mut rest = micros;
+    for digit in digits[1..7].iter_mut().rev() {
+        *digit = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    line.push_str(std::str::from_utf8(&digits).unwrap_or_default());
 }
 
 impl<S, W> Layer<S> for JsonLogs<W>
@@ -70,11 +98,7 @@ where
             };
             line.clear();
             line.push_str("{\"timestamp\":\"");
-            let _ = write!(
-                line,
-                "{}",
-                humantime::format_rfc3339_micros(SystemTime::now())
-            );
+            push_timestamp(&mut line, SystemTime::now());
             line.push_str("\",\"level\":\"");
             line.push_str(event.metadata().level().as_str());
             line.push('"');
@@ -451,6 +475,23 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_are_rfc_3339_with_microseconds_across_seconds() {
+        for offset in [
+            0,
+            1,
+            999_999,
+            1_000_000,
+            86_400_000_001,
+            1_234_567_890_123_456,
+        ] {
+            let now = UNIX_EPOCH + Duration::from_micros(offset);
+            let mut line = String::new();
+            push_timestamp(&mut line, now);
+            assert_eq!(line, humantime::format_rfc3339_micros(now).to_string());
+        }
+    }
+
+    #[test]
     fn needs_escape_finds_every_byte_that_needs_it_at_every_position() {
         let naive = |v: &[u8]| v.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
         for byte in 0..=255u8 {
@@ -458,12 +499,22 @@ mod tests {
                 for at in 0..len {
                     let mut value = vec![b'a'; len];
                     value[at] = byte;
-                    assert_eq!(needs_escape(&value), naive(&value), "{byte:#x} at {at} of {len}");
+                    assert_eq!(
+                        needs_escape(&value),
+                        naive(&value),
+                        "{byte:#x} at {at} of {len}"
+                    );
                 }
             }
         }
         // Neighbouring bytes that could borrow into each other.
-        for pair in [[0x20u8, 0x1f], [0x21, 0x00], [0x80, 0x22], [0xff, 0x5c], [0x5d, 0x21]] {
+        for pair in [
+            [0x20u8, 0x1f],
+            [0x21, 0x00],
+            [0x80, 0x22],
+            [0xff, 0x5c],
+            [0x5d, 0x21],
+        ] {
             let value: Vec<u8> = pair.iter().copied().cycle().take(16).collect();
             assert_eq!(needs_escape(&value), naive(&value), "{pair:?}");
         }
