@@ -51,10 +51,10 @@ impl std::ops::Deref for AppState {
     }
 }
 
-/// The API router, without a listener, so tests can call it in-process.
-pub fn router(state: AppState) -> Router {
+/// The API service, without a listener, so tests can call it in-process.
+pub fn router(state: AppState) -> observe::Api {
     state.metrics.register_routes(&[TOKENS_ROUTE, VENDOR_ROUTE]);
-    Router::new()
+    let routes = Router::new()
         .route(
             TOKENS_ROUTE,
             get(tokens::get_token).delete(tokens::delete_token),
@@ -67,15 +67,6 @@ pub fn router(state: AppState) -> Router {
         .route(openapi::OPENAPI_ROUTE, get(openapi::serve))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
-            |_: Box<dyn std::any::Any + Send>| {
-                tracing::error!("handler panicked");
-                axum::response::IntoResponse::into_response(ApiError::Internal)
-            },
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            observe::observe,
-        ))
-        .with_state(state)
+        .with_state(state.clone());
+    observe::Api::new(state, routes)
 }

@@ -47,7 +47,7 @@ pub enum StartupError {
 pub struct Application {
     api: TcpListener,
     admin: TcpListener,
-    api_router: Router,
+    api_router: http::observe::Api,
     admin_router: Router,
     readiness: Readiness,
     grace: Duration,

@@ -1,13 +1,21 @@
-//! Per-request middleware: request id, the request span, the size limits of
-//! SPEC §7, one log event and the HTTP metrics for every request.
+//! The per-request work around the API router: request id, the request span,
+//! the size limits of SPEC §7, one log event and the HTTP metrics for every
+//! request.
 
+use std::convert::Infallible;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue, Method, header};
-use axum::middleware::Next;
+use axum::Router;
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::Request;
+use axum::http::{self, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
+use tower::Service;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -147,54 +155,114 @@ fn check_request(request: &Request, route: &'static str) -> Result<(), ApiError>
     Ok(())
 }
 
-pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let id = request_id(&request);
-    let route = route_label(request.uri().path());
-    let method = request.method().clone();
-    // Continue the caller's trace (W3C traceparent/tracestate), if any. Without
-    // export the ids are known before the span exists, so it is made with them.
-    let exporting = telemetry::exporting();
-    let trace_parent =
-        (!exporting).then(|| telemetry::TraceParent::from_headers(request.headers()));
-    // `None` leaves the field empty (for `record_trace_ids` when exporting).
-    let trace_id = trace_parent.as_ref().map(|p| p.trace_id.as_str());
-    let span_id = trace_parent.as_ref().map(|p| p.span_id.as_str());
-    let span = tracing::info_span!(
-        "request",
-        otel.name = span_name(&method, route),
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        route,
-        request_id = id.to_str().unwrap_or_default(),
-        client = tracing::field::Empty,
-        trace_id,
-        span_id,
-    );
-    if exporting {
-        let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-            propagator.extract(&opentelemetry_http::HeaderExtractor(request.headers()))
-        });
-        let _ = span.set_parent(parent);
-        // Semantic-convention attributes go to the trace only, keeping log lines short.
-        span.set_attribute("http.request.method", method_name(&method));
-        span.set_attribute("http.route", route);
-        span.set_attribute("url.scheme", "http");
-        telemetry::record_trace_ids(&span);
+/// The API: the router behind the per-request work every answer gets
+/// (request id, span and trace context, the SPEC §7 limits, a caught panic
+/// turned into a 500, the log line and the HTTP metrics). A service of its own
+/// around the whole router rather than a router layer, so a request pays for
+/// it once: no per-route boxing or cloning.
+#[derive(Clone)]
+pub struct Api {
+    state: AppState,
+    router: Router,
+}
+
+impl Api {
+    pub fn new(state: AppState, router: Router) -> Self {
+        Self { state, router }
     }
-    request.extensions_mut().insert(RequestId(id.clone()));
+}
 
-    let mut response = match check_request(&request, route) {
-        Ok(()) => {
-            let handled = next.run(request).instrument(span.clone());
-            match trace_parent {
-                Some(parent) => parent.scope(handled).await,
-                None => handled.await,
-            }
+impl<B> Service<http::Request<B>> for Api
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // An axum `Router` is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> <Self as Service<http::Request<B>>>::Future {
+        let mut request = request.map(Body::new);
+        let started = Instant::now();
+        let id = request_id(&request);
+        let route = route_label(request.uri().path());
+        let method = request.method().clone();
+        // Continue the caller's trace (W3C traceparent/tracestate), if any. Without
+        // export the ids are known before the span exists, so it is made with them.
+        let exporting = telemetry::exporting();
+        let trace_parent =
+            (!exporting).then(|| telemetry::TraceParent::from_headers(request.headers()));
+        // `None` leaves the field empty (for `record_trace_ids` when exporting).
+        let trace_id = trace_parent.as_ref().map(|p| p.trace_id.as_str());
+        let span_id = trace_parent.as_ref().map(|p| p.span_id.as_str());
+        let span = tracing::info_span!(
+            "request",
+            otel.name = span_name(&method, route),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            route,
+            request_id = id.to_str().unwrap_or_default(),
+            client = tracing::field::Empty,
+            trace_id,
+            span_id,
+        );
+        if exporting {
+            let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+                propagator.extract(&opentelemetry_http::HeaderExtractor(request.headers()))
+            });
+            let _ = span.set_parent(parent);
+            // Semantic-convention attributes go to the trace only, keeping log lines short.
+            span.set_attribute("http.request.method", method_name(&method));
+            span.set_attribute("http.route", route);
+            span.set_attribute("url.scheme", "http");
+            telemetry::record_trace_ids(&span);
         }
-        Err(refusal) => refusal.into_response(),
-    };
+        request.extensions_mut().insert(RequestId(id.clone()));
+        // The router runs inside the span (and the trace context) when polled.
+        let handled = check_request(&request, route).map(|()| {
+            // Always ready (see `poll_ready`), so called without waiting.
+            let handled = self.router.call(request).instrument(span.clone());
+            AssertUnwindSafe(async move {
+                match trace_parent {
+                    Some(parent) => parent.scope(handled).await,
+                    None => handled.await,
+                }
+            })
+            .catch_unwind()
+        });
+        let state = self.state.clone();
+        Box::pin(async move {
+            let mut response = match handled {
+                Ok(handled) => match handled.await {
+                    Ok(Ok(response)) => response,
+                    Err(_panic) => {
+                        span.in_scope(|| tracing::error!("handler panicked"));
+                        ApiError::Internal.into_response()
+                    }
+                },
+                Err(refusal) => refusal.into_response(),
+            };
+            finish(&state, &span, route, started, &mut response, exporting);
+            response.headers_mut().insert(X_REQUEST_ID, id);
+            Ok(response)
+        })
+    }
+}
 
+/// The log line and the metrics of one answered request.
+fn finish(
+    state: &AppState,
+    span: &tracing::Span,
+    route: &'static str,
+    started: Instant,
+    response: &mut Response,
+    exporting: bool,
+) {
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     if exporting {
@@ -219,6 +287,80 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
             "request completed"
         );
     });
-    response.headers_mut().insert(X_REQUEST_ID, id);
-    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Auditor;
+    use crate::broker::{Broker, FetchFuture, TokenSource};
+    use crate::config::{Settings, Sources};
+    use crate::domain::Identity;
+    use crate::http::Shared;
+    use crate::http::auth::Callers;
+    use crate::telemetry::metrics::Metrics;
+    use crate::upstream::UpstreamError;
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    struct Nothing;
+
+    impl TokenSource for Nothing {
+        fn fetch<'a>(&'a self, _: &'a Identity) -> FetchFuture<'a> {
+            Box::pin(async { Err(UpstreamError::NotFound) })
+        }
+    }
+
+    fn state() -> AppState {
+        let settings = Settings::load(&Sources::default()).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        AppState::new(Shared {
+            broker: Arc::new(Broker::new(
+                &settings.cache,
+                Arc::new(Nothing),
+                metrics.clone(),
+            )),
+            auditor: Auditor::with_key(b"test-audit-key".to_vec()),
+            callers: Callers::new(&[], false),
+            metrics,
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_handler_is_a_problem_500_with_a_request_id_and_the_service_lives_on() {
+        let api = Api::new(
+            state(),
+            Router::new()
+                .route(
+                    "/boom",
+                    get(|| async {
+                        panic!("boom");
+                        #[allow(unreachable_code)]
+                        "never"
+                    }),
+                )
+                .route("/fine", get(|| async { "fine" })),
+        );
+        let request = |path: &str| {
+            http::Request::builder()
+                .uri(path)
+                .body(Body::empty())
+                .unwrap()
+        };
+
+        let response = api.clone().oneshot(request("/boom")).await.unwrap();
+
+        assert_eq!(response.status(), 500);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        assert!(response.headers().contains_key(X_REQUEST_ID));
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&body).contains("boom"));
+        let after = api.oneshot(request("/fine")).await.unwrap();
+        assert_eq!(after.status(), 200);
+    }
 }

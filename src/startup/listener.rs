@@ -6,7 +6,11 @@
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use axum::Router;
+use std::convert::Infallible;
+
+use axum::http::Request;
+use axum::response::Response;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -15,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tower::Service;
 
 use crate::telemetry::metrics::{ListenerLabels, Metrics};
 
@@ -48,15 +53,18 @@ pub struct Limits {
 /// Accepts connections until `stop` turns true, then lets open ones finish
 /// (idle keep-alive connections are closed at once); `close` cuts those still
 /// open. Returns once every connection has ended.
-pub async fn serve(
+pub async fn serve<S>(
     listener: TcpListener,
-    router: Router,
+    service: S,
     limits: Limits,
     name: &'static str,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
     close: CancellationToken,
-) {
+) where
+    S: Service<Request<Incoming>, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -101,7 +109,7 @@ pub async fn serve(
             }
             continue;
         };
-        let service = TowerToHyperService::new(router.clone());
+        let service = TowerToHyperService::new(service.clone());
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         connections_open.spawn(async move {
             if let Err(error) = connection.await {
