@@ -11,7 +11,6 @@ pub mod tokens;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::middleware;
 use axum::routing::get;
 
 use crate::audit::Auditor;
@@ -60,10 +59,6 @@ pub fn router(state: AppState) -> observe::Api {
             get(tokens::get_token).delete(tokens::delete_token),
         )
         .route(VENDOR_ROUTE, get(tokens::get_vendor_token))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::authenticate,
-        ))
         .route(openapi::OPENAPI_ROUTE, get(openapi::serve))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
-use axum::middleware::Next;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -308,39 +308,44 @@ fn bearer_key(value: &[u8]) -> Option<&[u8]> {
     (!key.is_empty()).then_some(key)
 }
 
-/// Authenticates and rate-limits the token routes: 401 before 429 before
-/// anything else. The handler finds the `Caller` in the request; the
-/// response's `Outcome` names it for the log line and the metrics.
-pub async fn authenticate(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let header = request.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
-    let caller = match state.callers.authenticate(header).await {
-        Ok(caller) => caller,
-        Err(refusal) => return refusal.into_response(),
-    };
-    tracing::Span::current().record("client", &**caller.name());
-    let name = caller.name().clone();
-    let mut response = match state.callers.admit(&caller).await {
-        Ok(()) => {
-            request.extensions_mut().insert(caller);
-            next.run(request).await
-        }
-        Err(refusal) => refusal.into_response(),
-    };
-    match response.extensions_mut().get_mut::<Outcome>() {
-        Some(outcome) => outcome.caller = Some(name),
-        None => {
-            response.extensions_mut().insert(Outcome {
-                caller: Some(name),
-                cache: None,
-                result: "ok",
-            });
+/// Authenticates and rate-limits the token routes, as their first extractor:
+/// 401 before 429 before anything else (the query is parsed after).
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
+        let caller = state
+            .callers
+            .authenticate(header)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        tracing::Span::current().record("client", &**caller.name());
+        match state.callers.admit(&caller).await {
+            Ok(()) => Ok(caller),
+            Err(refusal) => Err(caller.answer(Err::<Response, _>(refusal))),
         }
     }
-    response
+}
+
+impl Caller {
+    /// The response to this caller's request, its `Outcome` naming the caller
+    /// for the log line and the metrics.
+    pub fn answer(&self, result: Result<impl IntoResponse, ApiError>) -> Response {
+        let mut response = result.into_response();
+        let caller = Some(self.name().clone());
+        match response.extensions_mut().get_mut::<Outcome>() {
+            Some(outcome) => outcome.caller = caller,
+            None => {
+                response.extensions_mut().insert(Outcome {
+                    caller,
+                    cache: None,
+                    result: "ok",
+                });
+            }
+        }
+        response
+    }
 }
 
 #[cfg(test)]

@@ -113,17 +113,28 @@ pub struct VendorToken<'a> {
 )]
 pub async fn get_token(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    caller: Caller,
     revalidate: Revalidate,
     Extension(request_id): Extension<RequestId>,
     RawQuery(raw): RawQuery,
+) -> Response {
+    let answer = member_or_customer_token(&state, &caller, revalidate, &request_id, raw).await;
+    caller.answer(answer)
+}
+
+async fn member_or_customer_token(
+    state: &AppState,
+    caller: &Caller,
+    revalidate: Revalidate,
+    request_id: &RequestId,
+    raw: Option<String>,
 ) -> Result<Response, ApiError> {
     let identity = query::identity(raw.as_deref(), query::V1)?;
-    let issued = lookup(&state, &caller, &identity, revalidate).await?;
+    let issued = lookup(state, caller, &identity, revalidate).await?;
     if !issued.active {
         return Err(ApiError::TokenInactive);
     }
-    audit_issued(&state, &caller, &identity, &issued, &request_id);
+    audit_issued(state, caller, &identity, &issued, request_id);
     let (email, user_type, user_id) = match &identity {
         Identity::TeamMember { email, user_type } => {
             (Some(email.as_str()), Some(user_type.as_str()), None)
@@ -162,14 +173,25 @@ pub async fn get_token(
 )]
 pub async fn get_vendor_token(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    caller: Caller,
     revalidate: Revalidate,
     Extension(request_id): Extension<RequestId>,
     RawQuery(raw): RawQuery,
+) -> Response {
+    let answer = vendor_token(&state, &caller, revalidate, &request_id, raw).await;
+    caller.answer(answer)
+}
+
+async fn vendor_token(
+    state: &AppState,
+    caller: &Caller,
+    revalidate: Revalidate,
+    request_id: &RequestId,
+    raw: Option<String>,
 ) -> Result<Response, ApiError> {
     let identity = query::identity(raw.as_deref(), query::VENDOR)?;
-    let issued = lookup(&state, &caller, &identity, revalidate).await?;
-    audit_issued(&state, &caller, &identity, &issued, &request_id);
+    let issued = lookup(state, caller, &identity, revalidate).await?;
+    audit_issued(state, caller, &identity, &issued, request_id);
     let body = VendorBody {
         success: true,
         message: "",
@@ -199,17 +221,20 @@ pub async fn get_vendor_token(
 )]
 pub async fn delete_token(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    caller: Caller,
     Extension(request_id): Extension<RequestId>,
     RawQuery(raw): RawQuery,
-) -> Result<StatusCode, ApiError> {
-    let identity = query::identity(raw.as_deref(), query::V1)?;
-    caller.authorize(Action::Invalidate, &identity)?;
-    state.broker.invalidate(&identity).await;
-    state
-        .auditor
-        .invalidated(&actor(&caller, &request_id), &identity);
-    Ok(StatusCode::NO_CONTENT)
+) -> Response {
+    let answer = async {
+        let identity = query::identity(raw.as_deref(), query::V1)?;
+        caller.authorize(Action::Invalidate, &identity)?;
+        state.broker.invalidate(&identity).await;
+        state
+            .auditor
+            .invalidated(&actor(&caller, &request_id), &identity);
+        Ok(StatusCode::NO_CONTENT)
+    };
+    caller.answer(answer.await)
 }
 
 fn audit_issued(
