@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -120,8 +120,8 @@ impl Application {
             broker,
         });
         Ok(Self {
-            api: bind(settings.server.listen).await?,
-            admin: bind(settings.server.admin_listen).await?,
+            api: bind(settings.server.listen)?,
+            admin: bind(settings.server.admin_listen)?,
             api_router,
             admin_router,
             readiness,
@@ -200,9 +200,23 @@ impl Application {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
-    TcpListener::bind(addr)
-        .await
+/// Pending connections the kernel queues for `accept` (capped by
+/// `net.core.somaxconn`): a burst of callers connecting at once, after a
+/// deploy say, is queued rather than having SYNs dropped and retried a
+/// second later. Tokio's default is 1,024.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    };
+    socket
+        .and_then(|socket| {
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(LISTEN_BACKLOG)
+        })
         .map_err(|source| StartupError::Bind { addr, source })
 }
 
@@ -231,5 +245,23 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = interrupt => {}
         () = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_address_in_use_is_a_bind_error_not_a_shared_port() {
+        let first = bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let taken = first.local_addr().unwrap();
+
+        let second = bind(taken);
+
+        assert!(
+            matches!(second, Err(StartupError::Bind { addr, .. }) if addr == taken),
+            "{second:?}"
+        );
     }
 }
