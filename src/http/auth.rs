@@ -82,6 +82,24 @@ impl Caller {
         self.service_account.as_deref()
     }
 
+    /// The response to this caller's request, its `Outcome` naming the caller
+    /// for the log line and the metrics.
+    pub fn answer(&self, result: Result<impl IntoResponse, ApiError>) -> Response {
+        let mut response = result.into_response();
+        let caller = Some(self.name().clone());
+        match response.extensions_mut().get_mut::<Outcome>() {
+            Some(outcome) => outcome.caller = caller,
+            None => {
+                response.extensions_mut().insert(Outcome {
+                    caller,
+                    cache: None,
+                    result: "ok",
+                });
+            }
+        }
+        response
+    }
+
     /// Refuses unless the caller holds `scope`.
     fn require(&self, scope: Scope) -> Result<(), ApiError> {
         if self.policy.scopes.contains(&scope) {
@@ -325,26 +343,6 @@ impl FromRequestParts<AppState> for Caller {
             Ok(()) => Ok(caller),
             Err(refusal) => Err(caller.answer(Err::<Response, _>(refusal))),
         }
-    }
-}
-
-impl Caller {
-    /// The response to this caller's request, its `Outcome` naming the caller
-    /// for the log line and the metrics.
-    pub fn answer(&self, result: Result<impl IntoResponse, ApiError>) -> Response {
-        let mut response = result.into_response();
-        let caller = Some(self.name().clone());
-        match response.extensions_mut().get_mut::<Outcome>() {
-            Some(outcome) => outcome.caller = caller,
-            None => {
-                response.extensions_mut().insert(Outcome {
-                    caller,
-                    cache: None,
-                    result: "ok",
-                });
-            }
-        }
-        response
     }
 }
 
