@@ -1,6 +1,6 @@
-//! The cache-hit path in process: the API router through `oneshot`, from
-//! request to response bytes, with the production middleware (request id,
-//! span, authentication, metrics) and JSON logging at `info` into a sink, so a
+//! The cache-hit path in process: the API service through `oneshot`, from
+//! request to response bytes, with the production per-request work (request
+//! id, span, authentication, metrics) and JSON logging at `info` into a sink, so a
 //! regression shows without a network.
 //!
 //!     cargo bench --bench hit_path

@@ -1,4 +1,4 @@
-//! The API listener: router, request middleware, caller auth, query parsing
+//! The API listener: router, the per-request service, caller auth, query parsing
 //! and the problem+json error type.
 
 pub mod auth;

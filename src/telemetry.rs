@@ -83,13 +83,12 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     let exporting = endpoint_set && setup_error.is_none();
     let tracer = provider.tracer(SERVICE_NAME);
 
-    let level = || EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
     EXPORTING.store(exporting, std::sync::atomic::Ordering::Relaxed);
     // Without export, no OpenTelemetry work per span at all.
     let otel = exporting.then(|| {
         tracing_opentelemetry::layer()
             .with_tracer(tracer)
-            .with_filter(level())
+            .with_filter(level_filter(&settings.level))
     });
     // A writer thread takes the lines off the request path. Lossless: when
     // its batch is full, callers wait rather than an event being dropped.
@@ -118,18 +117,21 @@ where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> MakeWriter<'w> + Clone + Send + Sync + 'static,
 {
-    let general = EnvFilter::try_new(level)
-        .unwrap_or_else(|_| EnvFilter::new("info"))
-        .add_directive(
-            format!("{}=off", crate::audit::TARGET)
-                .parse()
-                .unwrap_or_else(|_| unreachable!("a valid directive")),
-        );
+    let general = level_filter(level).add_directive(
+        format!("{}=off", crate::audit::TARGET)
+            .parse()
+            .unwrap_or_else(|_| unreachable!("a valid directive")),
+    );
     // A static filter: whether a callsite is an audit event is decided once.
     let audit = Targets::new().with_target(crate::audit::TARGET, LevelFilter::TRACE);
     log_layer(format, writer.clone())
         .with_filter(general)
         .and_then(log_layer(format, writer).with_filter(audit))
+}
+
+/// `log.level` as a filter; `info` if it does not parse (validated at load).
+fn level_filter(level: &str) -> EnvFilter {
+    EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
 /// One log layer in the configured format, writing to `writer`.

@@ -32,7 +32,7 @@ pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// What a request came to, attached to its response by whoever answered it
-/// (the handler, the authentication layer, an error), and read back once here
+/// (the handler, the `Caller` extractor, an error), and read back once here
 /// for the log line and the metrics.
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {

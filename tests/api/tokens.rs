@@ -347,11 +347,17 @@ async fn client_requests_are_counted_per_caller_and_result() {
 }
 
 /// A broker whose `no-cache` answers may be 300 ms old.
-async fn revalidating_app() -> TestApp {
-    TestApp::builder()
+/// An app with a 300 ms revalidation interval, and Alice's agent token cached
+/// longer ago than that; with her query.
+async fn alice_cached_past_the_interval() -> (TestApp, String) {
+    let app = TestApp::builder()
         .config("[cache]\nrevalidate_min_interval = \"300ms\"\n")
         .spawn()
-        .await
+        .await;
+    let query = member_query(ALICE, "AGENT");
+    app.get_token(&query).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    (app, query)
 }
 
 async fn get_no_cache(app: &TestApp, query: &str) -> reqwest::Response {
@@ -373,10 +379,7 @@ async fn token_and_cache(response: reqwest::Response) -> (String, String) {
 
 #[tokio::test]
 async fn no_cache_fetches_anew_where_a_plain_get_keeps_the_cached_token() {
-    let app = revalidating_app().await;
-    let query = member_query(ALICE, "AGENT");
-    app.get_token(&query).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (app, query) = alice_cached_past_the_interval().await;
     app.sim
         .add_team_member(ALICE, UserType::Agent, "tok-alice-regenerated");
 
@@ -411,10 +414,7 @@ async fn no_cache_fetches_anew_where_a_plain_get_keeps_the_cached_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_no_cache_requests_share_one_vendor_call() {
-    let app = revalidating_app().await;
-    let query = member_query(ALICE, "AGENT");
-    app.get_token(&query).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (app, query) = alice_cached_past_the_interval().await;
     app.sim.set_latency(Duration::from_millis(200));
 
     let answers = futures::future::join_all((0..50).map(|_| get_no_cache(&app, &query))).await;
@@ -427,10 +427,7 @@ async fn concurrent_no_cache_requests_share_one_vendor_call() {
 
 #[tokio::test]
 async fn a_no_cache_get_of_a_now_inactive_token_is_a_409_and_drops_the_entry() {
-    let app = revalidating_app().await;
-    let query = member_query(ALICE, "AGENT");
-    app.get_token(&query).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (app, query) = alice_cached_past_the_interval().await;
     app.sim
         .add_inactive_team_member(ALICE, UserType::Agent, ALICE_AGENT_TOKEN);
 
