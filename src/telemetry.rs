@@ -84,19 +84,24 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     let tracer = provider.tracer(SERVICE_NAME);
 
     EXPORTING.store(exporting, std::sync::atomic::Ordering::Relaxed);
-    // Without export, no OpenTelemetry work per span at all.
-    let otel = exporting.then(|| {
-        tracing_opentelemetry::layer()
-            .with_tracer(tracer)
-            .with_filter(level_filter(&settings.level))
-    });
     // A writer thread takes the lines off the request path. Lossless: when
     // its batch is full, callers wait rather than an event being dropped.
     let (writer, log_writer) = logs::BatchWriter::spawn(std::io::stdout());
-    let _ = tracing_subscriber::registry()
-        .with(otel)
-        .with(log_layers(&settings.level, settings.format, writer))
-        .try_init();
+    let (level, format) = (&settings.level, settings.format);
+    // Without export, no OpenTelemetry layer at all. Not an absent
+    // `Option<Layer>` either: that one is interested in every span, so spans
+    // the log level turns off would still be made and entered.
+    let _ = if exporting {
+        let otel = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(level_filter(&settings.level));
+        tracing_subscriber::registry()
+            .with(otel)
+            .with(log_layers(level, format, writer))
+            .try_init()
+    } else {
+        logging_only(level, format, writer).try_init()
+    };
     if let Some(error) = setup_error {
         tracing::error!(%error, "cannot set up OTLP trace export; traces are not exported");
     } else if exporting {
@@ -127,6 +132,19 @@ where
     log_layer(format, writer.clone())
         .with_filter(general)
         .and_then(log_layer(format, writer).with_filter(audit))
+}
+
+/// The subscriber when no trace is exported: the log layers alone, so a span
+/// the log level turns off is never made.
+fn logging_only<W>(
+    level: &str,
+    format: LogFormat,
+    writer: W,
+) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'w> MakeWriter<'w> + Clone + Send + Sync + 'static,
+{
+    tracing_subscriber::registry().with(log_layers(level, format, writer))
 }
 
 /// `log.level` as a filter; `info` if it does not parse (validated at load).
@@ -416,6 +434,36 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn without_export_a_span_below_the_log_level_is_never_made_and_audit_events_still_are() {
+        let written = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = {
+            let written = written.clone();
+            move || Sink(written.clone())
+        };
+        let subscriber = logging_only("warn", LogFormat::Json, sink);
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", request_id = "r-1");
+            assert!(span.is_disabled());
+            assert!(!tracing::warn_span!("failing").is_disabled());
+            span.in_scope(|| tracing::info!(target: crate::audit::TARGET, "token issued"));
+        });
+        let text = String::from_utf8(written.lock().unwrap().clone()).unwrap();
+        assert!(text.contains(r#""message":"token issued""#), "{text}");
+    }
+
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 
     #[test]
