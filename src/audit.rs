@@ -69,8 +69,8 @@ impl Auditor {
         Self { keyed }
     }
 
-    /// Hex HMAC-SHA256 (first 128 bits) of the email (or user id) of `identity`.
-    pub fn subject(&self, identity: &Identity) -> String {
+    /// The HMAC-SHA256 (first 128 bits) of the email (or user id) of `identity`.
+    pub fn subject(&self, identity: &Identity) -> Subject {
         let mut mac = self.keyed.clone();
         match identity {
             Identity::TeamMember { email, .. } => {
@@ -82,26 +82,49 @@ impl Auditor {
                 mac.update(user_id.as_str().as_bytes());
             }
         }
-        hex::encode(&mac.finalize().into_bytes()[..16])
+        let mut subject = [0; 16];
+        subject.copy_from_slice(&mac.finalize().into_bytes()[..16]);
+        Subject(subject)
     }
 
-    /// A token was handed out.
-    pub fn issued(&self, actor: &Actor<'_>, identity: &Identity, cache: &str, active: bool) {
-        self.event(Outcome::Issued, actor, identity, Some((cache, active)));
+    /// A token was handed out. `subject` is `self.subject(identity)`, which
+    /// the caller may have kept from an earlier event (one per cache entry).
+    pub fn issued(
+        &self,
+        actor: &Actor<'_>,
+        identity: &Identity,
+        subject: Subject,
+        cache: &str,
+        active: bool,
+    ) {
+        Self::event(
+            Outcome::Issued,
+            actor,
+            identity,
+            subject,
+            Some((cache, active)),
+        );
     }
 
     /// A cached token was dropped on request.
     pub fn invalidated(&self, actor: &Actor<'_>, identity: &Identity) {
-        self.event(Outcome::Invalidated, actor, identity, None);
+        Self::event(
+            Outcome::Invalidated,
+            actor,
+            identity,
+            self.subject(identity),
+            None,
+        );
     }
 
     fn event(
-        &self,
         outcome: Outcome,
         actor: &Actor<'_>,
         identity: &Identity,
+        subject: Subject,
         token: Option<(&str, bool)>,
     ) {
+        let mut hex = [0; 32];
         tracing::info!(
             target: TARGET,
             outcome = outcome.as_str(),
@@ -109,13 +132,35 @@ impl Auditor {
             service_account = actor.service_account,
             identity = identity.kind(),
             user_type = user_type(identity),
-            subject = self.subject(identity),
+            subject = subject.hex(&mut hex),
             cache = token.map(|(cache, _)| cache),
             active = token.map(|(_, active)| active),
             request_id = actor.request_id,
             "{}",
             outcome.message()
         );
+    }
+}
+
+/// The keyed hash that stands for an email or user id in audit events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subject([u8; 16]);
+
+impl Subject {
+    /// As lower-case hex, written into `out`.
+    pub fn hex<'a>(&self, out: &'a mut [u8; 32]) -> &'a str {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for (pair, byte) in out.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0xf)];
+        }
+        std::str::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.hex(&mut [0; 32]))
     }
 }
 
@@ -192,8 +237,24 @@ mod tests {
         );
         let customer = Identity::Customer(UserId::parse("alice").unwrap());
         assert_ne!(a.subject(&customer), a.subject(&alice));
-        assert_eq!(a.subject(&alice).len(), 32);
-        assert!(!a.subject(&alice).contains("alice"));
+        let text = a.subject(&alice).to_string();
+        assert_eq!(text.len(), 32);
+        assert!(
+            text.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        assert!(!text.contains("alice"));
+    }
+
+    #[test]
+    fn a_subject_is_the_hex_of_the_first_half_of_the_hmac_of_the_labelled_value() {
+        let key = b"0123456789abcdef";
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+        mac.update(b"email:alice@example.com");
+        let expected = hex::encode(&mac.finalize().into_bytes()[..16]);
+        let subject =
+            Auditor::with_key(key.to_vec()).subject(&member("alice@example.com", UserType::Agent));
+        assert_eq!(subject.to_string(), expected);
     }
 
     #[test]

@@ -28,8 +28,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use moka::Expiry;
@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::audit::Subject;
 use crate::config::CacheSettings;
 use crate::domain::{Identity, Token};
 use crate::shared::SharedCache;
@@ -109,6 +110,16 @@ pub struct Issued {
     pub cache: CacheResult,
     /// Time since the vendor handed the token out.
     pub age: Duration,
+    /// The cache entry it came from, which keeps its audit subject.
+    entry: Arc<Entry>,
+}
+
+impl Issued {
+    /// The audit subject of this answer's identity: `compute`d by the first
+    /// answer from a cache entry, kept by the entry for the hits after it.
+    pub fn audit_subject(&self, compute: impl FnOnce() -> Subject) -> Subject {
+        *self.entry.subject.get_or_init(compute)
+    }
 }
 
 /// What the vendor last said about an identity.
@@ -126,6 +137,8 @@ struct Entry {
     from_vendor: bool,
     /// Set by the hit that starts this entry's background refresh.
     refreshing: AtomicBool,
+    /// The identity's audit subject, once an answer from here was audited.
+    subject: OnceLock<Subject>,
 }
 
 impl Entry {
@@ -135,6 +148,7 @@ impl Entry {
             fetched_at: Instant::now(),
             from_vendor: true,
             refreshing: AtomicBool::new(false),
+            subject: OnceLock::new(),
         })
     }
 
@@ -154,6 +168,7 @@ impl Entry {
             fetched_at: now.checked_sub(age).unwrap_or(now),
             from_vendor: false,
             refreshing: AtomicBool::new(false),
+            subject: OnceLock::new(),
         })
     }
 
@@ -162,7 +177,7 @@ impl Entry {
     }
 
     /// The token, or the vendor's "no such user"; `X-Cache` follows `from_vendor`.
-    fn issued(&self) -> Result<Issued, BrokerError> {
+    fn issued(self: &Arc<Self>) -> Result<Issued, BrokerError> {
         let cache = if self.from_vendor {
             CacheResult::Miss
         } else {
@@ -171,13 +186,14 @@ impl Entry {
         self.issued_as(cache)
     }
 
-    fn issued_as(&self, cache: CacheResult) -> Result<Issued, BrokerError> {
+    fn issued_as(self: &Arc<Self>, cache: CacheResult) -> Result<Issued, BrokerError> {
         match &self.answer {
             Answer::Token { token, active } => Ok(Issued {
                 token: token.clone(),
                 active: *active,
                 cache,
                 age: self.age(),
+                entry: self.clone(),
             }),
             Answer::NotFound => Err(UpstreamError::NotFound.into()),
         }
@@ -466,7 +482,7 @@ impl Broker {
     }
 
     /// An answer from this replica's memory.
-    fn counted_cached(&self, entry: &Entry) -> Result<Issued, BrokerError> {
+    fn counted_cached(&self, entry: &Arc<Entry>) -> Result<Issued, BrokerError> {
         self.counted(match entry.answer {
             Answer::NotFound => "negative",
             Answer::Token { .. } => "hit",
@@ -1039,6 +1055,32 @@ mod tests {
         }
         broker.run_pending_tasks().await;
         assert!(broker.entry_count() <= 50, "{}", broker.entry_count());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_audit_subject_is_computed_once_per_cache_entry() {
+        let source = Counting::new();
+        let broker = broker(source.clone(), Duration::from_secs(600), 100);
+        let auditor = crate::audit::Auditor::with_key(b"0123456789abcdef".to_vec());
+        let id = member("a@example.com", UserType::Agent);
+        let computed = AtomicUsize::new(0);
+        let subject_of = |issued: &Issued| {
+            issued.audit_subject(|| {
+                computed.fetch_add(1, Ordering::SeqCst);
+                auditor.subject(&id)
+            })
+        };
+        let first = subject_of(&broker.lookup(&id).await.unwrap());
+        let hit = subject_of(&broker.lookup(&id).await.unwrap());
+        assert_eq!((first, hit), (auditor.subject(&id), auditor.subject(&id)));
+        assert_eq!(computed.load(Ordering::SeqCst), 1, "a hit reuses it");
+        broker.invalidate(&id).await;
+        subject_of(&broker.lookup(&id).await.unwrap());
+        assert_eq!(
+            computed.load(Ordering::SeqCst),
+            2,
+            "a new entry computes it"
+        );
     }
 
     #[tokio::test(start_paused = true)]

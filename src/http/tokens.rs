@@ -244,9 +244,11 @@ fn audit_issued(
     issued: &Issued,
     request_id: &RequestId,
 ) {
-    state.auditor.issued(
+    let auditor = &state.auditor;
+    auditor.issued(
         &actor(caller, request_id),
         identity,
+        issued.audit_subject(|| auditor.subject(identity)),
         issued.cache.as_str(),
         issued.active,
     );
