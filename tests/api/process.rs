@@ -501,6 +501,77 @@ async fn every_issued_token_and_invalidation_writes_one_audit_event() {
 }
 
 #[tokio::test]
+async fn each_request_logs_one_line_and_its_events_carry_the_request() {
+    use token_broker::simulator::Fault;
+    let (sim, upstream) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = command();
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(config_file(&dir, upstream, ""));
+    let mut broker = Running::start(command).await;
+    let client = reqwest::Client::new();
+    let base = format!("http://{}", broker.api);
+    let fetch = |query: String, id: &'static str| {
+        client
+            .get(format!("{base}/v1/tokens?{query}"))
+            .bearer_auth(READER_KEY)
+            .header("x-request-id", id)
+            .send()
+    };
+
+    let served = fetch(member_query(ALICE, "AGENT"), "ctx-1").await.unwrap();
+    sim.set_fault(Fault::Malformed);
+    let failed = fetch(member_query(ALICE, "CUSTOM_USER"), "ctx-2")
+        .await
+        .unwrap();
+    broker.stop().await;
+
+    assert_eq!(
+        (served.status().as_u16(), failed.status().as_u16()),
+        (200, 502)
+    );
+    let output = broker.output();
+    let events = events(&output);
+    let completed: Vec<_> = events
+        .iter()
+        .filter(|e| e["message"] == "request completed")
+        .collect();
+    assert_eq!(completed.len(), 2, "{output}");
+    let line = completed[0];
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["cache"], "miss");
+    assert!(line["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(line["target"], "token_broker::http::observe");
+    let request = &line["spans"][0];
+    assert_eq!(request["name"], "request");
+    assert_eq!(request["otel.name"], "GET /v1/tokens");
+    assert_eq!(request["route"], "/v1/tokens");
+    assert_eq!(request["request_id"], "ctx-1");
+    assert_eq!(request["client"], "reader");
+    assert_eq!(request["trace_id"].as_str().unwrap().len(), 32);
+    assert_eq!(request["span_id"].as_str().unwrap().len(), 16);
+    assert_eq!(completed[1]["status"], 502);
+    assert_eq!(completed[1]["spans"][0]["request_id"], "ctx-2");
+
+    let warning = events
+        .iter()
+        .find(|e| e["level"] == "WARN" && e["message"].as_str().unwrap().starts_with("no token"))
+        .expect("the handler's warning");
+    assert_eq!(warning["spans"][0]["request_id"], "ctx-2");
+    assert_eq!(warning["spans"][0]["client"], "reader");
+    assert_eq!(
+        warning["spans"][0]["trace_id"],
+        completed[1]["spans"][0]["trace_id"]
+    );
+    for audit in audit_events(&output) {
+        assert!(audit.get("spans").is_none(), "{audit}");
+    }
+}
+
+#[tokio::test]
 async fn sighup_rereads_a_key_file_the_watcher_cannot_see() {
     let (sim, upstream) = upstream().await;
     sim.set_partner_keys(&[PARTNER_KEY, ROTATED_KEY]);
