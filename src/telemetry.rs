@@ -84,6 +84,10 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     let tracer = provider.tracer(SERVICE_NAME);
 
     EXPORTING.store(exporting, std::sync::atomic::Ordering::Relaxed);
+    REQUEST_SPANS.store(
+        exporting || settings.format == LogFormat::Pretty,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     // A writer thread takes the lines off the request path. Lossless: when
     // its batch is full, callers wait rather than an event being dropped.
     let (writer, log_writer) = logs::BatchWriter::spawn(std::io::stdout());
@@ -129,9 +133,9 @@ where
     );
     // A static filter: whether a callsite is an audit event is decided once.
     let audit = Targets::new().with_target(crate::audit::TARGET, LevelFilter::TRACE);
-    log_layer(format, writer.clone())
+    log_layer(format, writer.clone(), true)
         .with_filter(general)
-        .and_then(log_layer(format, writer).with_filter(audit))
+        .and_then(log_layer(format, writer, false).with_filter(audit))
 }
 
 /// The subscriber when no trace is exported: the log layers alone, so a span
@@ -152,13 +156,15 @@ fn level_filter(level: &str) -> EnvFilter {
     EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// One log layer in the configured format, writing to `writer`.
-fn log_layer<S, W>(format: LogFormat, writer: W) -> Box<dyn Layer<S> + Send + Sync>
+/// One log layer in the configured format, writing to `writer`; `request`:
+/// whether its events name the request they belong to.
+fn log_layer<S, W>(format: LogFormat, writer: W, request: bool) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     match format {
+        LogFormat::Json if request => logs::JsonLogs::new(writer).with_request().boxed(),
         LogFormat::Json => logs::JsonLogs::new(writer).boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .with_writer(writer)
@@ -221,7 +227,7 @@ fn exporting_provider() -> Result<SdkTracerProvider, String> {
 
 /// Whether spans are exported (`OTEL_EXPORTER_OTLP_ENDPOINT` is set and the
 /// exporter was built). Without export no OpenTelemetry layer is installed:
-/// the W3C trace context is carried by `TraceParent` alone.
+/// the W3C trace context is carried by the request's `TraceParent` alone.
 static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// True once `init` set up span export.
@@ -229,9 +235,106 @@ pub fn exporting() -> bool {
     EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Whether a request makes a `tracing` span: when spans are exported, and
+/// for the pretty log format, which shows a request's fields from its span.
+/// JSON logs without export take them from the `RequestContext` instead.
+static REQUEST_SPANS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True when a request makes a `tracing` span (see `REQUEST_SPANS`).
+pub fn request_spans() -> bool {
+    REQUEST_SPANS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 tokio::task_local! {
-    /// The request's W3C trace context while nothing is exported.
-    static TRACE_PARENT: TraceParent;
+    /// The request the current task serves.
+    static REQUEST: RequestContext;
+}
+
+/// What every log line of a request names (SPEC §8), its handlers read and
+/// its vendor call carries, kept by the request's task for as long as it is
+/// served. Without trace export this replaces a `tracing` span: a request
+/// then makes no span, and the JSON log layer writes these fields as the
+/// `request` entry of an event's `spans`, in the shape the span would have.
+pub struct RequestContext {
+    /// `{method} {route}`, as OpenTelemetry names the server span.
+    name: &'static str,
+    route: &'static str,
+    request_id: axum::http::HeaderValue,
+    /// The W3C trace context; `None` when exporting (OpenTelemetry has it).
+    trace: Option<TraceParent>,
+    /// The authenticated caller, once known.
+    client: std::cell::OnceCell<std::sync::Arc<str>>,
+    /// Whether a `tracing` span carries these fields instead (`request_spans`).
+    in_span: bool,
+}
+
+impl RequestContext {
+    pub fn new(
+        name: &'static str,
+        route: &'static str,
+        request_id: axum::http::HeaderValue,
+        trace: Option<TraceParent>,
+    ) -> Self {
+        Self {
+            name,
+            route,
+            request_id,
+            trace,
+            client: std::cell::OnceCell::new(),
+            in_span: request_spans(),
+        }
+    }
+
+    /// The W3C trace context of the request, when nothing is exported.
+    pub fn trace(&self) -> Option<&TraceParent> {
+        self.trace.as_ref()
+    }
+
+    /// Runs `future` (a request being served) with this context current.
+    pub async fn scope<F: std::future::Future>(self, future: F) -> F::Output {
+        REQUEST.scope(self, future).await
+    }
+
+    /// The current request's id, if the task serves a request.
+    pub fn current_id() -> Option<axum::http::HeaderValue> {
+        REQUEST.try_with(|r| r.request_id.clone()).ok()
+    }
+
+    /// Names the authenticated caller in the current request's log lines.
+    pub fn record_client(client: &std::sync::Arc<str>) {
+        let _ = REQUEST.try_with(|r| {
+            let _ = r.client.set(client.clone());
+            if r.in_span {
+                tracing::Span::current().record("client", &**client);
+            }
+        });
+    }
+
+    /// Calls `write` with the current request, when the log lines take its
+    /// fields from here rather than from a span.
+    pub(crate) fn with_logged<R>(write: impl FnOnce(&Self) -> R) -> Option<R> {
+        REQUEST
+            .try_with(|r| (!r.in_span).then(|| write(r)))
+            .ok()
+            .flatten()
+    }
+
+    /// The fields, as the request span's would be written:
+    /// `("otel.name", …), ("otel.kind", "server"), …`, in that order.
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        let trace = self.trace.as_ref();
+        [
+            ("otel.name", Some(self.name)),
+            ("otel.kind", Some("server")),
+            ("route", Some(self.route)),
+            ("request_id", self.request_id.to_str().ok()),
+            ("trace_id", trace.map(|t| t.trace_id.as_str())),
+            ("span_id", trace.map(|t| t.span_id.as_str())),
+            ("client", self.client.get().map(|c| &**c)),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| Some((key, value?)))
+    }
 }
 
 /// A W3C trace context (`traceparent`, and `tracestate` passed through), as
@@ -335,11 +438,6 @@ impl TraceParent {
             state,
         }
     }
-
-    /// Runs `future` with this context current, for `inject_current`.
-    pub async fn scope<F: std::future::Future>(self, future: F) -> F::Output {
-        TRACE_PARENT.scope(self, future).await
-    }
 }
 
 /// Adds `traceparent` (and `tracestate`) for an outgoing request: from the
@@ -355,7 +453,10 @@ pub fn inject_current(headers: &mut reqwest::header::HeaderMap) {
         });
         return;
     }
-    let _ = TRACE_PARENT.try_with(|parent| {
+    let _ = REQUEST.try_with(|request| {
+        let Some(parent) = request.trace() else {
+            return;
+        };
         let value = format!(
             "00-{}-{}-{}",
             parent.trace_id,
@@ -405,7 +506,7 @@ impl Throttle {
 
 /// Copies the OpenTelemetry ids of `span` into its `trace_id` and `span_id`
 /// fields, so every log event inside it carries them (when exporting; else
-/// the request span has them from its `TraceParent`).
+/// the log lines have them from the request's `TraceParent`).
 pub fn record_trace_ids(span: &tracing::Span) {
     if !exporting() {
         return;
@@ -490,7 +591,13 @@ mod tests {
         assert_eq!(parent.trace_id, trace);
         assert_ne!(parent.span_id, "00f067aa0ba902b7");
         let mut out = reqwest::header::HeaderMap::new();
-        parent.scope(async { inject_current(&mut out) }).await;
+        let request = RequestContext::new(
+            "GET /v1/tokens",
+            "/v1/tokens",
+            HeaderValue::from_static("r-1"),
+            Some(parent),
+        );
+        request.scope(async { inject_current(&mut out) }).await;
         let sent = out["traceparent"].to_str().unwrap();
         assert!(
             sent.starts_with(&format!("00-{trace}-")) && sent.ends_with("-01"),

@@ -338,7 +338,7 @@ impl FromRequestParts<AppState> for Caller {
             .authenticate(header)
             .await
             .map_err(IntoResponse::into_response)?;
-        tracing::Span::current().record("client", &**caller.name());
+        crate::telemetry::RequestContext::record_client(caller.name());
         match state.callers.admit(&caller).await {
             Ok(()) => Ok(caller),
             Err(refusal) => Err(caller.answer(Err::<Response, _>(refusal))),

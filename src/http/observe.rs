@@ -11,8 +11,10 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::FromRequestParts;
 use axum::extract::Request;
-use axum::http::{self, HeaderName, HeaderValue, Method, header};
+use axum::http::request::Parts;
+use axum::http::{self, HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use tower::Service;
@@ -24,6 +26,7 @@ use crate::http::error::ApiError;
 use crate::http::openapi::OPENAPI_ROUTE;
 use crate::http::{AppState, TOKENS_ROUTE, VENDOR_ROUTE};
 use crate::telemetry;
+use crate::telemetry::RequestContext;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest accepted request target and header block (SPEC §7).
@@ -44,13 +47,25 @@ pub struct Outcome {
     pub result: &'static str,
 }
 
-/// The request id, put into request extensions for handlers (audit events).
+/// The request id, for handlers (audit events): an extractor reading the
+/// request's `RequestContext`.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub HeaderValue);
 
 impl RequestId {
     pub fn as_str(&self) -> &str {
         self.0.to_str().unwrap_or_default()
+    }
+}
+
+impl<S: Sync> FromRequestParts<S> for RequestId {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        // Outside `Api` (a router called on its own) there is no context: a new id.
+        Ok(RequestId(
+            RequestContext::current_id().unwrap_or_else(|| request_id(&parts.headers)),
+        ))
     }
 }
 
@@ -97,9 +112,8 @@ fn method_name(method: &Method) -> &'static str {
 }
 
 /// The caller's `x-request-id` if it is a sane token, else a new UUID.
-fn request_id(request: &Request) -> HeaderValue {
-    request
-        .headers()
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
         .get(&X_REQUEST_ID)
         .filter(|v| {
             let b = v.as_bytes();
@@ -187,77 +201,87 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> <Self as Service<http::Request<B>>>::Future {
-        let mut request = request.map(Body::new);
+        let request = request.map(Body::new);
         let started = Instant::now();
-        let id = request_id(&request);
+        let id = request_id(request.headers());
         let route = route_label(request.uri().path());
-        let method = request.method().clone();
-        // Continue the caller's trace (W3C traceparent/tracestate), if any. Without
-        // export the ids are known before the span exists, so it is made with them.
+        let name = span_name(request.method(), route);
         let exporting = telemetry::exporting();
-        let trace_parent =
-            (!exporting).then(|| telemetry::TraceParent::from_headers(request.headers()));
-        // `None` leaves the field empty (for `record_trace_ids` when exporting).
-        let trace_id = trace_parent.as_ref().map(|p| p.trace_id.as_str());
-        let span_id = trace_parent.as_ref().map(|p| p.span_id.as_str());
-        let span = tracing::info_span!(
-            "request",
-            otel.name = span_name(&method, route),
-            otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
-            route,
-            request_id = id.to_str().unwrap_or_default(),
-            client = tracing::field::Empty,
-            trace_id,
-            span_id,
-        );
-        if exporting {
-            let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-                propagator.extract(&opentelemetry_http::HeaderExtractor(request.headers()))
-            });
-            let _ = span.set_parent(parent);
-            // Semantic-convention attributes go to the trace only, keeping log lines short.
-            span.set_attribute("http.request.method", method_name(&method));
-            span.set_attribute("http.route", route);
-            span.set_attribute("url.scheme", "http");
-            telemetry::record_trace_ids(&span);
-        }
-        request.extensions_mut().insert(RequestId(id.clone()));
-        // The router runs inside the span (and the trace context) when polled.
+        // Continue the caller's trace (W3C traceparent/tracestate), if any:
+        // by OpenTelemetry when exporting, else by the request's context.
+        let trace = (!exporting).then(|| telemetry::TraceParent::from_headers(request.headers()));
+        let span = if telemetry::request_spans() {
+            request_span(&request, name, route, &id, trace.as_ref(), exporting)
+        } else {
+            tracing::Span::none()
+        };
+        let context = RequestContext::new(name, route, id.clone(), trace);
         let handled = check_request(&request, route).map(|()| {
             // Always ready (see `poll_ready`), so called without waiting.
-            let handled = self.router.call(request).instrument(span.clone());
-            AssertUnwindSafe(async move {
-                match trace_parent {
-                    Some(parent) => parent.scope(handled).await,
-                    None => handled.await,
-                }
-            })
-            .catch_unwind()
+            AssertUnwindSafe(self.router.call(request)).catch_unwind()
         });
         let state = self.state.clone();
-        Box::pin(async move {
+        let served = async move {
             let mut response = match handled {
                 Ok(handled) => match handled.await {
                     Ok(Ok(response)) => response,
                     Err(_panic) => {
-                        span.in_scope(|| tracing::error!("handler panicked"));
+                        tracing::error!("handler panicked");
                         ApiError::Internal.into_response()
                     }
                 },
                 Err(refusal) => refusal.into_response(),
             };
-            finish(&state, &span, route, started, &mut response, exporting);
+            finish(&state, route, started, &mut response, exporting);
             response.headers_mut().insert(X_REQUEST_ID, id);
             Ok(response)
-        })
+        };
+        // The router runs inside the context (and the span, if any) when polled.
+        Box::pin(context.scope(served.instrument(span)))
     }
+}
+
+/// The request's `tracing` span, when requests make one (`request_spans`):
+/// its fields are those of `RequestContext`.
+fn request_span(
+    request: &Request,
+    name: &'static str,
+    route: &'static str,
+    id: &HeaderValue,
+    trace: Option<&telemetry::TraceParent>,
+    exporting: bool,
+) -> tracing::Span {
+    // Empty when exporting: `record_trace_ids` fills them.
+    let trace_id = trace.map(|p| p.trace_id.as_str());
+    let span_id = trace.map(|p| p.span_id.as_str());
+    let span = tracing::info_span!(
+        "request",
+        otel.name = name,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        route,
+        request_id = id.to_str().unwrap_or_default(),
+        client = tracing::field::Empty,
+        trace_id,
+        span_id,
+    );
+    if exporting {
+        let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.extract(&opentelemetry_http::HeaderExtractor(request.headers()))
+        });
+        let _ = span.set_parent(parent);
+        // Semantic-convention attributes go to the trace only, keeping log lines short.
+        span.set_attribute("http.request.method", method_name(request.method()));
+        span.set_attribute("http.route", route);
+        span.set_attribute("url.scheme", "http");
+        telemetry::record_trace_ids(&span);
+    }
+    span
 }
 
 /// The log line and the metrics of one answered request.
 fn finish(
     state: &AppState,
-    span: &tracing::Span,
     route: &'static str,
     started: Instant,
     response: &mut Response,
@@ -266,6 +290,7 @@ fn finish(
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     if exporting {
+        let span = tracing::Span::current();
         span.set_attribute("http.response.status_code", i64::from(status));
         if status >= 500 {
             span.record("otel.status_code", "ERROR");
@@ -279,14 +304,12 @@ fn finish(
     {
         state.metrics.client_request(client, outcome.result);
     }
-    span.in_scope(|| {
-        tracing::info!(
-            status,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            cache = outcome.and_then(|o| o.cache).map(CacheResult::as_str),
-            "request completed"
-        );
-    });
+    tracing::info!(
+        status,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        cache = outcome.and_then(|o| o.cache).map(CacheResult::as_str),
+        "request completed"
+    );
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! Token handlers: `GET`/`DELETE /v1/tokens` and the drop-in
 //! `GET /ext/get-user-token`.
 
-use axum::Extension;
 use axum::Json;
 use axum::extract::{FromRequestParts, RawQuery, State};
 use axum::http::request::Parts;
@@ -115,7 +114,7 @@ pub async fn get_token(
     State(state): State<AppState>,
     caller: Caller,
     revalidate: Revalidate,
-    Extension(request_id): Extension<RequestId>,
+    request_id: RequestId,
     RawQuery(raw): RawQuery,
 ) -> Response {
     let answer = member_or_customer_token(&state, &caller, revalidate, &request_id, raw).await;
@@ -175,7 +174,7 @@ pub async fn get_vendor_token(
     State(state): State<AppState>,
     caller: Caller,
     revalidate: Revalidate,
-    Extension(request_id): Extension<RequestId>,
+    request_id: RequestId,
     RawQuery(raw): RawQuery,
 ) -> Response {
     let answer = vendor_token(&state, &caller, revalidate, &request_id, raw).await;
@@ -222,7 +221,7 @@ async fn vendor_token(
 pub async fn delete_token(
     State(state): State<AppState>,
     caller: Caller,
-    Extension(request_id): Extension<RequestId>,
+    request_id: RequestId,
     RawQuery(raw): RawQuery,
 ) -> Response {
     let answer = async {

@@ -19,6 +19,8 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
+use crate::telemetry::RequestContext;
+
 /// A span's fields as JSON members (`"key":value,…`, no braces), written
 /// when they are recorded.
 struct SpanFields(String);
@@ -26,11 +28,25 @@ struct SpanFields(String);
 /// Writes each event as one JSON line to `W`.
 pub struct JsonLogs<W> {
     writer: W,
+    /// Whether an event in a request names it (`RequestContext`) as the
+    /// first of its `spans`, when no request span does.
+    request: bool,
 }
 
 impl<W> JsonLogs<W> {
     pub fn new(writer: W) -> Self {
-        Self { writer }
+        Self {
+            writer,
+            request: false,
+        }
+    }
+
+    /// Events in a request name it, as a `request` span would.
+    pub fn with_request(self) -> Self {
+        Self {
+            request: true,
+            ..self
+        }
     }
 }
 
@@ -108,8 +124,21 @@ where
             });
             line.push_str(",\"target\":");
             push_json_str(&mut line, event.metadata().target());
+            let mut first = true;
+            if self.request {
+                RequestContext::with_logged(|request| {
+                    line.push_str(",\"spans\":[{\"name\":\"request\"");
+                    for (key, value) in request.fields() {
+                        line.push_str(",\"");
+                        line.push_str(key);
+                        line.push_str("\":");
+                        push_json_str(&mut line, value);
+                    }
+                    line.push('}');
+                    first = false;
+                });
+            }
             if let Some(scope) = ctx.event_scope(event) {
-                let mut first = true;
                 for span in scope.from_root() {
                     line.push_str(if first { ",\"spans\":[" } else { "," });
                     first = false;
@@ -123,9 +152,9 @@ where
                     }
                     line.push('}');
                 }
-                if !first {
-                    line.push(']');
-                }
+            }
+            if !first {
+                line.push(']');
             }
             line.push_str("}\n");
             let _ = self.writer.make_writer().write_all(line.as_bytes());
@@ -472,6 +501,56 @@ mod tests {
         assert_eq!(event["spans"][0]["client"], "app");
         assert_eq!(event["spans"][1]["cache.result"], "hit");
         assert!(event["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[tokio::test]
+    async fn events_in_a_request_name_it_first_among_their_spans() {
+        let sink = Sink::default();
+        let subscriber =
+            tracing_subscriber::registry().with(JsonLogs::new(sink.clone()).with_request());
+        let _default = tracing::subscriber::set_default(subscriber);
+        let trace = crate::telemetry::TraceParent::from_headers(&Default::default());
+        let (trace_id, span_id) = (trace.trace_id, trace.span_id);
+        let request = RequestContext::new(
+            "GET /v1/tokens",
+            "/v1/tokens",
+            axum::http::HeaderValue::from_static("r-1"),
+            Some(trace),
+        );
+        request
+            .scope(async {
+                tracing::info!("before the caller is known");
+                RequestContext::record_client(&Arc::from("app"));
+                let lookup = tracing::info_span!("cache.lookup", cache.result = "miss");
+                lookup.in_scope(|| tracing::info!("inside"));
+            })
+            .await;
+        tracing::info!("outside");
+
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(events.len(), 3, "{text}");
+        assert_eq!(
+            events[0]["spans"],
+            serde_json::json!([{
+                "name": "request",
+                "otel.name": "GET /v1/tokens",
+                "otel.kind": "server",
+                "route": "/v1/tokens",
+                "request_id": "r-1",
+                "trace_id": trace_id.as_str(),
+                "span_id": span_id.as_str(),
+            }])
+        );
+        let inside = &events[1]["spans"];
+        assert_eq!(inside[0]["client"], "app");
+        assert_eq!(inside[0]["request_id"], "r-1");
+        assert_eq!(inside[1]["name"], "cache.lookup");
+        assert_eq!(inside[1]["cache.result"], "miss");
+        assert!(events[2].get("spans").is_none(), "{text}");
     }
 
     #[test]
