@@ -300,7 +300,13 @@ impl RequestContext {
         REQUEST.try_with(|r| r.request_id.clone()).ok()
     }
 
-    /// Names the authenticated caller in the current request's log lines.
+    /// The current request's authenticated caller, once known.
+    pub fn client() -> Option<std::sync::Arc<str>> {
+        REQUEST.try_with(|r| r.client.get().cloned()).ok().flatten()
+    }
+
+    /// Names the authenticated caller of the current request, for its log
+    /// lines and metrics.
     pub fn record_client(client: &std::sync::Arc<str>) {
         let _ = REQUEST.try_with(|r| {
             let _ = r.client.set(client.clone());

@@ -21,7 +21,6 @@ use crate::config::{ANONYMOUS, ClientSettings, Scope};
 use crate::domain::{Identity, UserType};
 use crate::http::AppState;
 use crate::http::error::{ApiError, whole_seconds};
-use crate::http::observe::Outcome;
 use crate::service_accounts::Verifier;
 use crate::shared::SharedCache;
 
@@ -80,24 +79,6 @@ impl Caller {
     /// The service account it authenticated as, if not by key.
     pub fn service_account(&self) -> Option<&str> {
         self.service_account.as_deref()
-    }
-
-    /// The response to this caller's request, its `Outcome` naming the caller
-    /// for the log line and the metrics.
-    pub fn answer(&self, result: Result<impl IntoResponse, ApiError>) -> Response {
-        let mut response = result.into_response();
-        let caller = Some(self.name().clone());
-        match response.extensions_mut().get_mut::<Outcome>() {
-            Some(outcome) => outcome.caller = caller,
-            None => {
-                response.extensions_mut().insert(Outcome {
-                    caller,
-                    cache: None,
-                    result: "ok",
-                });
-            }
-        }
-        response
     }
 
     /// Refuses unless the caller holds `scope`.
@@ -341,7 +322,7 @@ impl FromRequestParts<AppState> for Caller {
         crate::telemetry::RequestContext::record_client(caller.name());
         match state.callers.admit(&caller).await {
             Ok(()) => Ok(caller),
-            Err(refusal) => Err(caller.answer(Err::<Response, _>(refusal))),
+            Err(refusal) => Err(refusal.into_response()),
         }
     }
 }

@@ -5,7 +5,6 @@
 use std::convert::Infallible;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -35,12 +34,10 @@ pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// What a request came to, attached to its response by whoever answered it
-/// (the handler, the `Caller` extractor, an error), and read back once here
-/// for the log line and the metrics.
+/// (the handler, an error), and read back once here for the log line and the
+/// metrics. Who asked is in the request's `RequestContext`.
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
-    /// The authenticated caller, if it got that far.
-    pub caller: Option<Arc<str>>,
     /// Where the token came from, when one was handed out.
     pub cache: Option<CacheResult>,
     /// The `result` label of `token_broker_client_requests_total`.
@@ -299,10 +296,9 @@ fn finish(
     state.metrics.http_request(route, status, elapsed);
     let outcome = response.extensions_mut().remove::<Outcome>();
     let outcome = outcome.as_ref();
-    if let Some(outcome) = outcome
-        && let Some(client) = &outcome.caller
-    {
-        state.metrics.client_request(client, outcome.result);
+    if let Some(client) = RequestContext::client() {
+        let result = outcome.map_or("ok", |o| o.result);
+        state.metrics.client_request(&client, result);
     }
     tracing::info!(
         status,
@@ -324,6 +320,7 @@ mod tests {
     use crate::telemetry::metrics::Metrics;
     use crate::upstream::UpstreamError;
     use axum::routing::get;
+    use std::sync::Arc;
     use tower::ServiceExt;
 
     struct Nothing;

@@ -116,24 +116,13 @@ pub async fn get_token(
     revalidate: Revalidate,
     request_id: RequestId,
     RawQuery(raw): RawQuery,
-) -> Response {
-    let answer = member_or_customer_token(&state, &caller, revalidate, &request_id, raw).await;
-    caller.answer(answer)
-}
-
-async fn member_or_customer_token(
-    state: &AppState,
-    caller: &Caller,
-    revalidate: Revalidate,
-    request_id: &RequestId,
-    raw: Option<String>,
 ) -> Result<Response, ApiError> {
     let identity = query::identity(raw.as_deref(), query::V1)?;
-    let issued = lookup(state, caller, &identity, revalidate).await?;
+    let issued = lookup(&state, &caller, &identity, revalidate).await?;
     if !issued.active {
         return Err(ApiError::TokenInactive);
     }
-    audit_issued(state, caller, &identity, &issued, request_id);
+    audit_issued(&state, &caller, &identity, &issued, &request_id);
     let (email, user_type, user_id) = match &identity {
         Identity::TeamMember { email, user_type } => {
             (Some(email.as_str()), Some(user_type.as_str()), None)
@@ -176,21 +165,10 @@ pub async fn get_vendor_token(
     revalidate: Revalidate,
     request_id: RequestId,
     RawQuery(raw): RawQuery,
-) -> Response {
-    let answer = vendor_token(&state, &caller, revalidate, &request_id, raw).await;
-    caller.answer(answer)
-}
-
-async fn vendor_token(
-    state: &AppState,
-    caller: &Caller,
-    revalidate: Revalidate,
-    request_id: &RequestId,
-    raw: Option<String>,
 ) -> Result<Response, ApiError> {
     let identity = query::identity(raw.as_deref(), query::VENDOR)?;
-    let issued = lookup(state, caller, &identity, revalidate).await?;
-    audit_issued(state, caller, &identity, &issued, request_id);
+    let issued = lookup(&state, &caller, &identity, revalidate).await?;
+    audit_issued(&state, &caller, &identity, &issued, &request_id);
     let body = VendorBody {
         success: true,
         message: "",
@@ -223,17 +201,14 @@ pub async fn delete_token(
     caller: Caller,
     request_id: RequestId,
     RawQuery(raw): RawQuery,
-) -> Response {
-    let answer = async {
-        let identity = query::identity(raw.as_deref(), query::V1)?;
-        caller.authorize(Action::Invalidate, &identity)?;
-        state.broker.invalidate(&identity).await;
-        state
-            .auditor
-            .invalidated(&actor(&caller, &request_id), &identity);
-        Ok(StatusCode::NO_CONTENT)
-    };
-    caller.answer(answer.await)
+) -> Result<StatusCode, ApiError> {
+    let identity = query::identity(raw.as_deref(), query::V1)?;
+    caller.authorize(Action::Invalidate, &identity)?;
+    state.broker.invalidate(&identity).await;
+    state
+        .auditor
+        .invalidated(&actor(&caller, &request_id), &identity);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 fn audit_issued(
@@ -293,7 +268,6 @@ async fn lookup(
 
 fn with_token_headers(mut response: Response, issued: &Issued) -> Response {
     response.extensions_mut().insert(Outcome {
-        caller: None,
         cache: Some(issued.cache),
         result: "ok",
     });
