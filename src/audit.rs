@@ -125,8 +125,10 @@ impl Auditor {
         token: Option<(&str, bool)>,
     ) {
         let mut hex = [0; 32];
+        // `message` as a plain field: written as it is, no formatting.
         tracing::info!(
             target: TARGET,
+            message = outcome.message(),
             outcome = outcome.as_str(),
             caller = actor.caller,
             service_account = actor.service_account,
@@ -136,8 +138,6 @@ impl Auditor {
             cache = token.map(|(cache, _)| cache),
             active = token.map(|(_, active)| active),
             request_id = actor.request_id,
-            "{}",
-            outcome.message()
         );
     }
 }

@@ -325,21 +325,24 @@ impl RequestContext {
             .flatten()
     }
 
-    /// The fields, as the request span's would be written:
-    /// `("otel.name", …), ("otel.kind", "server"), …`, in that order.
-    pub(crate) fn fields(&self) -> impl Iterator<Item = (&'static str, &str)> {
-        let trace = self.trace.as_ref();
-        [
-            ("otel.name", Some(self.name)),
-            ("otel.kind", Some("server")),
-            ("route", Some(self.route)),
-            ("request_id", self.request_id.to_str().ok()),
-            ("trace_id", trace.map(|t| t.trace_id.as_str())),
-            ("span_id", trace.map(|t| t.span_id.as_str())),
-            ("client", self.client.get().map(|c| &**c)),
-        ]
-        .into_iter()
-        .filter_map(|(key, value)| Some((key, value?)))
+    /// Calls `field` with each field, as the request span's would be
+    /// written: `otel.name`, `otel.kind`, `route`, `request_id`, `trace_id`,
+    /// `span_id`, `client` (those known, in that order).
+    pub(crate) fn fields(&self, mut field: impl FnMut(&'static str, &str)) {
+        field("otel.name", self.name);
+        field("otel.kind", "server");
+        field("route", self.route);
+        // Built by `observe` from visible ASCII; read without a second check.
+        if let Ok(id) = std::str::from_utf8(self.request_id.as_bytes()) {
+            field("request_id", id);
+        }
+        if let Some(trace) = &self.trace {
+            field("trace_id", trace.trace_id.as_str());
+            field("span_id", trace.span_id.as_str());
+        }
+        if let Some(client) = self.client.get() {
+            field("client", client);
+        }
     }
 }
 

@@ -300,11 +300,12 @@ fn finish(
         let result = outcome.map_or("ok", |o| o.result);
         state.metrics.client_request(&client, result);
     }
+    // `message` as a plain field: written as it is, no formatting.
     tracing::info!(
+        message = "request completed",
         status,
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         cache = outcome.and_then(|o| o.cache).map(CacheResult::as_str),
-        "request completed"
     );
 }
 
