@@ -105,7 +105,8 @@ impl Email {
         let mut address = String::with_capacity(raw.len());
         address.push_str(local);
         address.push('@');
-        address.extend(domain.bytes().map(|b| char::from(b.to_ascii_lowercase())));
+        address.push_str(domain);
+        address[local.len() + 1..].make_ascii_lowercase();
         Ok(Self {
             at: local.len(),
             address,

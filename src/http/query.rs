@@ -66,6 +66,10 @@ pub fn identity(raw: Option<&str>, customer: CustomerParam) -> Result<Identity, 
 }
 
 fn decode(raw: &str) -> Result<Cow<'_, str>, std::str::Utf8Error> {
+    // Names and most values have nothing to decode: one fast scan says so.
+    if !raw.contains('%') {
+        return Ok(Cow::Borrowed(raw));
+    }
     percent_decode_str(raw).decode_utf8()
 }
 
