@@ -548,32 +548,16 @@ mod tests {
 
     #[test]
     fn without_export_a_span_below_the_log_level_is_never_made_and_audit_events_still_are() {
-        let written = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = {
-            let written = written.clone();
-            move || Sink(written.clone())
-        };
-        let subscriber = logging_only("warn", LogFormat::Json, sink);
+        let sink = logs::tests::Sink::default();
+        let subscriber = logging_only("warn", LogFormat::Json, sink.clone());
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("request", request_id = "r-1");
             assert!(span.is_disabled());
             assert!(!tracing::warn_span!("failing").is_disabled());
             span.in_scope(|| tracing::info!(target: crate::audit::TARGET, "token issued"));
         });
-        let text = String::from_utf8(written.lock().unwrap().clone()).unwrap();
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         assert!(text.contains(r#""message":"token issued""#), "{text}");
-    }
-
-    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
     }
 
     #[test]

@@ -52,6 +52,16 @@ pub struct Running {
 }
 
 impl Running {
+    /// `serve` with the test configuration, written into `dir`, in front of `upstream`.
+    pub async fn serve(dir: &tempfile::TempDir, upstream: SocketAddr) -> Running {
+        let mut command = command();
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(config_file(dir, upstream, ""));
+        Running::start(command).await
+    }
+
     /// Starts `args` and waits until the broker logs that it is listening.
     pub async fn start(mut command: Command) -> Running {
         let mut child = command.spawn().expect("binary starts");
@@ -191,12 +201,7 @@ async fn sigterm_drains_an_in_flight_slow_request_and_exits_zero() {
     let (sim, upstream) = upstream().await;
     sim.set_latency(Duration::from_millis(700));
     let dir = tempfile::tempdir().unwrap();
-    let mut command = command();
-    command
-        .arg("serve")
-        .arg("--config")
-        .arg(config_file(&dir, upstream, ""));
-    let mut broker = Running::start(command).await;
+    let mut broker = Running::serve(&dir, upstream).await;
     let client = reqwest::Client::new();
     let url = format!(
         "http://{}/v1/tokens?{}",
@@ -381,12 +386,7 @@ async fn no_secret_or_email_appears_in_the_logs_of_a_full_scenario() {
 async fn every_issued_token_and_invalidation_writes_one_audit_event() {
     let (_sim, upstream) = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut command = command();
-    command
-        .arg("serve")
-        .arg("--config")
-        .arg(config_file(&dir, upstream, ""));
-    let mut broker = Running::start(command).await;
+    let mut broker = Running::serve(&dir, upstream).await;
     let client = reqwest::Client::new();
     let base = format!("http://{}", broker.api);
     let alice = member_query(ALICE, "AGENT");
@@ -505,12 +505,7 @@ async fn each_request_logs_one_line_and_its_events_carry_the_request() {
     use token_broker::simulator::Fault;
     let (sim, upstream) = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut command = command();
-    command
-        .arg("serve")
-        .arg("--config")
-        .arg(config_file(&dir, upstream, ""));
-    let mut broker = Running::start(command).await;
+    let mut broker = Running::serve(&dir, upstream).await;
     let client = reqwest::Client::new();
     let base = format!("http://{}", broker.api);
     let fetch = |query: String, id: &'static str| {
