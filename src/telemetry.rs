@@ -1,13 +1,15 @@
 //! Logs, traces and the metrics registry.
 //!
 //! Logs: JSON (or pretty) on stdout, filtered by `log.level`; every event in
-//! a request carries the spans' `request_id`, `trace_id` and `span_id`.
+//! a request carries its `request_id`, `trace_id` and `span_id` (in `spans`,
+//! as the `request` entry).
 //! Traces: `tracing` spans become OpenTelemetry spans. With
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` set they are exported over OTLP
 //! (`OTEL_EXPORTER_OTLP_PROTOCOL` = `http/protobuf`, the default, or `grpc`;
 //! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER[_ARG]`
-//! honoured). Without it nothing is recorded or exported: spans still carry
-//! W3C trace context so logs and the vendor see the caller's trace id.
+//! honoured). Without it nothing is recorded or exported, and a request makes
+//! no span: its `RequestContext` carries the W3C trace context, so logs and
+//! the vendor still see the caller's trace id.
 
 pub mod logs;
 pub mod metrics;

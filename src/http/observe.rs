@@ -1,6 +1,6 @@
-//! The per-request work around the API router: request id, the request span,
-//! the size limits of SPEC §7, one log event and the HTTP metrics for every
-//! request.
+//! The per-request work around the API router: request id, the request's
+//! `RequestContext` (and span, when there is one), the size limits of SPEC §7,
+//! one log event and the HTTP metrics for every request.
 
 use std::convert::Infallible;
 use std::panic::AssertUnwindSafe;

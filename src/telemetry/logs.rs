@@ -1,6 +1,7 @@
 //! The JSON log writer: one object per event, the shape tracing-subscriber's
 //! JSON formatter gives (`timestamp`, `level`, the event's fields, `target`,
-//! and `spans`, the list of enclosing spans with their fields), built for the
+//! and `spans`, the list of enclosing spans with their fields, led by the
+//! request's own `RequestContext` when no span stands for it), built for the
 //! request path: a span's fields are serialised once, when they are recorded,
 //! and each event only copies them into a shared batch (`BatchWriter`) that a
 //! writer thread empties every few milliseconds, so a request neither makes a
