@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::extract::{FromRequestParts, RawQuery, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -26,7 +26,7 @@ use crate::upstream::UpstreamError;
 static VENDOR_ERRORS: Throttle = Throttle::every(Duration::from_secs(10));
 
 /// `X-Cache`: where the token came from.
-pub const X_CACHE: &str = "x-cache";
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
 /// Whether the request says `Cache-Control: no-cache` (or `max-age=0`): the
 /// caller wants an answer from the vendor, not from the cache (SPEC §4).
