@@ -1,6 +1,7 @@
 //! Resident memory of the token cache: RSS with 0, 100k and 1M cached tokens
 //! of realistic size (an email of ~20 bytes, a 48-character token), filled
-//! through `Broker::lookup` from a source that answers at once.
+//! through `Broker::lookup` from a source that answers at once; and, with
+//! `moka` as argument, the floor moka itself sets.
 
 use std::sync::Arc;
 
@@ -44,8 +45,32 @@ fn identity(i: usize) -> Identity {
     }
 }
 
+/// With `moka` as its argument: moka's own floor instead, a cache of 1M
+/// `u64` keys without values, bounded and with a time-to-live as the broker's
+/// is, so the broker's bytes per entry can be told from moka's bookkeeping.
+/// A process of its own, so neither measurement reuses the other's memory.
+async fn moka_floor() {
+    let cache: moka::future::Cache<u64, ()> = moka::future::Cache::builder()
+        .max_capacity(2_000_000)
+        .time_to_live(std::time::Duration::from_secs(3600))
+        .build();
+    let base = rss_bytes();
+    let entries = 1_000_000;
+    for key in 0..entries {
+        cache.insert(key, ()).await;
+    }
+    cache.run_pending_tasks().await;
+    println!(
+        "moka alone, {entries} u64 keys without values: {:.0} bytes per entry",
+        (rss_bytes() - base) as f64 / entries as f64
+    );
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    if std::env::args().nth(1).as_deref() == Some("moka") {
+        return moka_floor().await;
+    }
     let mut settings = Settings::load(&Sources::default()).unwrap().cache;
     settings.max_entries = 2_000_000;
     let broker = Broker::new(&settings, Arc::new(Instant), Arc::new(Metrics::new()));

@@ -70,10 +70,11 @@ impl fmt::Display for UserType {
 }
 
 /// One e-mail address: the local part kept exactly, the domain lower-cased.
+/// Compact, since every cache entry's key holds one.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Email {
-    address: String,
-    at: usize,
+    /// Exactly one `@` in it.
+    address: Box<str>,
 }
 
 impl Email {
@@ -108,8 +109,7 @@ impl Email {
         address.push_str(domain);
         address[local.len() + 1..].make_ascii_lowercase();
         Ok(Self {
-            at: local.len(),
-            address,
+            address: address.into_boxed_str(),
         })
     }
 
@@ -120,7 +120,9 @@ impl Email {
 
     /// The lower-cased domain, without the `@`.
     pub fn domain(&self) -> &str {
-        &self.address[self.at + 1..]
+        self.address
+            .split_once('@')
+            .map_or("", |(_, domain)| domain)
     }
 }
 
@@ -165,7 +167,7 @@ impl fmt::Debug for Email {
 
 /// A customer id, as the vendor returns it in `data[]._id`.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct UserId(String);
+pub struct UserId(Box<str>);
 
 impl UserId {
     /// 1–64 characters of `A-Z a-z 0-9 _ -`.
@@ -179,7 +181,7 @@ impl UserId {
                 "must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'",
             ));
         }
-        Ok(Self(raw.to_owned()))
+        Ok(Self(raw.into()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -240,6 +242,11 @@ mod tests {
         let email = Email::parse("Alice.Smith+x@Example.COM").unwrap();
         assert_eq!(email.as_str(), "Alice.Smith+x@example.com");
         assert_eq!(email.domain(), "example.com");
+    }
+
+    #[test]
+    fn an_identity_is_three_words_since_every_cache_key_is_one() {
+        assert!(std::mem::size_of::<Identity>() <= 24);
     }
 
     #[test]
