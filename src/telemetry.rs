@@ -266,8 +266,6 @@ pub struct RequestContext {
     trace: Option<TraceParent>,
     /// The authenticated caller, once known.
     client: std::cell::OnceCell<std::sync::Arc<str>>,
-    /// Whether a `tracing` span carries these fields instead (`request_spans`).
-    in_span: bool,
 }
 
 impl RequestContext {
@@ -283,7 +281,6 @@ impl RequestContext {
             request_id,
             trace,
             client: std::cell::OnceCell::new(),
-            in_span: request_spans(),
         }
     }
 
@@ -312,19 +309,19 @@ impl RequestContext {
     pub fn record_client(client: &std::sync::Arc<str>) {
         let _ = REQUEST.try_with(|r| {
             let _ = r.client.set(client.clone());
-            if r.in_span {
+            if request_spans() {
                 tracing::Span::current().record("client", &**client);
             }
         });
     }
 
     /// Calls `write` with the current request, when the log lines take its
-    /// fields from here rather than from a span.
+    /// fields from here rather than from a span (`request_spans`).
     pub(crate) fn with_logged<R>(write: impl FnOnce(&Self) -> R) -> Option<R> {
-        REQUEST
-            .try_with(|r| (!r.in_span).then(|| write(r)))
-            .ok()
-            .flatten()
+        if request_spans() {
+            return None;
+        }
+        REQUEST.try_with(write).ok()
     }
 
     /// Calls `field` with each field, as the request span's would be
