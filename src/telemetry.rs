@@ -284,11 +284,6 @@ impl RequestContext {
         }
     }
 
-    /// The W3C trace context of the request, when nothing is exported.
-    pub fn trace(&self) -> Option<&TraceParent> {
-        self.trace.as_ref()
-    }
-
     /// Runs `future` (a request being served) with this context current.
     pub async fn scope<F: std::future::Future>(self, future: F) -> F::Output {
         REQUEST.scope(self, future).await
@@ -322,6 +317,39 @@ impl RequestContext {
             return None;
         }
         REQUEST.try_with(write).ok()
+    }
+
+    /// The request's `tracing` span, for when requests make one
+    /// (`request_spans`), with the fields `fields` writes; when exporting, a
+    /// child of the caller's trace (from `headers`) with the HTTP attributes
+    /// of the OpenTelemetry conventions. `method` as those name it.
+    pub fn span(&self, headers: &axum::http::HeaderMap, method: &'static str) -> tracing::Span {
+        // Empty when exporting: `record_trace_ids` fills them.
+        let trace_id = self.trace.as_ref().map(|t| t.trace_id.as_str());
+        let span_id = self.trace.as_ref().map(|t| t.span_id.as_str());
+        let span = tracing::info_span!(
+            "request",
+            otel.name = self.name,
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            route = self.route,
+            request_id = self.request_id.to_str().unwrap_or_default(),
+            client = tracing::field::Empty,
+            trace_id,
+            span_id,
+        );
+        if exporting() {
+            let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+                propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
+            });
+            let _ = span.set_parent(parent);
+            // Semantic-convention attributes go to the trace only, keeping log lines short.
+            span.set_attribute("http.request.method", method);
+            span.set_attribute("http.route", self.route);
+            span.set_attribute("url.scheme", "http");
+            record_trace_ids(&span);
+        }
+        span
     }
 
     /// Calls `field` with each field, as the request span's would be
@@ -462,7 +490,7 @@ pub fn inject_current(headers: &mut reqwest::header::HeaderMap) {
         return;
     }
     let _ = REQUEST.try_with(|request| {
-        let Some(parent) = request.trace() else {
+        let Some(parent) = &request.trace else {
             return;
         };
         let value = format!(

@@ -207,12 +207,12 @@ where
         // Continue the caller's trace (W3C traceparent/tracestate), if any:
         // by OpenTelemetry when exporting, else by the request's context.
         let trace = (!exporting).then(|| telemetry::TraceParent::from_headers(request.headers()));
+        let context = RequestContext::new(name, route, id.clone(), trace);
         let span = if telemetry::request_spans() {
-            request_span(&request, name, route, &id, trace.as_ref(), exporting)
+            context.span(request.headers(), method_name(request.method()))
         } else {
             tracing::Span::none()
         };
-        let context = RequestContext::new(name, route, id.clone(), trace);
         let handled = check_request(&request, route).map(|()| {
             // Always ready (see `poll_ready`), so called without waiting.
             AssertUnwindSafe(self.router.call(request)).catch_unwind()
@@ -236,44 +236,6 @@ where
         // The router runs inside the context (and the span, if any) when polled.
         Box::pin(context.scope(served.instrument(span)))
     }
-}
-
-/// The request's `tracing` span, when requests make one (`request_spans`):
-/// its fields are those of `RequestContext`.
-fn request_span(
-    request: &Request,
-    name: &'static str,
-    route: &'static str,
-    id: &HeaderValue,
-    trace: Option<&telemetry::TraceParent>,
-    exporting: bool,
-) -> tracing::Span {
-    // Empty when exporting: `record_trace_ids` fills them.
-    let trace_id = trace.map(|p| p.trace_id.as_str());
-    let span_id = trace.map(|p| p.span_id.as_str());
-    let span = tracing::info_span!(
-        "request",
-        otel.name = name,
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        route,
-        request_id = id.to_str().unwrap_or_default(),
-        client = tracing::field::Empty,
-        trace_id,
-        span_id,
-    );
-    if exporting {
-        let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-            propagator.extract(&opentelemetry_http::HeaderExtractor(request.headers()))
-        });
-        let _ = span.set_parent(parent);
-        // Semantic-convention attributes go to the trace only, keeping log lines short.
-        span.set_attribute("http.request.method", method_name(request.method()));
-        span.set_attribute("http.route", route);
-        span.set_attribute("url.scheme", "http");
-        telemetry::record_trace_ids(&span);
-    }
-    span
 }
 
 /// The log line and the metrics of one answered request.

@@ -3,10 +3,9 @@
 //! connections with load shedding (a 503 problem, then close), and a read
 //! buffer cap. Garbage bytes get hyper's 400 and a closed connection.
 
+use std::convert::Infallible;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
-
-use std::convert::Infallible;
 
 use axum::http::Request;
 use axum::response::Response;

@@ -128,23 +128,15 @@ where
             let mut first = true;
             if self.request {
                 RequestContext::with_logged(|request| {
-                    line.push_str(",\"spans\":[{\"name\":\"request\"");
-                    request.fields(|key, value| {
-                        line.push_str(",\"");
-                        line.push_str(key);
-                        line.push_str("\":");
-                        push_json_str(&mut line, value);
-                    });
+                    open_span(&mut line, &mut first, "request");
+                    let mut fields = JsonFields::new(&mut line);
+                    request.fields(|key, value| fields.str_member(key, value));
                     line.push('}');
-                    first = false;
                 });
             }
             if let Some(scope) = ctx.event_scope(event) {
                 for span in scope.from_root() {
-                    line.push_str(if first { ",\"spans\":[" } else { "," });
-                    first = false;
-                    line.push_str("{\"name\":");
-                    push_json_str(&mut line, span.name());
+                    open_span(&mut line, &mut first, span.name());
                     if let Some(SpanFields(fields)) = span.extensions().get::<SpanFields>()
                         && !fields.is_empty()
                     {
@@ -163,6 +155,15 @@ where
     }
 }
 
+/// Opens the entry of span `name` in `spans`, and the list itself before the
+/// `first` entry; the caller appends its fields and the closing `}`.
+fn open_span(line: &mut String, first: &mut bool, name: &str) {
+    line.push_str(if *first { ",\"spans\":[" } else { "," });
+    *first = false;
+    line.push_str("{\"name\":");
+    push_json_str(line, name);
+}
+
 /// Appends fields as JSON members.
 struct JsonFields<'a> {
     out: &'a mut String,
@@ -177,18 +178,26 @@ impl<'a> JsonFields<'a> {
     }
 
     fn key(&mut self, field: &Field) {
+        self.name(field.name());
+    }
+
+    fn name(&mut self, name: &str) {
         self.out
             .push_str(if self.leading_comma { ",\"" } else { "\"" });
         self.leading_comma = true;
-        escape_into(self.out, field.name());
+        escape_into(self.out, name);
         self.out.push_str("\":");
+    }
+
+    fn str_member(&mut self, name: &str, value: &str) {
+        self.name(name);
+        push_json_str(self.out, value);
     }
 }
 
 impl Visit for JsonFields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.key(field);
-        push_json_str(self.out, value);
+        self.str_member(field.name(), value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
