@@ -354,7 +354,8 @@ impl RequestContext {
 
     /// Calls `field` with each field, as the request span's would be
     /// written: `otel.name`, `otel.kind`, `route`, `request_id`, `trace_id`,
-    /// `span_id`, `client` (those known, in that order).
+    /// `span_id`, `client` (those known, in that order). The keys need no
+    /// JSON escaping.
     pub(crate) fn fields(&self, mut field: impl FnMut(&'static str, &str)) {
         field("otel.name", self.name);
         field("otel.kind", "server");

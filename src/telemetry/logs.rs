@@ -129,8 +129,13 @@ where
             if self.request {
                 RequestContext::with_logged(|request| {
                     open_span(&mut line, &mut first, "request");
-                    let mut fields = JsonFields::new(&mut line);
-                    request.fields(|key, value| fields.str_member(key, value));
+                    // Its keys are known JSON-safe names: written as they are.
+                    request.fields(|key, value| {
+                        line.push_str(",\"");
+                        line.push_str(key);
+                        line.push_str("\":");
+                        push_json_str(&mut line, value);
+                    });
                     line.push('}');
                 });
             }
@@ -178,26 +183,18 @@ impl<'a> JsonFields<'a> {
     }
 
     fn key(&mut self, field: &Field) {
-        self.name(field.name());
-    }
-
-    fn name(&mut self, name: &str) {
         self.out
             .push_str(if self.leading_comma { ",\"" } else { "\"" });
         self.leading_comma = true;
-        escape_into(self.out, name);
+        escape_into(self.out, field.name());
         self.out.push_str("\":");
-    }
-
-    fn str_member(&mut self, name: &str, value: &str) {
-        self.name(name);
-        push_json_str(self.out, value);
     }
 }
 
 impl Visit for JsonFields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.str_member(field.name(), value);
+        self.key(field);
+        push_json_str(self.out, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
