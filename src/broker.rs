@@ -4,53 +4,46 @@
 //! Two moka caches share the work. `store` holds what the vendor last said
 //! per identity (an active token, or "no such user"), bounded by
 //! `cache.max_entries`; moka drops an entry once it can no longer be served
-//! (`ttl + stale_if_error`, or `negative_ttl`), while freshness is judged here
-//! against tokio's clock (so tests can pause time). `flights` exists only to
-//! coalesce: its `try_get_with` runs one fetch per key and hands the result,
-//! or the error, to every caller that asked meanwhile.
+//! (`ttl + stale_if_error`, or `negative_ttl`), while freshness is judged by
+//! `freshness::decide` against tokio's clock (so tests can pause time).
+//! `flights` exists only to coalesce: its `try_get_with` runs one fetch per
+//! key and hands the result, or the error, to every caller that asked meanwhile.
 //!
-//! - fresh (`age < ttl`): a hit; past `ttl × refresh_ahead` the first hit also
-//!   starts one background refresh.
-//! - past `ttl`: fetched again; if the vendor is failing (`is_outage`), the old
-//!   token is served as stale until `ttl + stale_if_error`.
-//! - a definitive answer (no such user, inactive) replaces the entry.
-//! - `Cache-Control: no-cache` (`revalidate`): an answer younger than
-//!   `revalidate_min_interval`, else a vendor fetch made after the request.
+//! Invalidation moves the key's generation on (`flights::Generations`). A
+//! fetch remembers the generation it began with and stores its answer only
+//! if it is unchanged, so a fetch already under way never puts a revoked
+//! token back.
 //!
-//! Invalidation moves the key's generation on. A fetch remembers the
-//! generation it began with and stores its answer only if it is unchanged,
-//! so a fetch already under way never puts a revoked token back.
-//!
-//! With a shared cache (`crate::shared`), a local miss reads Redis before the
-//! vendor, one replica at a time fetches a key (the others wait for its answer
-//! in Redis, within `upstream.timeout`), and invalidations reach every
-//! replica. A hit never touches Redis.
+//! Behind the local cache is the shared tier (`crate::shared`): a local miss
+//! looks there before the vendor, one replica at a time fetches a key (the
+//! others wait for its answer), and invalidations reach every replica. With
+//! no Redis, the tier is a no-op. A hit never touches it.
+
+mod entry;
+mod flights;
+pub mod freshness;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use moka::Expiry;
 use moka::future::Cache;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::audit::Subject;
 use crate::config::CacheSettings;
-use crate::domain::{Identity, Token};
-use crate::shared::SharedCache;
-use crate::shared::sealed::{KeyName, Stored, StoredAnswer};
+use crate::domain::Identity;
+use crate::shared::redis_tier::Next;
+use crate::shared::{Event, Lock, NoSharedTier, NotShared, Permit, SharedTier, Stored};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
-
-/// How often a replica waiting for another's fetch looks at Redis.
-const SHARED_POLL: Duration = Duration::from_millis(10);
-/// How long a key's generation is remembered after an invalidation: longer
-/// than any fetch can run.
-const GENERATION_MEMORY: Duration = Duration::from_secs(600);
+use entry::{Answer, Entry, Lifetime};
+pub use entry::{CacheResult, Issued};
+use flights::{FlightKey, Generation, Generations, Purpose, Want};
+use freshness::{Asked, Decision, Held, Policy};
 
 /// A future returned by a `TokenSource`.
 pub type FetchFuture<'a> =
@@ -64,24 +57,6 @@ pub trait TokenSource: Send + Sync + 'static {
 impl TokenSource for UpstreamClient {
     fn fetch<'a>(&'a self, identity: &'a Identity) -> FetchFuture<'a> {
         Box::pin(UpstreamClient::fetch(self, identity))
-    }
-}
-
-/// Where an answer came from, as reported in `X-Cache`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheResult {
-    Hit,
-    Miss,
-    Stale,
-}
-
-impl CacheResult {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheResult::Hit => "hit",
-            CacheResult::Miss => "miss",
-            CacheResult::Stale => "stale",
-        }
     }
 }
 
@@ -101,247 +76,14 @@ impl BrokerError {
     }
 }
 
-/// A token answer for one lookup.
-#[derive(Debug, Clone)]
-pub struct Issued {
-    /// Shared with the cache entry: a hit copies no secret.
-    pub token: Arc<Token>,
-    pub active: bool,
-    pub cache: CacheResult,
-    /// Time since the vendor handed the token out.
-    pub age: Duration,
-    /// The cache entry it came from, which keeps its audit subject.
-    entry: Arc<Entry>,
-}
-
-impl Issued {
-    /// The audit subject of this answer's identity: `compute`d by the first
-    /// answer from a cache entry, kept by the entry for the hits after it.
-    pub fn audit_subject(&self, compute: impl FnOnce() -> Subject) -> Subject {
-        *self.entry.subject.get_or_init(compute)
-    }
-}
-
-/// What the vendor last said about an identity.
-#[derive(Debug)]
-enum Answer {
-    Token { token: Arc<Token>, active: bool },
-    NotFound,
-}
-
-#[derive(Debug)]
-struct Entry {
-    answer: Answer,
-    fetched_at: Stamp,
-    /// Asked of the vendor by this replica (else read from the shared cache).
-    from_vendor: bool,
-    /// Set by the hit that starts this entry's background refresh.
-    refreshing: AtomicBool,
-    /// The identity's audit subject, once an answer from here was audited.
-    subject: OnceLock<Subject>,
-}
-
-impl Entry {
-    fn new(answer: Answer) -> Arc<Self> {
-        Arc::new(Self {
-            answer,
-            fetched_at: Stamp::of(Instant::now()),
-            from_vendor: true,
-            refreshing: AtomicBool::new(false),
-            subject: OnceLock::new(),
-        })
-    }
-
-    /// An answer another replica (or this one, earlier) put in the shared cache.
-    fn from_shared(stored: Stored) -> Arc<Self> {
-        let age = stored.age();
-        let answer = match stored.answer {
-            StoredAnswer::Token(token) => Answer::Token {
-                token: Arc::new(token),
-                active: true,
-            },
-            StoredAnswer::NotFound => Answer::NotFound,
-        };
-        let now = Instant::now();
-        Arc::new(Self {
-            answer,
-            fetched_at: Stamp::of(now.checked_sub(age).unwrap_or(now)),
-            from_vendor: false,
-            refreshing: AtomicBool::new(false),
-            subject: OnceLock::new(),
-        })
-    }
-
-    fn age(&self) -> Duration {
-        self.fetched_at.instant().elapsed()
-    }
-
-    /// The token, or the vendor's "no such user"; `X-Cache` follows `from_vendor`.
-    fn issued(self: &Arc<Self>) -> Result<Issued, BrokerError> {
-        let cache = if self.from_vendor {
-            CacheResult::Miss
-        } else {
-            CacheResult::Hit
-        };
-        self.issued_as(cache)
-    }
-
-    fn issued_as(self: &Arc<Self>, cache: CacheResult) -> Result<Issued, BrokerError> {
-        match &self.answer {
-            Answer::Token { token, active } => Ok(Issued {
-                token: token.clone(),
-                active: *active,
-                cache,
-                age: self.age(),
-                entry: self.clone(),
-            }),
-            Answer::NotFound => Err(UpstreamError::NotFound.into()),
-        }
-    }
-
-    /// What the shared cache keeps of this entry: active tokens and "no such user".
-    fn to_stored(&self) -> Option<Stored> {
-        let answer = match &self.answer {
-            Answer::Token {
-                token,
-                active: true,
-            } => StoredAnswer::Token(Token::clone(token)),
-            Answer::Token { active: false, .. } => return None,
-            Answer::NotFound => StoredAnswer::NotFound,
-        };
-        Some(Stored {
-            answer,
-            fetched_at: SystemTime::now()
-                .checked_sub(self.age())
-                .unwrap_or_else(SystemTime::now),
-        })
-    }
-}
-
-/// An instant as signed nanoseconds from a fixed one: eight bytes in every
-/// cache entry rather than an `Instant`'s sixteen. Signed, since an answer
-/// read from the shared cache may be older than the process.
-#[derive(Debug, Clone, Copy)]
-struct Stamp(i64);
-
-/// The instant stamps count from.
-static STAMP_ORIGIN: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
-
-impl Stamp {
-    fn of(at: Instant) -> Self {
-        let origin = *STAMP_ORIGIN;
-        let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
-        Self(if at >= origin {
-            nanos(at - origin)
-        } else {
-            -nanos(origin - at)
-        })
-    }
-
-    fn instant(self) -> Instant {
-        let origin = *STAMP_ORIGIN;
-        let offset = Duration::from_nanos(self.0.unsigned_abs());
-        if self.0 >= 0 {
-            origin + offset
-        } else {
-            origin.checked_sub(offset).unwrap_or(origin)
-        }
-    }
-}
-
-/// How long moka keeps an entry: as long as it may still be served.
-struct Lifetime {
-    token: Duration,
-    not_found: Duration,
-}
-
-impl Lifetime {
-    fn of(&self, entry: &Entry) -> Duration {
-        let whole = match entry.answer {
-            Answer::Token { .. } => self.token,
-            Answer::NotFound => self.not_found,
-        };
-        // An entry read from the shared cache arrives with some age already.
-        whole.saturating_sub(entry.age())
-    }
-}
-
-impl Expiry<Identity, Arc<Entry>> for Lifetime {
-    fn expire_after_create(
-        &self,
-        _: &Identity,
-        entry: &Arc<Entry>,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(self.of(entry))
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &Identity,
-        entry: &Arc<Entry>,
-        _: std::time::Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(self.of(entry))
-    }
-}
-
-/// Why a fetch runs; fetches for different reasons accept different answers,
-/// so each reason coalesces with its own kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Purpose {
-    /// A miss, or an entry past `ttl`.
-    Lookup,
-    /// Refresh-ahead of an entry still fresh.
-    Refresh,
-    /// The caller asked for `no-cache`.
-    Revalidate,
-}
-
-/// The answers a fetch may hand back: younger than `max_age`, or fetched
-/// after `since`.
-#[derive(Debug, Clone, Copy)]
-struct Want {
-    max_age: Duration,
-    since: Option<Instant>,
-}
-
-impl Want {
-    fn accepts(&self, entry: &Entry) -> bool {
-        entry.age() < self.max_age
-            || self
-                .since
-                .is_some_and(|since| entry.fetched_at.instant() >= since)
-    }
-}
-
-/// One flight per key, generation and purpose: a fetch begun before an
-/// invalidation is never joined after it.
-type FlightKey = (Identity, u64, Purpose);
-
-/// The shared cache, and the key names this replica has looked up, so an
-/// invalidation (which names a key by its hash) can be applied here.
-struct SharedTier {
-    cache: SharedCache,
-    names: moka::sync::Cache<KeyName, Identity>,
-    /// How long to wait for another replica's fetch: `upstream.timeout`.
-    wait: Duration,
-}
-
 struct Inner {
     store: Cache<Identity, Arc<Entry>>,
     flights: Cache<FlightKey, Arc<Entry>>,
-    /// Generation per key, from `invalidations`; absent is 0.
-    generations: moka::sync::Cache<Identity, u64>,
-    invalidations: AtomicU64,
-    shared: Option<SharedTier>,
+    generations: Generations,
+    tier: Arc<dyn SharedTier>,
     source: Arc<dyn TokenSource>,
-    ttl: Duration,
-    refresh_after: Duration,
+    policy: Policy,
     stale_for: Duration,
-    negative_ttl: Duration,
-    revalidate_interval: Duration,
     /// Set while stale answers are served, so the outage is logged once.
     serving_stale: AtomicBool,
     /// Cancelled at shutdown: background refreshes stop.
@@ -360,17 +102,15 @@ impl Broker {
         source: Arc<dyn TokenSource>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self::with_shared(settings, source, metrics, None, Duration::ZERO)
+        Self::with_tier(settings, source, metrics, Arc::new(NoSharedTier))
     }
 
-    /// A broker backed by `shared` (when given); `wait` bounds how long a
-    /// replica waits for another one's fetch.
-    pub fn with_shared(
+    /// A broker backed by the shared `tier`.
+    pub fn with_tier(
         settings: &CacheSettings,
         source: Arc<dyn TokenSource>,
         metrics: Arc<Metrics>,
-        shared: Option<SharedCache>,
-        wait: Duration,
+        tier: Arc<dyn SharedTier>,
     ) -> Self {
         let store = Cache::builder()
             .max_capacity(settings.max_entries)
@@ -380,34 +120,39 @@ impl Broker {
             })
             .build();
         let flights = Cache::builder().max_capacity(settings.max_entries).build();
-        let generations = moka::sync::Cache::builder()
-            .max_capacity(settings.max_entries)
-            .time_to_live(GENERATION_MEMORY)
-            .build();
-        let shared = shared.map(|cache| SharedTier {
-            cache,
-            names: moka::sync::Cache::builder()
-                .max_capacity(settings.max_entries)
-                .time_to_idle(settings.ttl + settings.stale_if_error)
-                .build(),
-            wait,
-        });
         Self(Arc::new(Inner {
             store,
             flights,
-            generations,
-            invalidations: AtomicU64::new(0),
-            shared,
+            generations: Generations::new(settings.ttl + settings.stale_if_error),
+            tier,
             source,
-            ttl: settings.ttl,
-            refresh_after: settings.ttl.mul_f64(settings.refresh_ahead),
+            policy: Policy {
+                ttl: settings.ttl,
+                refresh_after: settings.ttl.mul_f64(settings.refresh_ahead),
+                negative_ttl: settings.negative_ttl,
+                revalidate_interval: settings.revalidate_min_interval,
+            },
             stale_for: settings.stale_if_error,
-            negative_ttl: settings.negative_ttl,
-            revalidate_interval: settings.revalidate_min_interval,
             serving_stale: AtomicBool::new(false),
             stop: CancellationToken::new(),
             metrics,
         }))
+    }
+
+    /// Starts listening to the shared tier's events (invalidations from the
+    /// fleet, a lost feed) until shutdown.
+    pub fn listen_to_tier(&self) {
+        let broker = self.clone();
+        let sink = Arc::new(move |event: Event| match event {
+            Event::Invalidated(identity) => {
+                // The generation moves at once; the entry goes a moment later.
+                broker.0.generations.invalidate(&identity);
+                let broker = broker.clone();
+                tokio::spawn(async move { broker.0.store.invalidate(&identity).await });
+            }
+            Event::Lost => broker.evict_all(),
+        });
+        self.0.tier.start(sink, self.0.stop.clone());
     }
 
     /// The token for `identity`: from the cache while fresh, else from the
@@ -450,34 +195,34 @@ impl Broker {
     ) -> Result<Issued, BrokerError> {
         let inner = &self.0;
         if let Some(entry) = inner.store.get(identity).await {
-            let age = entry.age();
-            match entry.answer {
-                _ if revalidate && age < inner.revalidate_interval => {
-                    return self.counted_cached(&entry);
-                }
-                _ if revalidate => {}
-                Answer::NotFound if age < inner.negative_ttl => {
-                    return self.counted_cached(&entry);
-                }
-                Answer::Token { .. } if age < inner.ttl => {
-                    if age >= inner.refresh_after && !entry.refreshing.swap(true, Ordering::AcqRel)
-                    {
+            let held = match entry.answer {
+                Answer::Token { .. } => Held::Token,
+                Answer::NotFound => Held::NotFound,
+            };
+            let asked = Asked {
+                revalidate,
+                in_sync: inner.tier.in_sync(),
+            };
+            match freshness::decide(&inner.policy, held, entry.age(), asked) {
+                Decision::Serve => return self.counted_cached(&entry),
+                Decision::ServeAndRefresh => {
+                    if !entry.refreshing.swap(true, Ordering::AcqRel) {
                         self.refresh_in_background(identity.clone());
                     }
                     return self.counted_cached(&entry);
                 }
-                _ => {}
+                Decision::Fetch => {}
             }
         }
         let (purpose, want) = if revalidate {
             let want = Want {
-                max_age: inner.revalidate_interval,
+                max_age: inner.policy.revalidate_interval,
                 since: Some(Instant::now()),
             };
             (Purpose::Revalidate, want)
         } else {
             let want = Want {
-                max_age: inner.ttl,
+                max_age: inner.policy.ttl,
                 since: None,
             };
             (Purpose::Lookup, want)
@@ -528,7 +273,12 @@ impl Broker {
     fn servable_when_failing(&self, entry: &Entry, error: &UpstreamError) -> bool {
         error.is_outage()
             && matches!(entry.answer, Answer::Token { active: true, .. })
-            && entry.age() < self.0.ttl + self.0.stale_for
+            && freshness::servable_when_failing(
+                self.0.policy.ttl,
+                self.0.stale_for,
+                entry.age(),
+                self.0.tier.in_sync(),
+            )
     }
 
     fn refresh_in_background(&self, identity: Identity) {
@@ -544,7 +294,7 @@ impl Broker {
         span.follows_from(tracing::Span::current());
         crate::telemetry::record_trace_ids(&span);
         let want = Want {
-            max_age: self.0.refresh_after,
+            max_age: self.0.policy.refresh_after,
             since: None,
         };
         let stop = self.0.stop.clone();
@@ -563,55 +313,32 @@ impl Broker {
         );
     }
 
-    /// Stops background refreshes; for shutdown.
+    /// Stops background refreshes and the tier's listener; for shutdown.
     pub fn shutdown(&self) {
         self.0.stop.cancel();
     }
 
-    /// Drops the cached token of `identity` here and, with a shared cache, on
-    /// every replica; a fetch already under way will not store its answer.
-    pub async fn invalidate(&self, identity: &Identity) {
+    /// Drops the cached token of `identity` here and on every replica; a
+    /// fetch already under way will not store its answer. `Err` when the
+    /// shared tier did not take it: the local entry is gone all the same.
+    pub async fn invalidate(&self, identity: &Identity) -> Result<(), NotShared> {
         self.forget(identity).await;
-        if let Some(shared) = &self.0.shared {
-            let name = shared.cache.name(identity);
-            if !shared.cache.invalidate(&name).await {
-                tracing::warn!(
-                    "the shared cache did not take the invalidation; other replicas keep the token until they reconnect or it expires"
-                );
-            }
-        }
+        let shared = self.0.tier.invalidate(identity).await;
+        // A fetch that read the shared cache just before the invalidation
+        // reached it may have stored its answer meanwhile.
+        self.forget(identity).await;
+        shared
     }
 
     /// Moves the generation of `identity` on and drops its local entry.
     async fn forget(&self, identity: &Identity) {
-        let generation = self.0.invalidations.fetch_add(1, Ordering::AcqRel) + 1;
-        self.0.generations.insert(identity.clone(), generation);
+        self.0.generations.invalidate(identity);
         self.0.store.invalidate(identity).await;
     }
 
-    fn generation(&self, identity: &Identity) -> u64 {
-        self.0.generations.get(identity).unwrap_or(0)
-    }
-
-    /// Applies an invalidation published by any replica (this one included).
-    pub async fn evict_shared(&self, name: &KeyName) {
-        let Some(shared) = &self.0.shared else {
-            return;
-        };
-        if let Some(identity) = shared.names.get(name) {
-            self.forget(&identity).await;
-        }
-    }
-
-    /// Drops every local entry: after a reconnect to the shared cache, since
-    /// invalidations sent meanwhile were missed.
+    /// Drops every local entry: when invalidations may have been missed.
     pub fn evict_all(&self) {
-        let generation = self.0.invalidations.fetch_add(1, Ordering::AcqRel) + 1;
-        for (identity, _) in self.0.store.iter() {
-            self.0
-                .generations
-                .insert(Identity::clone(&identity), generation);
-        }
+        self.0.generations.invalidate_all();
         self.0.store.invalidate_all();
     }
 
@@ -635,11 +362,12 @@ impl Broker {
     ) -> Result<Arc<Entry>, BrokerError> {
         let inner = &self.0;
         loop {
-            let generation = self.generation(identity);
+            let generation = inner.generations.of(identity);
             let key = (identity.clone(), generation, purpose);
             let result = inner
                 .flights
-                .try_get_with_by_ref(&key, self.fill(identity, generation, want))
+                // Boxed: a miss is rare, and the fill's future is deep.
+                .try_get_with_by_ref(&key, Box::pin(self.fill(identity, generation, want)))
                 .await;
             inner.flights.invalidate(&key).await;
             match result {
@@ -652,90 +380,61 @@ impl Broker {
         }
     }
 
-    /// One flight's work: the shared cache if there is one, else the vendor.
+    /// One flight's work: the shared tier first; else one replica asks the
+    /// vendor while the others wait for its answer (within `upstream.timeout`).
     async fn fill(
         &self,
         identity: &Identity,
-        generation: u64,
+        generation: Generation,
         want: Want,
     ) -> Result<Arc<Entry>, UpstreamError> {
-        match &self.0.shared {
-            None => self.ask_vendor(identity, generation, None).await,
-            Some(shared) => self.fill_shared(shared, identity, generation, want).await,
-        }
-    }
-
-    /// Redis first; else one replica asks the vendor while the others wait
-    /// for its answer in Redis (within `upstream.timeout`).
-    async fn fill_shared(
-        &self,
-        shared: &SharedTier,
-        identity: &Identity,
-        generation: u64,
-        want: Want,
-    ) -> Result<Arc<Entry>, UpstreamError> {
-        let name = shared.cache.name(identity);
-        // Known before the first read, so an invalidation racing this fill applies here.
-        shared.names.insert(name.clone(), identity.clone());
+        let tier = &self.0.tier;
         if let Some(entry) = self
-            .usable_shared(
-                identity,
-                generation,
-                want,
-                shared.cache.get(identity, &name).await,
-            )
+            .usable_shared(identity, generation, want, tier.lookup(identity).await)
             .await
         {
             return entry;
         }
-        let deadline = Instant::now() + shared.wait;
-        loop {
-            let lock = match shared.cache.claim(identity, &name).await {
-                None => break,
-                Some(crate::shared::Claim::Acquired { lock, current }) => {
-                    if let Some(entry) = self
-                        .usable_shared(identity, generation, want, current)
-                        .await
-                    {
-                        shared.cache.unlock(&name, lock).await;
-                        return entry;
-                    }
-                    lock
-                }
-                Some(crate::shared::Claim::Held { current }) => {
-                    if let Some(entry) = self
-                        .usable_shared(identity, generation, want, current)
-                        .await
+        let mut permit = match tier.lock(identity).await {
+            Lock::Write(permit) => permit,
+            Lock::Read(mut waiter) => {
+                let mut seen = waiter.take_current();
+                loop {
+                    if let Some(entry) = self.usable_shared(identity, generation, want, seen).await
                     {
                         return entry;
                     }
-                    if Instant::now() >= deadline {
-                        break;
+                    match waiter.next().await {
+                        Some(Next::Value(value)) => seen = Some(value),
+                        Some(Next::Write(permit)) => break permit,
+                        // The holder outran our wait, or Redis cannot be asked: ask alone.
+                        None => break Permit::alone(),
                     }
-                    tokio::time::sleep(SHARED_POLL).await;
-                    continue;
                 }
-            };
-            return self
-                .ask_vendor(identity, generation, Some((shared, &name, lock)))
-                .await;
+            }
+        };
+        // Stored by another replica between the lookup and the lock.
+        if let Some(entry) = self
+            .usable_shared(identity, generation, want, permit.current.take())
+            .await
+        {
+            return entry;
         }
-        // Redis cannot be asked, or the holder outran our wait: ask alone.
-        self.ask_vendor(identity, generation, None).await
+        self.ask_vendor(identity, generation, permit).await
     }
 
-    /// A value read from Redis as this fill's answer, if `want` takes it;
-    /// a stale token is kept locally so stale-if-error can serve it.
+    /// A value read from the shared tier as this fill's answer, if `want`
+    /// takes it; a stale token is kept locally so stale-if-error can serve it.
     async fn usable_shared(
         &self,
         identity: &Identity,
-        generation: u64,
+        generation: Generation,
         want: Want,
         stored: Option<Stored>,
     ) -> Option<Result<Arc<Entry>, UpstreamError>> {
         let entry = Entry::from_shared(stored?);
         let usable = match entry.answer {
-            Answer::NotFound => entry.age() < self.0.negative_ttl,
+            Answer::NotFound => entry.age() < self.0.policy.negative_ttl,
             Answer::Token { .. } => want.accepts(&entry),
         };
         if usable {
@@ -747,7 +446,7 @@ impl Broker {
             });
         }
         if matches!(entry.answer, Answer::Token { .. })
-            && entry.age() < self.0.ttl + self.0.stale_for
+            && entry.age() < self.0.policy.ttl + self.0.stale_for
             && !self.0.store.contains_key(identity)
         {
             self.remember(identity, generation, Some(entry)).await;
@@ -755,13 +454,13 @@ impl Broker {
         None
     }
 
-    /// Asks the vendor and records the answer here and, holding the key's
-    /// shared lock, in Redis.
+    /// Asks the vendor and records the answer here and, through `permit`,
+    /// in the shared tier.
     async fn ask_vendor(
         &self,
         identity: &Identity,
-        generation: u64,
-        shared: Option<(&SharedTier, &KeyName, crate::shared::Lock)>,
+        generation: Generation,
+        permit: Permit,
     ) -> Result<Arc<Entry>, UpstreamError> {
         let inner = &self.0;
         let fetched = inner.source.fetch(identity).await;
@@ -778,35 +477,33 @@ impl Broker {
                 (kept, Ok(entry))
             }
             Err(UpstreamError::NotFound) => {
-                let kept = (!inner.negative_ttl.is_zero()).then(|| Entry::new(Answer::NotFound));
+                let kept =
+                    (!inner.policy.negative_ttl.is_zero()).then(|| Entry::new(Answer::NotFound));
                 (kept, Err(UpstreamError::NotFound))
             }
-            Err(error) => {
-                if let Some((tier, name, lock)) = shared {
-                    tier.cache.unlock(name, lock).await;
-                }
-                return Err(error);
-            }
+            // Dropping the permit releases the lock for the next replica.
+            Err(error) => return Err(error),
         };
         self.remember(identity, generation, entry.clone()).await;
-        if let Some((tier, name, lock)) = shared {
-            let stored = entry.as_deref().and_then(Entry::to_stored);
-            let ttl = match entry.as_deref().map(|e| &e.answer) {
-                Some(Answer::NotFound) => inner.negative_ttl,
-                _ => inner.ttl + inner.stale_for,
-            };
-            tier.cache
-                .store(identity, name, lock, stored.as_ref(), ttl)
-                .await;
-        }
+        let stored = entry.as_deref().and_then(Entry::to_stored);
+        let ttl = match entry.as_deref().map(|e| &e.answer) {
+            Some(Answer::NotFound) => inner.policy.negative_ttl,
+            _ => inner.policy.ttl + inner.stale_for,
+        };
+        permit.publish(stored.as_ref(), ttl).await;
         result
     }
 
     /// Keeps `entry` (or drops the key, given `None`) unless the key was
     /// invalidated since the fetch that produced it began.
-    async fn remember(&self, identity: &Identity, generation: u64, entry: Option<Arc<Entry>>) {
+    async fn remember(
+        &self,
+        identity: &Identity,
+        generation: Generation,
+        entry: Option<Arc<Entry>>,
+    ) {
         let store = &self.0.store;
-        if self.generation(identity) != generation {
+        if self.0.generations.of(identity) != generation {
             tracing::debug!("key invalidated during the fetch; its answer is not cached");
             return;
         }
@@ -815,7 +512,7 @@ impl Broker {
             None => store.invalidate(identity).await,
         }
         // An invalidation between the check and the insert: undo the insert.
-        if self.generation(identity) != generation {
+        if self.0.generations.of(identity) != generation {
             store.invalidate(identity).await;
         }
     }
@@ -824,7 +521,7 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Email, UserId, UserType};
+    use crate::domain::{Email, Token, UserId, UserType};
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -888,8 +585,13 @@ mod tests {
             revalidate_min_interval: Duration::from_secs(10),
             max_entries,
             redis_url: None,
+            redis_sentinels: Vec::new(),
+            redis_sentinel_master: None,
+            redis_cluster_nodes: Vec::new(),
+            redis_tls: false,
             redis_password_file: None,
             redis_timeout: Duration::from_millis(250),
+            redis_min_replicas: 0,
             encryption_key_file: None,
         }
     }
@@ -1026,7 +728,7 @@ mod tests {
             tokio::spawn(async move { broker.lookup(&id).await.unwrap() })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
-        broker.invalidate(&id).await;
+        broker.invalidate(&id).await.unwrap();
         let joined_after = broker.lookup(&id).await.unwrap();
         assert_eq!(in_flight.await.unwrap().token.expose(), "token-1");
         assert_eq!(
@@ -1092,25 +794,6 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_stamp_gives_back_its_instant_before_and_after_its_origin() {
-        let origin = *STAMP_ORIGIN;
-        for at in [
-            origin,
-            origin + Duration::from_nanos(1),
-            origin + Duration::from_secs(86_400 * 365),
-            origin
-                .checked_sub(Duration::from_secs(600))
-                .unwrap_or(origin),
-        ] {
-            assert_eq!(Stamp::of(at).instant(), at);
-        }
-        assert!(
-            std::mem::size_of::<Entry>() <= 48,
-            "an entry with its Arc's counts in 64 bytes"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
     async fn the_audit_subject_is_computed_once_per_cache_entry() {
         let source = Counting::new();
         let broker = broker(source.clone(), Duration::from_secs(600), 100);
@@ -1127,7 +810,7 @@ mod tests {
         let hit = subject_of(&broker.lookup(&id).await.unwrap());
         assert_eq!((first, hit), (auditor.subject(&id), auditor.subject(&id)));
         assert_eq!(computed.load(Ordering::SeqCst), 1, "a hit reuses it");
-        broker.invalidate(&id).await;
+        broker.invalidate(&id).await.unwrap();
         subject_of(&broker.lookup(&id).await.unwrap());
         assert_eq!(
             computed.load(Ordering::SeqCst),
@@ -1142,7 +825,7 @@ mod tests {
         let broker = broker(source.clone(), Duration::from_secs(600), 100);
         let id = member("a@example.com", UserType::Agent);
         broker.lookup(&id).await.unwrap();
-        broker.invalidate(&id).await;
+        broker.invalidate(&id).await.unwrap();
         assert_eq!(broker.lookup(&id).await.unwrap().cache, CacheResult::Miss);
         assert_eq!(source.calls(), 2);
     }

@@ -13,7 +13,6 @@ use crate::audit::Auditor;
 use crate::config::{ClientSettings, ConfigError, Scope, Settings, Sources};
 use crate::http::auth::key_sha256;
 use crate::service_accounts::Verifier;
-use crate::shared::SharedCache;
 use crate::simulator::{Simulator, random_hex};
 use crate::startup::{Application, StartupError, shutdown_signal};
 use crate::telemetry;
@@ -219,7 +218,7 @@ async fn check_config(file: Option<PathBuf>) -> Result<(), Failure> {
     Auditor::from_settings(&settings.audit, &partner_key)?;
     // Reads the files they name (keys, password, JWKS, CA); connects to nothing.
     let metrics = std::sync::Arc::new(Metrics::new());
-    SharedCache::from_settings(&settings.cache, settings.upstream.timeout, metrics.clone())?;
+    crate::shared::from_settings(&settings.cache, settings.upstream.timeout, metrics.clone())?;
     Verifier::from_settings(&settings.auth.kubernetes, metrics).await?;
     print!("{}", settings.redacted_toml());
     eprintln!("token-broker: configuration is valid");

@@ -20,7 +20,6 @@ use crate::broker::Broker;
 use crate::config::{ConfigError, Settings};
 use crate::http::{self, AppState, auth::Callers};
 use crate::service_accounts::Verifier;
-use crate::shared::SharedCache;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::UpstreamClient;
 use crate::upstream::partner_key::{PartnerKey, Reloaders};
@@ -64,7 +63,7 @@ pub struct Application {
 impl Application {
     /// Wires the service from validated settings; reads the partner key.
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
-        let metrics = Arc::new(Metrics::build(settings.cache.redis_url.is_some()));
+        let metrics = Arc::new(Metrics::build(settings.cache.redis_form().is_some()));
         metrics.register_clients(settings.clients.iter().map(|c| c.name.as_str()));
         if settings.auth.allow_anonymous {
             metrics.register_clients([crate::config::ANONYMOUS]);
@@ -73,38 +72,26 @@ impl Application {
         let auditor = Auditor::from_settings(&settings.audit, &partner_key.current())?;
         let reloaders = partner_key.spawn_reloaders()?;
         let upstream = UpstreamClient::new(&settings.upstream, partner_key, metrics.clone())?;
-        let shared = SharedCache::from_settings(
+        let tier = crate::shared::from_settings(
             &settings.cache,
             settings.upstream.timeout,
             metrics.clone(),
         )?;
-        let broker = Arc::new(Broker::with_shared(
+        let broker = Arc::new(Broker::with_tier(
             &settings.cache,
             Arc::new(upstream),
             metrics.clone(),
-            shared.clone(),
-            settings.upstream.timeout,
+            tier.clone(),
         ));
+        broker.listen_to_tier();
         let stop = CancellationToken::new();
-        if let Some(shared) = &shared {
-            let evicting = broker.clone();
-            let clearing = broker.clone();
-            shared.spawn_subscriber(
-                move |name| {
-                    let broker = evicting.clone();
-                    tokio::spawn(async move { broker.evict_shared(&name).await });
-                },
-                move || clearing.evict_all(),
-                stop.clone(),
-            );
-        }
         let verifier = Verifier::from_settings(&settings.auth.kubernetes, metrics.clone()).await?;
         let jwks_watch = match &verifier {
             Some(verifier) => verifier.spawn_refresh(stop.clone())?,
             None => None,
         };
         let callers = Callers::new(&settings.clients, settings.auth.allow_anonymous)
-            .with_shared(shared)
+            .with_tier(tier)
             .with_verifier(verifier);
         let readiness = Readiness::default();
         let api_router = http::router(AppState::new(http::Shared {

@@ -22,7 +22,7 @@ use crate::domain::{Identity, UserType};
 use crate::http::AppState;
 use crate::http::error::{ApiError, whole_seconds};
 use crate::service_accounts::Verifier;
-use crate::shared::SharedCache;
+use crate::shared::{NoSharedTier, SharedTier};
 
 /// The SHA-256 of a caller key, as `hash-key` prints it.
 pub fn key_sha256(key: &str) -> String {
@@ -141,7 +141,7 @@ pub struct Callers {
     verifier: Option<Arc<Verifier>>,
     anonymous: Option<Arc<Policy>>,
     /// The fleet-wide rate limiter, when Redis is shared.
-    shared: Option<SharedCache>,
+    tier: Arc<dyn SharedTier>,
 }
 
 impl Callers {
@@ -152,7 +152,7 @@ impl Callers {
             by_namespace: HashMap::new(),
             verifier: None,
             anonymous: None,
-            shared: None,
+            tier: Arc::new(NoSharedTier),
         };
         for client in clients {
             let policy = Arc::new(Policy {
@@ -197,9 +197,9 @@ impl Callers {
         callers
     }
 
-    /// Rate limits hold for the whole fleet through `shared` while it answers.
-    pub fn with_shared(mut self, shared: Option<SharedCache>) -> Self {
-        self.shared = shared;
+    /// Rate limits hold for the whole fleet through `tier` while it answers.
+    pub fn with_tier(mut self, tier: Arc<dyn SharedTier>) -> Self {
+        self.tier = tier;
         self
     }
 
@@ -273,10 +273,7 @@ impl Callers {
         let Some((per_minute, limiter)) = &caller.policy.limit else {
             return Ok(());
         };
-        let fleet = match &self.shared {
-            Some(shared) => shared.admit(&caller.policy.name, *per_minute).await,
-            None => None,
-        };
+        let fleet = self.tier.admit(&caller.policy.name, *per_minute).await;
         let verdict = fleet.unwrap_or_else(|| {
             limiter
                 .check()

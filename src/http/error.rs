@@ -36,6 +36,8 @@ pub enum ApiError {
     UpstreamTimeout,
     #[error("rate limit exceeded")]
     RateLimited { retry_after_secs: u64 },
+    #[error("the invalidation did not reach the shared cache")]
+    InvalidationNotShared,
     #[error("request URI too long")]
     UriTooLong,
     #[error("request headers too large")]
@@ -62,6 +64,7 @@ impl ApiError {
             ApiError::UpstreamBadResponse
             | ApiError::UpstreamUnavailable { .. }
             | ApiError::UpstreamTimeout
+            | ApiError::InvalidationNotShared
             | ApiError::Internal => "error",
             ApiError::Unauthorized
             | ApiError::UriTooLong
@@ -140,6 +143,12 @@ impl ApiError {
                 "Upstream timeout",
                 "BotPenguin did not answer within upstream.timeout",
             ),
+            ApiError::InvalidationNotShared => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "invalidation-not-shared",
+                "Invalidation not shared",
+                "this replica dropped the token, but the shared cache did not confirm the invalidation for the other replicas; retry until 204",
+            ),
             ApiError::UriTooLong => (
                 StatusCode::URI_TOO_LONG,
                 "uri-too-long",
@@ -180,6 +189,12 @@ impl ApiError {
     }
 }
 
+impl From<crate::shared::NotShared> for ApiError {
+    fn from(_: crate::shared::NotShared) -> Self {
+        ApiError::InvalidationNotShared
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, slug, title, detail) = self.describe();
@@ -211,6 +226,9 @@ impl IntoResponse for ApiError {
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs.min(MAX_RETRY_AFTER_SECS)),
                 );
+            }
+            ApiError::InvalidationNotShared => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(1));
             }
             _ => {}
         }

@@ -192,7 +192,8 @@ pub async fn get_vendor_token(
     description = "Scope `tokens:invalidate`. The next read of that identity asks the vendor.",
     params(crate::http::openapi::V1Query),
     responses(
-        (status = 204, description = "The cached token, if any, is gone"),
+        (status = 204, description = "The cached token, if any, is gone here and (with Redis) recorded for every replica"),
+        (status = 503, description = "Dropped here, but the shared cache did not confirm it (`invalidation-not-shared`, `Retry-After: 1`): retry until 204", body = crate::http::error::Problem<'static>, content_type = "application/problem+json"),
         CallerErrors,
     )
 )]
@@ -204,7 +205,13 @@ pub async fn delete_token(
 ) -> Result<StatusCode, ApiError> {
     let identity = query::identity(raw.as_deref(), query::V1)?;
     caller.authorize(Action::Invalidate, &identity)?;
-    state.broker.invalidate(&identity).await;
+    let shared = state.broker.invalidate(&identity).await;
+    if shared.is_err() {
+        tracing::warn!(
+            "the shared cache did not confirm an invalidation; answered 503 so the caller retries"
+        );
+    }
+    shared?;
     state
         .auditor
         .invalidated(&actor(&caller, &request_id), &identity);

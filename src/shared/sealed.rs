@@ -2,10 +2,18 @@
 //! under `cache.encryption_key_file`, the identity bound as associated data,
 //! and Redis key names that are an HMAC of the identity, never the identity.
 //!
-//! A sealed value is `[format version][nonce: 12][ciphertext + tag]`. Format
-//! 1's plaintext is `[kind][fetched_at: u64 unix ms, big-endian][token bytes]`.
-//! The version byte lets a later release read old values while writing new
-//! ones (for example under a rotated key).
+//! A sealed value is `[format version][generation: u64][nonce: 12][ciphertext + tag]`.
+//! Format 2's plaintext is `[kind][fetched_at: u64 unix ms][token bytes]`
+//! (integers big-endian), and its associated data is the identity followed by
+//! the key's generation: a value is bound to the identity it was fetched for
+//! and to the generation it was fetched in, so a value written back after an
+//! invalidation (a restored snapshot, a lagging replica, a hand-made write)
+//! says which generation it belongs to and cannot lie about it. The version
+//! byte lets a later release read old values while writing new ones.
+//!
+//! Invalidation messages carry the identity itself, sealed under its own
+//! associated data, so a replica applies an invalidation without any map
+//! from key names back to identities (a map that could forget).
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,7 +30,9 @@ use crate::domain::Identity;
 use crate::domain::Token;
 
 /// The value layout written today.
-const FORMAT_V1: u8 = 1;
+const FORMAT: u8 = 2;
+/// Associated data of a sealed identity in an invalidation message.
+const IDENTITY_AAD: &[u8] = b"token-broker invalidated identity";
 const NONCE_BYTES: usize = 12;
 const KIND_TOKEN_ACTIVE: u8 = 1;
 const KIND_NOT_FOUND: u8 = 2;
@@ -49,6 +59,13 @@ impl Stored {
             .duration_since(self.fetched_at)
             .unwrap_or_default()
     }
+}
+
+/// A value read back from Redis: the generation it was sealed in, and what it holds.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub generation: u64,
+    pub stored: Stored,
 }
 
 /// The hex HMAC that names one identity's keys in Redis.
@@ -101,8 +118,8 @@ impl Sealer {
         KeyName(hex::encode(mac.finalize().into_bytes()))
     }
 
-    /// Encrypts `stored` for `identity`, under a fresh random nonce.
-    pub fn seal(&self, identity: &Identity, stored: &Stored) -> Vec<u8> {
+    /// Encrypts `stored` for `identity` in `generation`, under a fresh random nonce.
+    pub fn seal(&self, identity: &Identity, generation: u64, stored: &Stored) -> Vec<u8> {
         let millis = stored
             .fetched_at
             .duration_since(UNIX_EPOCH)
@@ -118,46 +135,28 @@ impl Sealer {
         buffer.push(kind);
         buffer.extend_from_slice(&millis.to_be_bytes());
         buffer.extend_from_slice(token);
-        let nonce = <Nonce<_> as aes_gcm::aead::Generate>::generate();
-        let aad = associated_data(identity);
-        let sealed = self
-            .cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plain.expose_secret(),
-                    aad: &aad,
-                },
-            )
-            .unwrap_or_else(|_| unreachable!("AES-GCM encrypts any message under 64 GiB"));
-        let mut value = Vec::with_capacity(1 + NONCE_BYTES + sealed.len());
-        value.push(FORMAT_V1);
-        value.extend_from_slice(&nonce);
-        value.extend_from_slice(&sealed);
+        let mut aad = associated_data(identity);
+        aad.extend_from_slice(&generation.to_be_bytes());
+        let mut value = Vec::with_capacity(9 + NONCE_BYTES + plain.expose_secret().len() + 16);
+        value.push(FORMAT);
+        value.extend_from_slice(&generation.to_be_bytes());
+        self.encrypt_into(&mut value, plain.expose_secret(), &aad);
         value
     }
 
     /// Decrypts a value stored for `identity`; `None` if it was not sealed
-    /// for this identity under this key, or is not a format this build reads.
-    pub fn open(&self, identity: &Identity, value: &[u8]) -> Option<Stored> {
+    /// for this identity and the generation it names under this key, or is
+    /// not a format this build reads.
+    pub fn open(&self, identity: &Identity, value: &[u8]) -> Option<Opened> {
         let (&version, rest) = value.split_first()?;
-        if version != FORMAT_V1 || rest.len() < NONCE_BYTES {
+        if version != FORMAT {
             return None;
         }
-        let (nonce, sealed) = rest.split_at(NONCE_BYTES);
-        let nonce = Nonce::try_from(nonce).ok()?;
-        let aad = associated_data(identity);
-        let plain = SecretBox::new(Box::new(
-            self.cipher
-                .decrypt(
-                    &nonce,
-                    Payload {
-                        msg: sealed,
-                        aad: &aad,
-                    },
-                )
-                .ok()?,
-        ));
+        let (generation, sealed) = rest.split_at_checked(8)?;
+        let generation = u64::from_be_bytes(generation.try_into().ok()?);
+        let mut aad = associated_data(identity);
+        aad.extend_from_slice(&generation.to_be_bytes());
+        let plain = self.decrypt(sealed, &aad)?;
         let plain = plain.expose_secret();
         let (&kind, rest) = plain.split_first()?;
         let (millis, token) = rest.split_at_checked(8)?;
@@ -170,7 +169,46 @@ impl Sealer {
             KIND_NOT_FOUND => StoredAnswer::NotFound,
             _ => return None,
         };
-        Some(Stored { answer, fetched_at })
+        Some(Opened {
+            generation,
+            stored: Stored { answer, fetched_at },
+        })
+    }
+
+    /// `identity`, sealed for an invalidation message.
+    pub fn seal_identity(&self, identity: &Identity) -> Vec<u8> {
+        let mut value = Vec::with_capacity(96);
+        self.encrypt_into(&mut value, &associated_data(identity), IDENTITY_AAD);
+        value
+    }
+
+    /// The identity an invalidation message names; `None` if it was not
+    /// sealed under this key.
+    pub fn open_identity(&self, sealed: &[u8]) -> Option<Identity> {
+        let plain = self.decrypt(sealed, IDENTITY_AAD)?;
+        parse_associated_data(plain.expose_secret())
+    }
+
+    /// Appends `[nonce][ciphertext + tag]` of `plain` to `out`.
+    fn encrypt_into(&self, out: &mut Vec<u8>, plain: &[u8], aad: &[u8]) {
+        let nonce = <Nonce<_> as aes_gcm::aead::Generate>::generate();
+        let sealed = self
+            .cipher
+            .encrypt(&nonce, Payload { msg: plain, aad })
+            .unwrap_or_else(|_| unreachable!("AES-GCM encrypts any message under 64 GiB"));
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+    }
+
+    /// Opens `[nonce][ciphertext + tag]`.
+    fn decrypt(&self, sealed: &[u8], aad: &[u8]) -> Option<SecretBox<Vec<u8>>> {
+        let (nonce, sealed) = sealed.split_at_checked(NONCE_BYTES)?;
+        let nonce = Nonce::try_from(nonce).ok()?;
+        let plain = self
+            .cipher
+            .decrypt(&nonce, Payload { msg: sealed, aad })
+            .ok()?;
+        Some(SecretBox::new(Box::new(plain)))
     }
 }
 
@@ -190,6 +228,20 @@ fn associated_data(identity: &Identity) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The identity `associated_data` wrote.
+fn parse_associated_data(bytes: &[u8]) -> Option<Identity> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    if let Some(rest) = text.strip_prefix("team_member\0") {
+        let (user_type, email) = rest.split_once('\0')?;
+        return Some(Identity::TeamMember {
+            email: crate::domain::Email::parse(email).ok()?,
+            user_type: crate::domain::UserType::parse(user_type).ok()?,
+        });
+    }
+    let id = text.strip_prefix("customer\0")?;
+    Some(Identity::Customer(crate::domain::UserId::parse(id).ok()?))
 }
 
 fn decode_key(text: &str) -> Option<SecretBox<[u8; 32]>> {
@@ -228,8 +280,10 @@ mod tests {
     #[test]
     fn a_sealed_value_opens_for_its_identity_only() {
         let sealer = Sealer::new(&[7; 32]);
-        let sealed = sealer.seal(&alice(), &token("tok-secret-1"));
+        let sealed = sealer.seal(&alice(), 3, &token("tok-secret-1"));
         let opened = sealer.open(&alice(), &sealed).unwrap();
+        assert_eq!(opened.generation, 3);
+        let opened = opened.stored;
         assert!(matches!(&opened.answer, StoredAnswer::Token(t) if t.expose() == "tok-secret-1"));
         assert_eq!(opened.fetched_at, token("x").fetched_at);
         let bob = Identity::Customer(UserId::parse("bob").unwrap());
@@ -242,16 +296,36 @@ mod tests {
         *tampered.last_mut().unwrap() ^= 1;
         assert!(sealer.open(&alice(), &tampered).is_none());
         assert!(sealer.open(&alice(), &[]).is_none());
-        let mut other_version = sealed;
-        other_version[0] = 2;
+        let mut other_version = sealed.clone();
+        other_version[0] = 1;
         assert!(sealer.open(&alice(), &other_version).is_none());
+        let mut other_generation = sealed;
+        other_generation[8] = 4;
+        assert!(
+            sealer.open(&alice(), &other_generation).is_none(),
+            "the generation in the clear is bound by the associated data"
+        );
+    }
+
+    #[test]
+    fn an_invalidated_identity_is_sealed_and_opened_whole() {
+        let sealer = Sealer::new(&[7; 32]);
+        let customer = Identity::Customer(UserId::parse("c-1_x").unwrap());
+        for identity in [alice(), customer] {
+            let sealed = sealer.seal_identity(&identity);
+            assert!(!String::from_utf8_lossy(&sealed).contains("alice"));
+            assert_eq!(sealer.open_identity(&sealed), Some(identity.clone()));
+            assert_eq!(Sealer::new(&[8; 32]).open_identity(&sealed), None);
+            let value = sealer.seal(&identity, 0, &token("t"));
+            assert_eq!(sealer.open_identity(&value), None, "a value is no message");
+        }
     }
 
     #[test]
     fn values_hold_no_plain_text_and_never_repeat() {
         let sealer = Sealer::new(&[7; 32]);
-        let one = sealer.seal(&alice(), &token("tok-secret-1"));
-        let two = sealer.seal(&alice(), &token("tok-secret-1"));
+        let one = sealer.seal(&alice(), 1, &token("tok-secret-1"));
+        let two = sealer.seal(&alice(), 1, &token("tok-secret-1"));
         assert_ne!(one, two, "a fresh nonce per write");
         for value in [&one, &two] {
             let text = String::from_utf8_lossy(value);
@@ -261,9 +335,9 @@ mod tests {
             answer: StoredAnswer::NotFound,
             fetched_at: SystemTime::now(),
         };
-        let sealed = sealer.seal(&alice(), &not_found);
+        let sealed = sealer.seal(&alice(), 0, &not_found);
         assert!(matches!(
-            sealer.open(&alice(), &sealed).unwrap().answer,
+            sealer.open(&alice(), &sealed).unwrap().stored.answer,
             StoredAnswer::NotFound
         ));
     }

@@ -60,21 +60,29 @@ pub struct OperationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClientLabels {
     pub client: Arc<str>,
     pub result: &'static str,
 }
 
 /// Every `op` of `token_broker_shared_cache_operations_total`.
-pub const SHARED_CACHE_OPERATIONS: [&str; 7] = [
+pub const SHARED_CACHE_OPERATIONS: [&str; 8] = [
     "get",
     "claim",
     "store",
     "unlock",
     "invalidate",
+    "replicate",
     "rate_limit",
     "subscribe",
 ];
+/// Every `reason` of `token_broker_shared_cache_values_refused_total`.
+pub const SHARED_CACHE_REFUSALS: [&str; 2] = ["stale_generation", "undecryptable"];
 /// Every `result` of `token_broker_shared_cache_operations_total`.
 pub const SHARED_CACHE_RESULTS: [&str; 3] = ["ok", "error", "timeout"];
 
@@ -198,6 +206,9 @@ pub struct Metrics {
     pub service_account_tokens: Family<ResultLabels, Counter>,
     pub shared_cache_up: Gauge,
     pub shared_cache_operations: Family<OperationLabels, Counter>,
+    pub shared_cache_subscribed: Gauge,
+    pub shared_cache_subscription_losses: Counter,
+    pub shared_cache_values_refused: Family<ReasonLabels, Counter>,
     routes: OnceLock<Vec<RouteHandles>>,
     clients: OnceLock<Vec<ClientHandles>>,
 }
@@ -300,7 +311,28 @@ impl Metrics {
         }
         let shared_cache_up = Gauge::default();
         let shared_cache_operations = Family::<OperationLabels, Counter>::default();
+        let shared_cache_subscribed = Gauge::default();
+        let shared_cache_subscription_losses = Counter::default();
+        let shared_cache_values_refused = Family::<ReasonLabels, Counter>::default();
         if shared_cache {
+            registry.register(
+                "shared_cache_subscribed",
+                "1 while this replica hears the fleet's invalidations (its subscription answers pings), else 0",
+                shared_cache_subscribed.clone(),
+            );
+            registry.register(
+                "shared_cache_subscription_losses",
+                "Invalidation subscriptions lost or found silent; each drops every local entry",
+                shared_cache_subscription_losses.clone(),
+            );
+            registry.register(
+                "shared_cache_values_refused",
+                "Values read from the shared cache and refused: sealed in a generation older than an invalidation, or not decryptable",
+                shared_cache_values_refused.clone(),
+            );
+            for reason in SHARED_CACHE_REFUSALS {
+                let _ = shared_cache_values_refused.get_or_create(&ReasonLabels { reason });
+            }
             registry.register(
                 "shared_cache_up",
                 "1 while the shared cache (Redis) answers, else 0",
@@ -346,6 +378,9 @@ impl Metrics {
             service_account_tokens,
             shared_cache_up,
             shared_cache_operations,
+            shared_cache_subscribed,
+            shared_cache_subscription_losses,
+            shared_cache_values_refused,
             routes: OnceLock::new(),
             clients: OnceLock::new(),
         }
@@ -354,6 +389,12 @@ impl Metrics {
     pub fn service_account_token(&self, result: &'static str) {
         self.service_account_tokens
             .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn shared_cache_value_refused(&self, reason: &'static str) {
+        self.shared_cache_values_refused
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 
