@@ -4,9 +4,10 @@
 //!
 //! Discovery is the redis crate's own: `SentinelClient` names the current
 //! primary, `ClusterClient` follows the slot map. What is added here is only
-//! when to ask again: a Sentinel primary that refuses connections or answers
-//! `READONLY` (it was demoted) is forgotten, and the next call asks the
-//! sentinels for the new one.
+//! when to start over: a call that fails on the connection or times out
+//! condemns it (its answers may never come, or come out of order), and the
+//! next call makes a new one; for Sentinel that means asking the sentinels
+//! again, so a primary that went away or was demoted (`READONLY`) is left.
 //!
 //! Every connection has TCP keepalive and a user timeout, so a peer that
 //! vanished without a reset is noticed by the kernel too, not only by the
@@ -32,25 +33,27 @@ use crate::config::{ConfigError, RedisForm, parse_node};
 
 /// How a Redis is reached: a command connection and subscriptions.
 pub enum Nodes {
-    Standalone {
-        info: Box<ConnectionInfo>,
-        commands: ConnectionManager,
-    },
-    Sentinel(Box<SentinelNodes>),
+    Single(Box<SingleNodes>),
     Cluster(Box<ClusterNodes>),
 }
 
-/// A primary found through Sentinel, asked for again after it fails.
-pub struct SentinelNodes {
-    sentinel: tokio::sync::Mutex<SentinelClient>,
-    primary: ArcSwapOption<ConnectionManager>,
+/// One server at a time: a fixed one, or the primary Sentinel names.
+pub struct SingleNodes {
+    source: Source,
+    current: ArcSwapOption<ConnectionManager>,
     config: ConnectionManagerConfig,
+}
+
+enum Source {
+    Fixed(redis::Client),
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
 }
 
 /// A Cluster: the crate's cluster connection, made on first use.
 pub struct ClusterNodes {
     client: ClusterClient,
-    connection: tokio::sync::Mutex<Option<ClusterConnection>>,
+    current: ArcSwapOption<ClusterConnection>,
+    making: tokio::sync::Mutex<()>,
     /// The seed nodes, where subscriptions go in turn (a `PUBLISH` reaches every node).
     seeds: Vec<ConnectionInfo>,
     next_seed: std::sync::atomic::AtomicUsize,
@@ -111,13 +114,12 @@ impl Nodes {
                     .into_connection_info()
                     .map_err(|e| invalid(e.kind()))?;
                 let info = with_password(info, &options.password).set_tcp_settings(tcp_settings());
-                let client = redis::Client::open(info.clone()).map_err(|e| invalid(e.kind()))?;
-                let commands = ConnectionManager::new_lazy_with_config(client, config)
-                    .map_err(|e| invalid(e.kind()))?;
-                Ok(Nodes::Standalone {
-                    info: Box::new(info),
-                    commands,
-                })
+                let client = redis::Client::open(info).map_err(|e| invalid(e.kind()))?;
+                Ok(Nodes::Single(Box::new(SingleNodes {
+                    source: Source::Fixed(client),
+                    current: ArcSwapOption::empty(),
+                    config,
+                })))
             }
             RedisForm::Sentinel { sentinels, master } => {
                 let invalid = |kind| {
@@ -147,9 +149,9 @@ impl Nodes {
                     SentinelServerType::Master,
                 )
                 .map_err(|e| invalid(e.kind()))?;
-                Ok(Nodes::Sentinel(Box::new(SentinelNodes {
-                    sentinel: tokio::sync::Mutex::new(sentinel),
-                    primary: ArcSwapOption::empty(),
+                Ok(Nodes::Single(Box::new(SingleNodes {
+                    source: Source::Sentinel(tokio::sync::Mutex::new(sentinel)),
+                    current: ArcSwapOption::empty(),
                     config,
                 })))
             }
@@ -182,7 +184,8 @@ impl Nodes {
                 })?;
                 Ok(Nodes::Cluster(Box::new(ClusterNodes {
                     client,
-                    connection: tokio::sync::Mutex::new(None),
+                    current: ArcSwapOption::empty(),
+                    making: tokio::sync::Mutex::new(()),
                     seeds,
                     next_seed: std::sync::atomic::AtomicUsize::new(0),
                 })))
@@ -190,77 +193,81 @@ impl Nodes {
         }
     }
 
-    /// The connection commands go to now.
+    /// The connection commands go to now, made if there is none.
     pub async fn commands(&self) -> RedisResult<Commands> {
         match self {
-            Nodes::Standalone { commands, .. } => Ok(Commands::Single(commands.clone())),
-            Nodes::Sentinel(sentinel) => sentinel.primary().await.map(Commands::Single),
-            Nodes::Cluster(cluster) => {
-                let mut connection = cluster.connection.lock().await;
-                if let Some(connection) = &*connection {
-                    return Ok(Commands::Cluster(connection.clone()));
-                }
-                let made = cluster.client.get_async_connection().await?;
-                *connection = Some(made.clone());
-                Ok(Commands::Cluster(made))
-            }
+            Nodes::Single(single) => single.connection().await.map(Commands::Single),
+            Nodes::Cluster(cluster) => cluster.connection().await.map(Commands::Cluster),
         }
     }
 
-    /// Called with every failed call: a Sentinel primary that is gone or
-    /// demoted is forgotten, so the next call asks the sentinels again.
+    /// Called with every failed call: a connection that failed on the wire,
+    /// timed out or reached a demoted primary is dropped, and the next call
+    /// makes a new one.
     pub fn failed(&self, error: &redis::RedisError) {
-        if let Nodes::Sentinel(sentinel) = self
-            && (error.is_io_error()
-                || error.is_connection_refusal()
-                || error.is_connection_dropped()
-                || error.is_timeout()
-                || error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly))
-        {
-            sentinel.primary.store(None);
+        let condemned = error.is_io_error()
+            || error.is_connection_refusal()
+            || error.is_connection_dropped()
+            || error.is_timeout()
+            || error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
+        if !condemned {
+            return;
+        }
+        match self {
+            Nodes::Single(single) => single.current.store(None),
+            Nodes::Cluster(cluster) => cluster.current.store(None),
         }
     }
 
     /// A new subscription connection: to the server, to the current
     /// primary, or to the next cluster seed in turn.
     pub async fn pubsub(&self) -> RedisResult<PubSub> {
-        let info = match self {
-            Nodes::Standalone { info, .. } => ConnectionInfo::clone(info),
-            Nodes::Sentinel(sentinel) => {
-                return sentinel
-                    .sentinel
-                    .lock()
-                    .await
-                    .async_get_client()
-                    .await?
-                    .get_async_pubsub()
-                    .await;
-            }
+        let client = match self {
+            Nodes::Single(single) => single.client().await?,
             Nodes::Cluster(cluster) => {
                 let turn = cluster
                     .next_seed
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                cluster.seeds[turn % cluster.seeds.len()].clone()
+                redis::Client::open(cluster.seeds[turn % cluster.seeds.len()].clone())?
             }
         };
-        redis::Client::open(info)?.get_async_pubsub().await
+        client.get_async_pubsub().await
     }
 }
 
-impl SentinelNodes {
-    async fn primary(&self) -> RedisResult<ConnectionManager> {
-        if let Some(primary) = self.primary.load_full() {
-            return Ok(ConnectionManager::clone(&primary));
+impl SingleNodes {
+    /// The server to talk to now: the fixed one, or the primary the sentinels name.
+    async fn client(&self) -> RedisResult<redis::Client> {
+        match &self.source {
+            Source::Fixed(client) => Ok(client.clone()),
+            Source::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await,
         }
-        let mut sentinel = self.sentinel.lock().await;
-        // Another call may have asked while this one waited for the lock.
-        if let Some(primary) = self.primary.load_full() {
-            return Ok(ConnectionManager::clone(&primary));
+    }
+
+    async fn connection(&self) -> RedisResult<ConnectionManager> {
+        if let Some(current) = self.current.load_full() {
+            return Ok(ConnectionManager::clone(&current));
         }
-        let client = sentinel.async_get_client().await?;
-        let manager = ConnectionManager::new_lazy_with_config(client, self.config.clone())?;
-        self.primary.store(Some(Arc::new(manager.clone())));
+        let manager =
+            ConnectionManager::new_lazy_with_config(self.client().await?, self.config.clone())?;
+        // Several calls may race here; each gets a working manager, the last one stays.
+        self.current.store(Some(Arc::new(manager.clone())));
         Ok(manager)
+    }
+}
+
+impl ClusterNodes {
+    async fn connection(&self) -> RedisResult<ClusterConnection> {
+        if let Some(current) = self.current.load_full() {
+            return Ok(ClusterConnection::clone(&current));
+        }
+        let _making = self.making.lock().await;
+        if let Some(current) = self.current.load_full() {
+            return Ok(ClusterConnection::clone(&current));
+        }
+        let made = self.client.get_async_connection().await?;
+        self.current.store(Some(Arc::new(made.clone())));
+        Ok(made)
     }
 }
 

@@ -36,7 +36,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::nodes::{Nodes, Options};
+use super::nodes::{Commands, Nodes, Options};
 use super::sealed::{KeyName, Sealer, Stored};
 use super::{Event, EventSink, Lock, NotShared, Permit, SharedTier, TierFuture};
 use crate::config::{CacheSettings, ConfigError, read_secret_file};
@@ -69,15 +69,15 @@ const FALLBACK_POLL: Duration = Duration::from_millis(250);
 /// lowest this replica accepts (Redis lost it) is raised to it first.
 const CLAIM: &str = r"
 local value = redis.call('GET', KEYS[1]) or ''
-local generation = tonumber(redis.call('GET', KEYS[3]) or '0')
-if generation < tonumber(ARGV[3]) then
-  generation = tonumber(ARGV[3])
-  redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+local generation = redis.call('GET', KEYS[3]) or '0'
+if tonumber(generation) < tonumber(ARGV[3]) then
+  generation = ARGV[3]
+  redis.call('SET', KEYS[3], generation, 'PX', ARGV[4])
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, tostring(generation), value}
+  return {1, generation, value}
 end
-return {0, tostring(generation), value}
+return {0, generation, value}
 ";
 
 /// Writes (or, given an empty value, deletes) the entry only if the key's
@@ -112,12 +112,18 @@ return 0
 ";
 
 /// Drops the entry, moves the generation on and tells every replica;
-/// returns the new generation.
+/// returns the new generation. A generation is at least Redis's clock in
+/// microseconds, so one made after Redis lost its keys (a restart, a restore)
+/// is still above every generation a replica remembers.
 const INVALIDATE: &str = r"
 redis.call('DEL', KEYS[1])
-local generation = redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('PUBLISH', ARGV[1], tostring(generation) .. ':' .. ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local generation = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
+if generation < now then generation = now end
+generation = string.format('%d', generation)
+redis.call('SET', KEYS[2], generation, 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[1], generation .. ':' .. ARGV[2])
 return generation
 ";
 
@@ -291,11 +297,10 @@ impl RedisTier {
         let name = self.0.sealer.name(identity);
         let keys = [entry_key(&name), generation_key(&name)];
         let (value, generation): (Option<Vec<u8>>, Option<u64>) = self
-            .call("get", move |mut connection| async move {
-                redis::cmd("MGET")
-                    .arg(&keys)
-                    .query_async(&mut connection)
-                    .await
+            .call("get", |mut connection| {
+                let mut get = redis::cmd("MGET");
+                get.arg(&keys);
+                async move { get.query_async(&mut connection).await }
             })
             .await?;
         self.accept(identity, &value?, generation.unwrap_or(0))
@@ -314,11 +319,8 @@ impl RedisTier {
             .arg(millis(self.0.lock_ttl))
             .arg(self.lowest_generation(identity))
             .arg(millis(GENERATION_TTL));
-        let (acquired, generation, value): (i64, String, Vec<u8>) = self
-            .call("claim", move |mut connection| async move {
-                invocation.invoke_async(&mut connection).await
-            })
-            .await?;
+        let (acquired, generation, value): (i64, String, Vec<u8>) =
+            self.call("claim", invoking(invocation)).await?;
         let generation = generation.parse().unwrap_or(0);
         let current = self.accept(identity, &value, generation);
         Some(if acquired == 1 {
@@ -388,23 +390,32 @@ impl RedisTier {
             .arg(millis(GENERATION_TTL));
         let min_replicas = self.0.min_replicas;
         let timeout = self.0.timeout;
-        let (generation, replicas): (u64, u32) = self
-            .call("invalidate", move |mut connection| async move {
-                let generation = invocation.invoke_async(&mut connection).await?;
-                if min_replicas == 0 {
-                    return Ok((generation, 0));
+        let invocation = invoking::<String>(invocation);
+        let (generation, replicas): (String, u32) = self
+            .call("invalidate", |mut connection| {
+                let invoked = invocation(connection.clone());
+                let entry = &entry;
+                async move {
+                    let generation = invoked.await?;
+                    if min_replicas == 0 {
+                        return Ok((generation, 0));
+                    }
+                    // Half the bound for WAIT itself, so its answer still arrives in time.
+                    let replicas = connection
+                        .wait_replicas(entry, min_replicas, timeout / 2)
+                        .await?;
+                    Ok((generation, replicas))
                 }
-                // Half the bound for WAIT itself, so its answer still arrives in time.
-                let replicas = connection
-                    .wait_replicas(&entry, min_replicas, timeout / 2)
-                    .await?;
-                Ok((generation, replicas))
             })
             .await
             .ok_or(NotShared)?;
-        self.remember_invalidation(identity, generation);
+        if let Ok(generation) = generation.parse() {
+            self.remember_invalidation(identity, generation);
+        }
+        // Counted, but not a sign of an unreachable Redis: only this DELETE fails.
+        let metrics = &self.0.metrics;
         if replicas < min_replicas {
-            self.record("replicate", "error");
+            metrics.shared_cache_operation("replicate", "error");
             tracing::warn!(
                 replicas,
                 min_replicas,
@@ -413,7 +424,7 @@ impl RedisTier {
             return Err(NotShared);
         }
         if min_replicas > 0 {
-            self.record("replicate", "ok");
+            metrics.shared_cache_operation("replicate", "ok");
         }
         Ok(())
     }
@@ -422,15 +433,20 @@ impl RedisTier {
     /// health; `None` when Redis is down, failed or too slow.
     async fn call<T, F, Fut>(&self, op: &'static str, call: F) -> Option<T>
     where
-        F: FnOnce(super::nodes::Commands) -> Fut,
+        F: Fn(Commands) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         if !self.0.health.usable() {
             return None;
         }
         let result = tokio::time::timeout(self.0.timeout, async {
-            let connection = self.0.nodes.commands().await?;
-            call(connection).await
+            match call(self.0.nodes.commands().await?).await {
+                Err(error) if safe_to_repeat(&error) => {
+                    self.0.nodes.failed(&error);
+                    call(self.0.nodes.commands().await?).await
+                }
+                other => other,
+            }
         })
         .await;
         match result {
@@ -570,6 +586,19 @@ impl RedisTier {
                     if last_heard.elapsed() >= SILENCE_LIMIT {
                         return std::ops::ControlFlow::Continue(());
                     }
+                    if !self.0.health.up.load(Ordering::Acquire) {
+                        // Commands were failing: probe them (once a second, as
+                        // `call` allows), so a replica serving only hits still
+                        // finds Redis back.
+                        let tier = self.clone();
+                        tokio::spawn(async move {
+                            let _: Option<String> = tier
+                                .call("probe", |mut connection| async move {
+                                    redis::cmd("PING").query_async(&mut connection).await
+                                })
+                                .await;
+                        });
+                    }
                     if ping.is_none() && last_heard.elapsed() >= PING_EVERY / 2 {
                         let mut sink_half = sink_half.clone();
                         ping = Some(Box::pin(async move {
@@ -677,11 +706,7 @@ impl SharedTier for RedisTier {
                 .key(format!("{PREFIX}:rate:{{{client}}}"))
                 .arg(interval)
                 .arg(tolerance);
-            let wait: i64 = self
-                .call("rate_limit", move |mut connection| async move {
-                    invocation.invoke_async(&mut connection).await
-                })
-                .await?;
+            let wait: i64 = self.call("rate_limit", invoking(invocation)).await?;
             Some(match u64::try_from(wait) {
                 Ok(0) | Err(_) => Ok(()),
                 Ok(micros) => Err(Duration::from_micros(micros)),
@@ -724,12 +749,7 @@ impl Held {
             .arg(millis(ttl).max(1))
             .arg(FILLED)
             .arg(&self.name.0);
-        let stored: Option<i64> = self
-            .tier
-            .call("store", move |mut connection| async move {
-                invocation.invoke_async(&mut connection).await
-            })
-            .await;
+        let stored: Option<i64> = self.tier.call("store", invoking(invocation)).await;
         if stored == Some(0) {
             tracing::debug!("key invalidated during the fetch; its answer is not shared");
         }
@@ -754,11 +774,7 @@ impl Drop for Held {
                 .arg(&owner)
                 .arg(FILLED)
                 .arg(&name.0);
-            let _: Option<i64> = tier
-                .call("unlock", move |mut connection| async move {
-                    invocation.invoke_async(&mut connection).await
-                })
-                .await;
+            let _: Option<i64> = tier.call("unlock", invoking(invocation)).await;
         });
     }
 }
@@ -823,6 +839,24 @@ impl Drop for Waiter {
             self.tier.0.waiters.release(&self.name, slot);
         }
     }
+}
+
+/// A script call that can be made again (after a failover, say).
+fn invoking<'a, T: redis::FromRedisValue + Send + 'a>(
+    invocation: redis::ScriptInvocation<'a>,
+) -> impl Fn(Commands) -> TierFuture<'a, redis::RedisResult<T>> + 'a {
+    let invocation = Arc::new(invocation);
+    move |mut connection| {
+        let invocation = invocation.clone();
+        Box::pin(async move { invocation.invoke_async(&mut connection).await })
+    }
+}
+
+/// Whether a failed call certainly did not run, so it may be made again at
+/// once on a new connection: a demoted primary (`READONLY`), a refused connection.
+fn safe_to_repeat(error: &redis::RedisError) -> bool {
+    error.is_connection_refusal()
+        || error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
 }
 
 fn entry_key(name: &KeyName) -> String {

@@ -71,7 +71,7 @@ pub struct ClientLabels {
 }
 
 /// Every `op` of `token_broker_shared_cache_operations_total`.
-pub const SHARED_CACHE_OPERATIONS: [&str; 8] = [
+pub const SHARED_CACHE_OPERATIONS: [&str; 9] = [
     "get",
     "claim",
     "store",
@@ -80,6 +80,7 @@ pub const SHARED_CACHE_OPERATIONS: [&str; 8] = [
     "replicate",
     "rate_limit",
     "subscribe",
+    "probe",
 ];
 /// Every `reason` of `token_broker_shared_cache_values_refused_total`.
 pub const SHARED_CACHE_REFUSALS: [&str; 2] = ["stale_generation", "undecryptable"];

@@ -2,9 +2,8 @@
 //! `redis-server` each test starts on a free port. Skipped, loudly, only
 //! where the binary is absent; `.ci/run` installs it.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -14,139 +13,23 @@ use tokio::time::Instant;
 
 use crate::helpers::*;
 use crate::process::{Running, command, config_file};
-
-/// A `redis-server` of this test's own, on 127.0.0.1 and a free port.
-pub struct RedisServer {
-    child: Option<Child>,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    /// Starts one; `None` (after saying why) when `redis-server` is not installed.
-    pub async fn start() -> Option<Self> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_err()
-        {
-            eprintln!(
-                "\n!!! SKIPPED: redis-server is not installed; the shared-cache tests did not run. \
-                 Install it (apt-get install redis-server) or run .ci/run, which does. !!!\n"
-            );
-            return None;
-        }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = Self {
-            child: None,
-            port,
-            _dir: tempfile::tempdir().unwrap(),
-        };
-        server.run().await;
-        Some(server)
-    }
-
-    async fn run(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(self._dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.connection().await.is_none() {
-            assert!(Instant::now() < deadline, "redis-server did not come up");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// A plain connection, to look at what the brokers stored.
-    pub async fn connection(&self) -> Option<redis::aio::MultiplexedConnection> {
-        let client = redis::Client::open(self.url()).ok()?;
-        let mut connection = client.get_multiplexed_async_connection().await.ok()?;
-        let _: String = redis::cmd("PING").query_async(&mut connection).await.ok()?;
-        Some(connection)
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts it again, empty, on the same port.
-    pub async fn restart(&mut self) {
-        self.kill();
-        self.run().await;
-    }
-
-    /// SIGSTOP: connections stay open but nothing is answered.
-    pub fn pause(&self) {
-        self.signal("-STOP");
-    }
-
-    pub fn resume(&self) {
-        self.signal("-CONT");
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
-        assert!(
-            Command::new("kill")
-                .args([signal, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.resume_quietly();
-        self.kill();
-    }
-}
-
-impl RedisServer {
-    fn resume_quietly(&self) {
-        if let Some(child) = &self.child {
-            let _ = Command::new("kill")
-                .args(["-CONT", &child.id().to_string()])
-                .status();
-        }
-    }
-}
+use crate::redis_servers::RedisServer;
 
 /// Replicas in front of one simulator, sharing one Redis.
-struct Fleet {
-    redis: RedisServer,
-    sim: Simulator,
-    upstream: SocketAddr,
-    replicas: Vec<TestApp>,
-    key_file: PathBuf,
+pub struct Fleet {
+    pub redis: RedisServer,
+    pub sim: Simulator,
+    pub upstream: SocketAddr,
+    pub replicas: Vec<TestApp>,
+    pub key_file: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-const ENCRYPTION_KEY: &str = "8d2b6b1f0c3e4a5d9e7f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f";
+pub const ENCRYPTION_KEY: &str = "8d2b6b1f0c3e4a5d9e7f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f";
 
 impl Fleet {
     /// `replicas` brokers with `extra` TOML; `None` when Redis is not installed.
-    async fn start(replicas: usize, extra: &str) -> Option<Fleet> {
+    pub async fn start(replicas: usize, extra: &str) -> Option<Fleet> {
         let redis = RedisServer::start().await?;
         let sim = simulator();
         let upstream = sim
@@ -173,25 +56,36 @@ impl Fleet {
         Some(fleet)
     }
 
-    fn cache_toml(&self) -> String {
+    /// The `[cache]` section that points a broker at this fleet's Redis (`redis_url`).
+    pub fn cache_toml(&self) -> String {
+        self.cache_toml_for(&self.redis.url())
+    }
+
+    /// The `[cache]` section for a broker that reaches Redis at `url`.
+    pub fn cache_toml_for(&self, url: &str) -> String {
         format!(
             "[cache]\nredis_url = \"{}\"\nencryption_key_file = {:?}\n",
-            self.redis.url(),
+            url,
             self.key_file.display().to_string()
         )
     }
 
-    async fn replica(&self, extra: &str) -> TestApp {
+    pub async fn replica(&self, extra: &str) -> TestApp {
+        self.replica_via(&self.redis.url(), extra).await
+    }
+
+    /// A replica that reaches this fleet's Redis at `url` (a fault proxy, say).
+    pub async fn replica_via(&self, url: &str, extra: &str) -> TestApp {
         TestApp::builder()
             .upstream(&self.sim, self.upstream)
-            .config(&self.cache_toml())
+            .config(&self.cache_toml_for(url))
             .config(extra)
             .spawn()
             .await
     }
 
     /// Waits until every replica's invalidation subscription is live.
-    async fn subscribed(&self) {
+    pub async fn subscribed(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         for replica in &self.replicas {
             while replica.metric("token_broker_shared_cache_subscribed").await < 1.0 {
@@ -203,7 +97,7 @@ impl Fleet {
 }
 
 /// Polls `replica`'s metric until it reads `value` (within 10 s).
-async fn wait_for_metric(replica: &TestApp, sample: &str, value: f64) {
+pub async fn wait_for_metric(replica: &TestApp, sample: &str, value: f64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while replica.metric(sample).await != value {
         assert!(Instant::now() < deadline, "{sample} never reached {value}");
@@ -211,14 +105,14 @@ async fn wait_for_metric(replica: &TestApp, sample: &str, value: f64) {
     }
 }
 
-async fn token_of(response: reqwest::Response) -> (String, String) {
+pub async fn token_of(response: reqwest::Response) -> (String, String) {
     assert_eq!(response.status(), 200);
     let cache = response.headers()["x-cache"].to_str().unwrap().to_owned();
     let body: serde_json::Value = response.json().await.unwrap();
     (body["token"].as_str().unwrap().to_owned(), cache)
 }
 
-fn alice() -> String {
+pub fn alice() -> String {
     member_query(ALICE, "AGENT")
 }
 

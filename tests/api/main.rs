@@ -3,14 +3,19 @@
 
 mod admin;
 mod auth;
+mod fault_proxy;
+mod faults;
 mod fleet;
 mod helpers;
 mod hostile;
 mod image;
+mod invalidation;
 mod metrics;
 mod openapi;
 mod policy;
 mod process;
+mod redis_forms;
+mod redis_servers;
 mod resilience;
 mod review;
 mod rotation;

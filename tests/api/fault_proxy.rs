@@ -1,0 +1,126 @@
+//! A TCP proxy that injects faults between a broker and Redis: pass, delay,
+//! blackhole and reset (every connection, open or new, is reset).
+//!
+//! A blackhole is a partition as TCP sees it: connections stay open and
+//! nothing goes through, in either direction, for as long as it lasts; what
+//! was sent meanwhile arrives when it heals, as TCP's retransmissions would
+//! deliver it (no byte inside a live stream is ever lost). One that outlasts
+//! the brokers' patience is, to them, a silently dead connection.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Pass,
+    Delay(Duration),
+    Blackhole,
+    Reset,
+}
+
+/// A proxy on 127.0.0.1 in front of `target`; stops when dropped.
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    fault: watch::Sender<Fault>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (fault, watching) = watch::channel(Fault::Pass);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(serve(client, target, watching.clone()));
+            }
+        });
+        Self { addr, fault, task }
+    }
+
+    pub fn set(&self, fault: Fault) {
+        self.fault.send_replace(fault);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(client: TcpStream, target: SocketAddr, mut fault: watch::Receiver<Fault>) {
+    // Every close is a reset: a fault proxy has nothing to linger for.
+    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+    if *fault.borrow() == Fault::Reset {
+        return;
+    }
+    let Ok(server) = TcpStream::connect(target).await else {
+        return;
+    };
+    let _ = socket2::SockRef::from(&server).set_linger(Some(Duration::ZERO));
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let up = pump(client_read, server_write, fault.clone());
+    let down = pump(server_read, client_write, fault.clone());
+    let reset = async {
+        while fault.changed().await.is_ok() {
+            if *fault.borrow() == Fault::Reset {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = up => {}
+        () = down => {}
+        () = reset => {}
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut fault: watch::Receiver<Fault>,
+) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        if !through_the_blackhole(&mut fault).await {
+            return;
+        }
+        let Ok(read) = from.read(&mut buffer).await else {
+            return;
+        };
+        if read == 0 || !through_the_blackhole(&mut fault).await {
+            return;
+        }
+        let now = *fault.borrow();
+        match now {
+            Fault::Delay(delay) => tokio::time::sleep(delay).await,
+            Fault::Reset => return,
+            Fault::Pass | Fault::Blackhole => {}
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits while a blackhole lasts; `false` when the connection is to end.
+async fn through_the_blackhole(fault: &mut watch::Receiver<Fault>) -> bool {
+    loop {
+        let now = *fault.borrow_and_update();
+        match now {
+            Fault::Blackhole => {
+                if fault.changed().await.is_err() {
+                    return false;
+                }
+            }
+            Fault::Reset => return false,
+            Fault::Pass | Fault::Delay(_) => return true,
+        }
+    }
+}

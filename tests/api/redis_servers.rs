@@ -1,0 +1,317 @@
+//! Redis servers of a test's own, on 127.0.0.1 and free ports: one server,
+//! a primary with a replica behind a Sentinel, or a three-node Cluster.
+//! Where `redis-server` is missing, a test skips loudly; under CI (`CI` set)
+//! it fails instead, since `.ci/run` installs it.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Whether `redis-server` (and `redis-cli`) can run here; panics under CI when not.
+pub fn redis_installed() -> bool {
+    let installed = ["redis-server", "redis-cli"].iter().all(|binary| {
+        Command::new(binary)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok()
+    });
+    if !installed {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "redis-server and redis-cli are required under CI (.ci/run installs them)"
+        );
+        eprintln!(
+            "\n!!! SKIPPED: redis-server or redis-cli is not installed; the shared-cache tests did not run. \
+             Install them (apt-get install redis-server redis-tools) or run .ci/run, which does. !!!\n"
+        );
+    }
+    installed
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `redis-server` of this test's own.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    /// A config file to start from (a sentinel's, which it rewrites).
+    config: Option<String>,
+    args: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts one; `None` (after saying why) when `redis-server` is not installed.
+    pub async fn start() -> Option<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts one with extra `redis-server` arguments.
+    pub async fn start_with(args: &[&str]) -> Option<Self> {
+        if !redis_installed() {
+            return None;
+        }
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            config: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        server.run().await;
+        Some(server)
+    }
+
+    /// A Sentinel started from `config` (written into the server's own folder).
+    async fn sentinel(config: impl Fn(&Path) -> String) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sentinel.conf");
+        std::fs::write(&path, config(dir.path())).unwrap();
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            config: Some(path.display().to_string()),
+            args: vec!["--sentinel".into()],
+            dir,
+        };
+        server.run().await;
+        server
+    }
+
+    async fn run(&mut self) {
+        let mut command = Command::new("redis-server");
+        match &self.config {
+            // A config file comes first; a sentinel keeps no data.
+            Some(config) => command.arg(config),
+            None => command
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(self.dir.path()),
+        };
+        let child = command
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.connection().await.is_none() {
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A plain connection, to look at what the brokers stored.
+    pub async fn connection(&self) -> Option<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let connect = client.get_multiplexed_async_connection();
+        let mut connection = tokio::time::timeout(Duration::from_secs(1), connect)
+            .await
+            .ok()?
+            .ok()?;
+        let _: String = redis::cmd("PING").query_async(&mut connection).await.ok()?;
+        Some(connection)
+    }
+
+    /// Runs one command and returns its answer as text lines (for `INFO`, `SENTINEL`…).
+    pub async fn command<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut connection = self.connection().await.expect("redis answers");
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query_async(&mut connection).await.unwrap()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again, empty, on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.run().await;
+    }
+
+    /// SIGSTOP: connections stay open but nothing is answered.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.resume();
+        self.kill();
+    }
+}
+
+/// A primary, one replica, and one Sentinel watching them as `mymaster`.
+pub struct SentinelSet {
+    pub primary: RedisServer,
+    /// Kept running for as long as the set lives.
+    _replica: RedisServer,
+    pub sentinel: RedisServer,
+}
+
+pub const MASTER_NAME: &str = "mymaster";
+
+impl SentinelSet {
+    pub async fn start() -> Option<Self> {
+        let primary = RedisServer::start().await?;
+        let replica_of = ["--replicaof", "127.0.0.1", &primary.port.to_string()];
+        let replica = RedisServer::start_with(&replica_of).await?;
+        let primary_port = primary.port;
+        let sentinel = RedisServer::sentinel(|_| {
+            format!(
+                "sentinel monitor {MASTER_NAME} 127.0.0.1 {primary_port} 1\n\
+                 sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                 sentinel failover-timeout {MASTER_NAME} 5000\n"
+            )
+        })
+        .await;
+        let set = Self {
+            primary,
+            _replica: replica,
+            sentinel,
+        };
+        set.wait_for_replication().await;
+        Some(set)
+    }
+
+    /// The port the sentinel names as primary now.
+    pub async fn primary_port(&self) -> u16 {
+        let address: Vec<String> = self
+            .sentinel
+            .command(&["SENTINEL", "get-master-addr-by-name", MASTER_NAME])
+            .await;
+        address[1].parse().unwrap()
+    }
+
+    /// Waits until the primary has its replica online.
+    async fn wait_for_replication(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let info: String = self.primary.command(&["INFO", "replication"]).await;
+            if info.contains("connected_slaves:1") && info.contains("state=online") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the replica never caught up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A real failover: the sentinel promotes the replica; returns once it names it.
+    pub async fn failover(&self) {
+        let before = self.primary_port().await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let asked: redis::RedisResult<String> = {
+                let mut connection = self.sentinel.connection().await.unwrap();
+                redis::cmd("SENTINEL")
+                    .arg("FAILOVER")
+                    .arg(MASTER_NAME)
+                    .query_async(&mut connection)
+                    .await
+            };
+            if asked.is_ok() {
+                break;
+            }
+            // "NOGOODSLAVE" until the sentinel has seen the replica.
+            assert!(Instant::now() < deadline, "failover refused: {asked:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        while self.primary_port().await == before {
+            assert!(Instant::now() < deadline, "the failover never completed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Three primaries made one Cluster by `redis-cli --cluster create`.
+pub struct ClusterSet {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl ClusterSet {
+    pub async fn start() -> Option<Self> {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let node = RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "15000",
+            ])
+            .await?;
+            nodes.push(node);
+        }
+        let addresses: Vec<String> = nodes.iter().map(RedisServer::address).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        let set = Self { nodes };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for node in &set.nodes {
+            loop {
+                let info: String = node.command(&["CLUSTER", "INFO"]).await;
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the cluster never became ok");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Some(set)
+    }
+
+    pub fn seeds_toml(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("\"{}\"", n.address()))
+            .collect();
+        format!("redis_cluster_nodes = [{}]\n", seeds.join(", "))
+    }
+}
