@@ -36,8 +36,7 @@ use tracing::Instrument;
 
 use crate::config::CacheSettings;
 use crate::domain::Identity;
-use crate::shared::redis_tier::Next;
-use crate::shared::{Event, Lock, NoSharedTier, NotShared, Permit, SharedTier, Stored};
+use crate::shared::{Event, Lock, Next, NoSharedTier, NotShared, Permit, SharedTier, Stored};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
 use entry::{Answer, Entry, Lifetime};

@@ -23,6 +23,12 @@ pub const ANONYMOUS: &str = "anonymous";
 
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "TOKEN_BROKER";
+/// Keys whose environment variable holds a comma-separated list.
+const LIST_KEYS: [&str; 3] = [
+    "cache.redis_sentinels",
+    "cache.redis_cluster_nodes",
+    "auth.kubernetes.audiences",
+];
 
 /// A configuration that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
@@ -459,10 +465,27 @@ impl Settings {
         for text in &sources.layers {
             builder = builder.add_source(File::from_str(text, FileFormat::Toml));
         }
+        let mut env = sources.env.clone();
+        // Lists come from the environment as comma-separated values; every
+        // other value stays the string it was (a key like "0012" is no number).
+        for key in LIST_KEYS {
+            let name = format!("{ENV_PREFIX}__{}", key.replace('.', "__").to_uppercase());
+            if let Some(value) = env.remove(&name) {
+                let items: Vec<String> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                builder = builder
+                    .set_override(key, items)
+                    .map_err(|e| ConfigError::Source(describe_source_error(&e)))?;
+            }
+        }
         let env = Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("__")
             .separator("__")
-            .source(Some(sources.env.clone()));
+            .source(Some(env));
         let config = builder
             .add_source(env)
             .build()
@@ -988,6 +1011,85 @@ mod tests {
         assert!(
             shown.contains("rediss://:%5BREDACTED%5D@redis.example:6380"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn the_three_redis_forms_exclude_each_other_and_name_what_is_wrong() {
+        let key = "encryption_key_file = \"/k\"\n";
+        let cases = [
+            (
+                "redis_url = \"redis://r:6379\"\nredis_cluster_nodes = [\"n:6379\"]\n",
+                "cache.redis_url",
+            ),
+            (
+                "redis_sentinels = [\"s:26379\"]\n",
+                "cache.redis_sentinel_master",
+            ),
+            (
+                "redis_sentinel_master = \"mymaster\"\n",
+                "cache.redis_sentinel_master",
+            ),
+            (
+                "redis_cluster_nodes = [\"no-port\"]\n",
+                "cache.redis_cluster_nodes",
+            ),
+            (
+                "redis_sentinels = [\"s:0\"]\nredis_sentinel_master = \"m\"\n",
+                "cache.redis_sentinels",
+            ),
+            (
+                "redis_url = \"redis://r:6379\"\nredis_tls = true\n",
+                "cache.redis_tls",
+            ),
+            ("redis_min_replicas = 1\n", "cache.redis_min_replicas"),
+        ];
+        for (toml, expected) in cases {
+            let with_key = format!("[cache]\n{key}{toml}");
+            assert_eq!(error_key(load(&with_key, &[])), expected, "{toml}");
+        }
+        assert_eq!(
+            error_key(load("[cache]\nredis_cluster_nodes = [\"n:6379\"]\n", &[])),
+            "cache.encryption_key_file"
+        );
+        let sentinel = load(
+            &format!(
+                "[cache]\n{key}redis_sentinels = [\"s1:26379\", \"[::1]:26379\"]\nredis_sentinel_master = \"mymaster\"\nredis_tls = true\nredis_min_replicas = 1\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert!(matches!(
+            sentinel.cache.redis_form(),
+            Some(RedisForm::Sentinel { sentinels, master: "mymaster" }) if sentinels.len() == 2
+        ));
+        assert!(load("", &[]).unwrap().cache.redis_form().is_none());
+    }
+
+    #[test]
+    fn list_keys_are_read_from_the_environment_as_comma_separated_values() {
+        let s = load(
+            CLIENT,
+            &[
+                (
+                    "TOKEN_BROKER__CACHE__REDIS_CLUSTER_NODES",
+                    "a:6379, b:6379,c:6379",
+                ),
+                ("TOKEN_BROKER__CACHE__ENCRYPTION_KEY_FILE", "/k"),
+                (
+                    "TOKEN_BROKER__AUTH__KUBERNETES__AUDIENCES",
+                    "token-broker,other",
+                ),
+                // Any other value stays a string, however it looks.
+                ("TOKEN_BROKER__UPSTREAM__PARTNER_KEY", "0012"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.cache.redis_cluster_nodes, ["a:6379", "b:6379", "c:6379"]);
+        assert_eq!(s.auth.kubernetes.audiences, ["token-broker", "other"]);
+        assert_eq!(
+            s.upstream.partner_key.as_ref().unwrap().expose_secret(),
+            "0012"
         );
     }
 

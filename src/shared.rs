@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{CacheSettings, ConfigError};
 use crate::domain::Identity;
 use crate::telemetry::metrics::Metrics;
+pub use redis_tier::{Next, Waiter};
 pub use sealed::{Stored, StoredAnswer};
 
 /// A future the tier returns.
@@ -86,7 +87,7 @@ pub enum Lock {
     /// Ask the vendor, then `publish` through the permit.
     Write(Permit),
     /// Another replica is asking; wait for its answer.
-    Read(redis_tier::Waiter),
+    Read(Waiter),
 }
 
 /// The right to fetch one identity and share the answer.

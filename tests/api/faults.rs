@@ -294,21 +294,25 @@ impl Brokers {
         }
     }
 
-    /// After healing: each key rotated once more, then read concurrently on
+    /// After healing: every key rotated once more, then read concurrently on
     /// every broker: one vendor call per key for the fleet.
     async fn one_fetch_per_generation(&self, seed: u64) {
         self.healthy().await;
+        let version = |key: usize| 1_000 + key as u64;
         for key in 0..KEYS {
-            let version = 1_000 + key as u64;
             // A healed fleet confirms (with Sentinel, once the old primary
             // has rejoined as a replica for redis_min_replicas).
             let deadline = Instant::now() + Duration::from_secs(30);
-            while !self.rotate(key % BROKERS, key, version).await {
+            while !self.rotate(key % BROKERS, key, version(key)).await {
                 assert!(
                     Instant::now() < deadline,
                     "seed {seed}: a healed fleet never confirmed a DELETE"
                 );
             }
+        }
+        // The invalidations reach every replica within the bound.
+        tokio::time::sleep(INVALIDATION_BOUND).await;
+        for key in 0..KEYS {
             let calls = || {
                 let wanted = format!("userId={}", customer(key));
                 self.sim
@@ -323,7 +327,7 @@ impl Brokers {
                     .await;
             for read in &reads {
                 assert!(
-                    matches!(read.kind, Kind::Read { status: 200, version: Some(v) } if v == version),
+                    matches!(read.kind, Kind::Read { status: 200, version: Some(v) } if v == version(key)),
                     "seed {seed}: a healed fleet answered {read:?}"
                 );
             }
