@@ -25,7 +25,7 @@ use token_broker::simulator::Simulator;
 use tokio::time::Instant;
 
 use crate::fault_proxy::{Fault, FaultProxy};
-use crate::fleet::ENCRYPTION_KEY;
+use crate::fleet::Backdrop;
 use crate::helpers::*;
 use crate::process::{Running, command, config_file};
 use crate::redis_servers::{ClusterSet, MASTER_NAME, RedisServer, SentinelSet};
@@ -83,47 +83,39 @@ fn run_for(short: Duration) -> Duration {
 /// Three brokers in front of one vendor, each with the `[cache]` TOML given.
 struct Brokers {
     sim: Simulator,
-    upstream: SocketAddr,
     brokers: Vec<Running>,
     http: reqwest::Client,
     epoch: Instant,
     history: Arc<Mutex<Vec<Op>>>,
-    _dirs: Vec<tempfile::TempDir>,
+    _dirs: (tempfile::TempDir, Vec<tempfile::TempDir>),
 }
 
 impl Brokers {
     async fn start(cache: impl Fn(usize) -> String) -> Self {
-        let sim = simulator();
+        let backdrop = Backdrop::start().await;
         // `KEYS` itself is a spare key the checks of health read.
         for key in 0..=KEYS {
-            sim.add_customer(&customer(key), &token(key, 0));
+            backdrop.sim.add_customer(&customer(key), &token(key, 0));
         }
-        let upstream = sim
-            .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .unwrap();
         let mut brokers = Vec::new();
         let mut dirs = Vec::new();
         for i in 0..BROKERS {
             let dir = tempfile::tempdir().unwrap();
-            let key_file = dir.path().join("cache-key");
-            std::fs::write(&key_file, format!("{ENCRYPTION_KEY}\n")).unwrap();
             let extra = format!(
                 "[cache]\nencryption_key_file = {:?}\nredis_timeout = \"{}ms\"\n{}",
-                key_file.display().to_string(),
+                backdrop.key_file.display().to_string(),
                 REDIS_TIMEOUT.as_millis(),
                 cache(i)
             );
             let mut cmd = command();
             cmd.arg("serve")
                 .arg("--config")
-                .arg(config_file(&dir, upstream, &extra));
+                .arg(config_file(&dir, backdrop.upstream, &extra));
             brokers.push(Running::start(cmd).await);
             dirs.push(dir);
         }
         Self {
-            sim,
-            upstream,
+            sim: backdrop.sim,
             brokers,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
@@ -131,7 +123,7 @@ impl Brokers {
                 .unwrap(),
             epoch: Instant::now(),
             history: Arc::default(),
-            _dirs: dirs,
+            _dirs: (backdrop.dir, dirs),
         }
     }
 
@@ -398,6 +390,27 @@ impl Brokers {
     }
 }
 
+/// Runs the workload for the schedule's length while `nemesis` injects
+/// faults until the given end, then checks the history and the healed fleet.
+async fn exercise(
+    brokers: Arc<Brokers>,
+    short: Duration,
+    mut nemesis: impl AsyncFnMut(&mut StdRng, Instant),
+) {
+    brokers.healthy().await;
+    let seed = seed();
+    let length = run_for(short);
+    let workload = {
+        let brokers = brokers.clone();
+        tokio::spawn(async move { brokers.workload(seed, length).await })
+    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    nemesis(&mut rng, Instant::now() + length).await;
+    workload.await.unwrap();
+    brokers.check(seed);
+    brokers.one_fetch_per_generation(seed).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_redis_behind_faulty_links_and_restarts_keeps_every_confirmed_invalidation() {
     let Some(mut redis) = RedisServer::start().await else {
@@ -413,41 +426,26 @@ async fn standalone_redis_behind_faulty_links_and_restarts_keeps_every_confirmed
         .map(|p| format!("redis://{}", p.addr))
         .collect();
     let brokers = Arc::new(Brokers::start(|i| format!("redis_url = \"{}\"\n", urls[i])).await);
-    brokers.healthy().await;
-    let seed = seed();
-    let length = run_for(Duration::from_secs(20));
-    let workload = {
-        let brokers = brokers.clone();
-        tokio::spawn(async move { brokers.workload(seed, length).await })
-    };
-    let mut rng = StdRng::seed_from_u64(seed);
-    let end = Instant::now() + length;
-    while Instant::now() < end {
-        if rng.random_bool(0.1) {
-            redis.kill();
+    exercise(brokers, Duration::from_secs(20), async |rng, end| {
+        while Instant::now() < end {
+            if rng.random_bool(0.1) {
+                redis.kill();
+                tokio::time::sleep(Duration::from_millis(rng.random_range(100..1000))).await;
+                redis.restart().await;
+            } else {
+                let proxy = &proxies[rng.random_range(0..BROKERS)];
+                proxy.set(match rng.random_range(0..3) {
+                    0 => Fault::Delay(Duration::from_millis(rng.random_range(20..300))),
+                    1 => Fault::Blackhole,
+                    _ => Fault::Reset,
+                });
+                tokio::time::sleep(Duration::from_millis(rng.random_range(200..2500))).await;
+                proxy.set(Fault::Pass);
+            }
             tokio::time::sleep(Duration::from_millis(rng.random_range(100..1000))).await;
-            redis.restart().await;
-        } else {
-            let which = rng.random_range(0..BROKERS);
-            let proxy = &proxies[which];
-            let fault = match rng.random_range(0..3) {
-                0 => Fault::Delay(Duration::from_millis(rng.random_range(20..300))),
-                1 => Fault::Blackhole,
-                _ => Fault::Reset,
-            };
-            proxy.set(fault);
-            tokio::time::sleep(Duration::from_millis(rng.random_range(200..2500))).await;
-            proxy.set(Fault::Pass);
         }
-        tokio::time::sleep(Duration::from_millis(rng.random_range(100..1000))).await;
-    }
-    workload.await.unwrap();
-    for proxy in &proxies {
-        proxy.set(Fault::Pass);
-    }
-    brokers.check(seed);
-    brokers.one_fetch_per_generation(seed).await;
-    let _ = brokers.upstream;
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -460,25 +458,16 @@ async fn sentinel_failovers_keep_every_confirmed_invalidation_and_the_brokers_fo
         set.sentinel.address()
     );
     let brokers = Arc::new(Brokers::start(|_| sentinels.clone()).await);
-    brokers.healthy().await;
-    let seed = seed();
-    let length = run_for(Duration::from_secs(12));
-    let workload = {
-        let brokers = brokers.clone();
-        tokio::spawn(async move { brokers.workload(seed, length).await })
-    };
-    let mut rng = StdRng::seed_from_u64(seed);
-    let end = Instant::now() + length;
-    let mut failovers = 0;
-    while Instant::now() + Duration::from_secs(3) < end {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(2000..4000))).await;
-        set.failover().await;
-        failovers += 1;
-    }
-    workload.await.unwrap();
-    assert!(failovers >= 1);
-    brokers.check(seed);
-    brokers.one_fetch_per_generation(seed).await;
+    exercise(brokers, Duration::from_secs(12), async |rng, end| {
+        let mut failovers = 0;
+        while Instant::now() + Duration::from_secs(3) < end {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(2000..4000))).await;
+            set.failover().await;
+            failovers += 1;
+        }
+        assert!(failovers >= 1, "the schedule made no failover");
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -488,23 +477,14 @@ async fn a_cluster_with_paused_nodes_keeps_every_confirmed_invalidation() {
     };
     let seeds = set.seeds_toml();
     let brokers = Arc::new(Brokers::start(|_| seeds.clone()).await);
-    brokers.healthy().await;
-    let seed = seed();
-    let length = run_for(Duration::from_secs(12));
-    let workload = {
-        let brokers = brokers.clone();
-        tokio::spawn(async move { brokers.workload(seed, length).await })
-    };
-    let mut rng = StdRng::seed_from_u64(seed);
-    let end = Instant::now() + length;
-    while Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
-        let node = &set.nodes[rng.random_range(0..set.nodes.len())];
-        node.pause();
-        tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
-        node.resume();
-    }
-    workload.await.unwrap();
-    brokers.check(seed);
-    brokers.one_fetch_per_generation(seed).await;
+    exercise(brokers, Duration::from_secs(12), async |rng, end| {
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
+            let node = &set.nodes[rng.random_range(0..set.nodes.len())];
+            node.pause();
+            tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
+            node.resume();
+        }
+    })
+    .await;
 }

@@ -25,12 +25,17 @@ pub struct Fleet {
     _dir: tempfile::TempDir,
 }
 
-pub const ENCRYPTION_KEY: &str = "8d2b6b1f0c3e4a5d9e7f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f";
+/// The simulated vendor a test fleet fronts, and the cache encryption key
+/// file every replica of it shares.
+pub struct Backdrop {
+    pub sim: Simulator,
+    pub upstream: SocketAddr,
+    pub key_file: PathBuf,
+    pub dir: tempfile::TempDir,
+}
 
-impl Fleet {
-    /// `replicas` brokers with `extra` TOML; `None` when Redis is not installed.
-    pub async fn start(replicas: usize, extra: &str) -> Option<Fleet> {
-        let redis = RedisServer::start().await?;
+impl Backdrop {
+    pub async fn start() -> Self {
         let sim = simulator();
         let upstream = sim
             .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -39,6 +44,27 @@ impl Fleet {
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("cache-key");
         std::fs::write(&key_file, format!("{ENCRYPTION_KEY}\n")).unwrap();
+        Self {
+            sim,
+            upstream,
+            key_file,
+            dir,
+        }
+    }
+}
+
+pub const ENCRYPTION_KEY: &str = "8d2b6b1f0c3e4a5d9e7f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f";
+
+impl Fleet {
+    /// `replicas` brokers with `extra` TOML; `None` when Redis is not installed.
+    pub async fn start(replicas: usize, extra: &str) -> Option<Fleet> {
+        let redis = RedisServer::start().await?;
+        let Backdrop {
+            sim,
+            upstream,
+            key_file,
+            dir,
+        } = Backdrop::start().await;
         let mut fleet = Fleet {
             redis,
             sim,

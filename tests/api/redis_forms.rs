@@ -3,27 +3,24 @@
 //! `rate_limit_per_minute` holds for the whole fleet. (Failovers and paused
 //! nodes: `faults`.)
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use token_broker::domain::UserType;
 use tokio::time::Instant;
 
-use crate::fleet::{ENCRYPTION_KEY, alice, token_of, wait_for_metric};
+use crate::fleet::{Backdrop, alice, token_of, wait_for_metric};
 use crate::helpers::*;
 use crate::redis_servers::{ClusterSet, MASTER_NAME, SentinelSet};
 
 /// Two replicas on the Redis `form` names; tokens shared, invalidations
 /// heard, the rate limit counted once for both.
 async fn a_fleet_on(form: &str) {
-    let sim = simulator();
-    let upstream = sim
-        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("cache-key");
-    std::fs::write(&key_file, format!("{ENCRYPTION_KEY}\n")).unwrap();
+    let Backdrop {
+        sim,
+        upstream,
+        key_file,
+        dir: _dir,
+    } = Backdrop::start().await;
     let limited = format!(
         "{}[[clients]]\nname = \"limited\"\nkey_sha256 = \"{}\"\nscopes = [\"tokens:read\"]\nrate_limit_per_minute = 5\n",
         clients_toml(),
