@@ -4,7 +4,7 @@
 # cached layer of their own; the runtime is distroless (glibc, CA
 # certificates, no shell) and runs as a fixed non-root user.
 #
-#   docker build --build-arg GIT_COMMIT="$(git rev-parse --short=12 HEAD)" -t token-broker .
+#   docker build --build-arg GIT_COMMIT="$(git rev-parse --short=12 HEAD)" -t token-broker:0.1.0 .
 
 # Base images are pinned by digest, so a rebuild gets the same bytes whatever
 # the tags point at today; the tag beside each digest says what it was. To
@@ -42,4 +42,8 @@ COPY --from=builder /src/target/release/token-broker /usr/local/bin/token-broker
 USER 65532:65532
 WORKDIR /
 EXPOSE 8080 9090
-ENTRYPOINT ["/usr/local/bin/token-broker", "serve"]
+# The binary is the entrypoint and `serve` the default command, so a container
+# may run any subcommand (the dev overlay's simulator runs simulate-upstream);
+# the manifests give `serve` explicitly.
+ENTRYPOINT ["/usr/local/bin/token-broker"]
+CMD ["serve"]

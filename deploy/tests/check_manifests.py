@@ -265,8 +265,8 @@ def check_production(objects):
               for peer in r.get("to", [])]
     check(blocks and all(b.endswith("/32") for b in blocks), "API-server egress is to one address only")
     redis_egress = one(objects, "NetworkPolicy", "token-broker-redis")
-    check({p["port"] for r in redis_egress.get("spec", {}).get("egress", []) for p in r["ports"]} == {6379},
-          "the redis component opens egress to Redis on 6379 only")
+    check({p["port"] for r in redis_egress.get("spec", {}).get("egress", []) for p in r["ports"]} == {6379, 26379},
+          "the redis component opens egress to Redis on 6379 and to sentinels on 26379 only")
     return config_map["data"]["token-broker.toml"], env, probes, admin_port, alerts
 
 
