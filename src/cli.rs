@@ -169,8 +169,19 @@ pub fn disable_core_dumps() {
     }
 }
 
+/// `demo`'s own listen defaults: its caller key has every scope, so it is
+/// reachable from this machine only unless the listen settings say otherwise.
+const DEMO_DEFAULTS: &str =
+    "[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:9090\"\n";
+
+/// Where `demo` reads its settings: as `serve` does, on its own listen defaults.
+fn demo_sources(mut sources: Sources) -> Sources {
+    sources.defaults.push(DEMO_DEFAULTS.to_owned());
+    sources
+}
+
 async fn demo(file: Option<PathBuf>) -> Result<(), Failure> {
-    let mut settings = load(file)?;
+    let mut settings = Settings::load(&demo_sources(Sources::from_process(file)))?;
     let partner_key = random_hex(24);
     let caller_key = random_hex(24);
     let simulator = Simulator::demo(&partner_key);
@@ -189,8 +200,13 @@ async fn demo(file: Option<PathBuf>) -> Result<(), Failure> {
     ));
     run_service(&settings, |app| {
         let api = reachable(app.api_addr());
+        let reach = if app.api_addr().ip().is_loopback() && app.admin_addr().ip().is_loopback() {
+            "Listening on loopback only (set server.listen and server.admin_listen to change that)."
+        } else {
+            "Listening beyond loopback, as the listen settings ask: the demo key opens every scope to whoever reaches it."
+        };
         println!(
-            "\ntoken-broker demo: a simulated BotPenguin runs at http://{upstream}; nothing real is contacted.\n\
+            "\ntoken-broker demo: a simulated BotPenguin runs at http://{upstream}; nothing real is contacted.\n{reach}\n\
              Simulated users:\n{users}\n\n\
              demo caller key: {caller_key}\n\n\
              Try:\n  curl -s -H 'Authorization: Bearer {caller_key}' 'http://{api}/v1/tokens?email=alice%40example.com&type=AGENT'\n\n\
@@ -297,5 +313,28 @@ mod tests {
         );
         let core = rustix::process::getrlimit(rustix::process::Resource::Core);
         assert_eq!((core.current, core.maximum), (Some(0), Some(0)));
+    }
+
+    #[test]
+    fn demo_listens_on_loopback_unless_the_listen_settings_say_otherwise() {
+        let defaults = Settings::load(&demo_sources(Sources::default())).unwrap();
+        assert_eq!(defaults.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(defaults.server.admin_listen.to_string(), "127.0.0.1:9090");
+
+        let given = Settings::load(&demo_sources(Sources {
+            layers: vec!["[server]\nadmin_listen = \"0.0.0.0:9191\"\n".into()],
+            env: [("TOKEN_BROKER__SERVER__LISTEN".into(), "0.0.0.0:8181".into())].into(),
+            ..Sources::default()
+        }))
+        .unwrap();
+        assert_eq!(given.server.listen.to_string(), "0.0.0.0:8181");
+        assert_eq!(given.server.admin_listen.to_string(), "0.0.0.0:9191");
+
+        let serve = Settings::load(&Sources::default()).unwrap();
+        assert_eq!(
+            serve.server.listen.to_string(),
+            "0.0.0.0:8080",
+            "serve keeps its own defaults"
+        );
     }
 }

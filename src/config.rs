@@ -52,6 +52,9 @@ impl ConfigError {
 /// the command line and the process environment.
 #[derive(Debug, Default, Clone)]
 pub struct Sources {
+    /// TOML texts layered on the built-in defaults, before the file: a
+    /// command's own defaults (`demo` listens on loopback).
+    pub defaults: Vec<String>,
     /// The file given by `--config` or `TOKEN_BROKER_CONFIG`.
     pub file: Option<PathBuf>,
     /// TOML texts layered after the file, in order (tests build config this way).
@@ -64,6 +67,7 @@ impl Sources {
     /// The real process environment and an optional file.
     pub fn from_process(file: Option<PathBuf>) -> Self {
         Self {
+            defaults: Vec::new(),
             file,
             layers: Vec::new(),
             env: std::env::vars()
@@ -453,6 +457,9 @@ impl Settings {
     /// Loads and validates the layered configuration.
     pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
         let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        for text in &sources.defaults {
+            builder = builder.add_source(File::from_str(text, FileFormat::Toml));
+        }
         if let Some(path) = &sources.file {
             if !path.is_file() {
                 return Err(ConfigError::Source(format!(
@@ -877,12 +884,12 @@ mod tests {
 
     fn load(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         Settings::load(&Sources {
-            file: None,
             layers: vec![toml.to_owned()],
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            ..Sources::default()
         })
     }
 

@@ -977,6 +977,10 @@ async fn demo_prints_a_curl_line_that_returns_a_token() {
         .to_owned();
     let url = curl.split('\'').nth(3).unwrap().to_owned();
     let response = get(&reqwest::Client::new(), url, &key).await;
+    assert!(
+        broker.output().contains("Listening on loopback only"),
+        "the demo says where it listens"
+    );
 
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
