@@ -18,7 +18,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Instant;
 
 impl TokenSource for Instant {
-    fn fetch<'a>(&'a self, identity: &'a Identity) -> FetchFuture<'a> {
+    fn fetch<'a>(&'a self, identity: &'a Identity, _: &'a std::sync::Arc<str>) -> FetchFuture<'a> {
         let seed = match identity {
             Identity::TeamMember { email, .. } => email.as_str().len(),
             Identity::Customer(id) => id.as_str().len(),
@@ -74,13 +74,14 @@ async fn main() {
     let mut settings = Settings::load(&Sources::default()).unwrap().cache;
     settings.max_entries = 2_000_000;
     let broker = Broker::new(&settings, Arc::new(Instant), Arc::new(Metrics::new()));
+    let caller: Arc<str> = Arc::from("bench-memory");
     broker.run_pending_tasks().await;
     let base = rss_bytes();
     println!("entries        0: RSS {:7.1} MiB", base as f64 / 1048576.0);
     let mut filled = 0;
     for target in [100_000, 1_000_000] {
         while filled < target {
-            broker.lookup(&identity(filled)).await.unwrap();
+            broker.lookup(&identity(filled), &caller).await.unwrap();
             filled += 1;
         }
         broker.run_pending_tasks().await;

@@ -29,7 +29,7 @@ const KEY: &str = "bench-caller-key-0123456789abcdef0123";
 struct Instant;
 
 impl TokenSource for Instant {
-    fn fetch<'a>(&'a self, _identity: &'a Identity) -> FetchFuture<'a> {
+    fn fetch<'a>(&'a self, _identity: &'a Identity, _: &'a std::sync::Arc<str>) -> FetchFuture<'a> {
         Box::pin(async {
             Ok(Fetched {
                 token: Token::new("0123456789abcdef0123456789abcdef0123456789abcdef"),

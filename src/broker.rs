@@ -48,14 +48,15 @@ use freshness::{Asked, Decision, Held, Policy};
 pub type FetchFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Fetched, UpstreamError>> + Send + 'a>>;
 
-/// Where tokens come from: the vendor client in production, a double in unit tests.
+/// Where tokens come from: the vendor client in production, a double in unit
+/// tests. `caller` is whose fetch it is, for the vendor slots' fair share.
 pub trait TokenSource: Send + Sync + 'static {
-    fn fetch<'a>(&'a self, identity: &'a Identity) -> FetchFuture<'a>;
+    fn fetch<'a>(&'a self, identity: &'a Identity, caller: &'a Arc<str>) -> FetchFuture<'a>;
 }
 
 impl TokenSource for UpstreamClient {
-    fn fetch<'a>(&'a self, identity: &'a Identity) -> FetchFuture<'a> {
-        Box::pin(UpstreamClient::fetch(self, identity))
+    fn fetch<'a>(&'a self, identity: &'a Identity, caller: &'a Arc<str>) -> FetchFuture<'a> {
+        Box::pin(UpstreamClient::fetch(self, identity, caller))
     }
 }
 
@@ -154,17 +155,25 @@ impl Broker {
         self.0.tier.start(sink, self.0.stop.clone());
     }
 
-    /// The token for `identity`: from the cache while fresh, else from the
-    /// vendor, else (while the vendor fails) a stale one.
-    pub async fn lookup(&self, identity: &Identity) -> Result<Issued, BrokerError> {
-        self.lookup_in_cache(identity, false).await
+    /// The token for `identity`, asked by `caller`: from the cache while
+    /// fresh, else from the vendor, else (while the vendor fails) a stale one.
+    pub async fn lookup(
+        &self,
+        identity: &Identity,
+        caller: &Arc<str>,
+    ) -> Result<Issued, BrokerError> {
+        self.lookup_in_cache(identity, caller, false).await
     }
 
     /// The token for `identity` from a vendor fetch made after this call,
     /// unless the key's last vendor answer is younger than
     /// `revalidate_min_interval` (then that answer).
-    pub async fn revalidate(&self, identity: &Identity) -> Result<Issued, BrokerError> {
-        self.lookup_in_cache(identity, true).await
+    pub async fn revalidate(
+        &self,
+        identity: &Identity,
+        caller: &Arc<str>,
+    ) -> Result<Issued, BrokerError> {
+        self.lookup_in_cache(identity, caller, true).await
     }
 
     /// Counts one lookup result.
@@ -190,6 +199,7 @@ impl Broker {
     async fn lookup_in_cache(
         &self,
         identity: &Identity,
+        caller: &Arc<str>,
         revalidate: bool,
     ) -> Result<Issued, BrokerError> {
         let inner = &self.0;
@@ -206,7 +216,7 @@ impl Broker {
                 Decision::Serve => return self.counted_cached(&entry),
                 Decision::ServeAndRefresh => {
                     if !entry.refreshing.swap(true, Ordering::AcqRel) {
-                        self.refresh_in_background(identity.clone());
+                        self.refresh_in_background(identity.clone(), caller.clone());
                     }
                     return self.counted_cached(&entry);
                 }
@@ -228,7 +238,7 @@ impl Broker {
         };
         let span = Self::miss_span(identity);
         let fetched = self
-            .fetch_once(identity, purpose, want)
+            .fetch_once(identity, caller, purpose, want)
             .instrument(span.clone())
             .await;
         let (result, label) = match fetched {
@@ -280,7 +290,9 @@ impl Broker {
             )
     }
 
-    fn refresh_in_background(&self, identity: Identity) {
+    /// One background refresh of `identity`, counted as `caller`'s (whose
+    /// hit started it) for the vendor slots' fair share.
+    fn refresh_in_background(&self, identity: Identity, caller: Arc<str>) {
         let broker = self.clone();
         // Its own trace, linked to the request that started it.
         let span = tracing::info_span!(
@@ -300,7 +312,7 @@ impl Broker {
         tokio::spawn(
             async move {
                 tokio::select! {
-                    result = broker.fetch_once(&identity, Purpose::Refresh, want) => {
+                    result = broker.fetch_once(&identity, &caller, Purpose::Refresh, want) => {
                         if let Err(error) = result {
                             tracing::debug!(%error, "background refresh failed; the entry is served until ttl");
                         }
@@ -356,6 +368,7 @@ impl Broker {
     async fn fetch_once(
         &self,
         identity: &Identity,
+        caller: &Arc<str>,
         purpose: Purpose,
         want: Want,
     ) -> Result<Arc<Entry>, BrokerError> {
@@ -366,7 +379,10 @@ impl Broker {
             let result = inner
                 .flights
                 // Boxed: a miss is rare, and the fill's future is deep.
-                .try_get_with_by_ref(&key, Box::pin(self.fill(identity, generation, want)))
+                .try_get_with_by_ref(
+                    &key,
+                    Box::pin(self.fill(identity, caller, generation, want)),
+                )
                 .await;
             inner.flights.invalidate(&key).await;
             match result {
@@ -384,6 +400,7 @@ impl Broker {
     async fn fill(
         &self,
         identity: &Identity,
+        caller: &Arc<str>,
         generation: Generation,
         want: Want,
     ) -> Result<Arc<Entry>, UpstreamError> {
@@ -419,7 +436,7 @@ impl Broker {
         {
             return entry;
         }
-        self.ask_vendor(identity, generation, permit).await
+        self.ask_vendor(identity, caller, generation, permit).await
     }
 
     /// A value read from the shared tier as this fill's answer, if `want`
@@ -458,11 +475,12 @@ impl Broker {
     async fn ask_vendor(
         &self,
         identity: &Identity,
+        caller: &Arc<str>,
         generation: Generation,
         permit: Permit,
     ) -> Result<Arc<Entry>, UpstreamError> {
         let inner = &self.0;
-        let fetched = inner.source.fetch(identity).await;
+        let fetched = inner.source.fetch(identity, caller).await;
         if fetched.is_ok() && inner.serving_stale.swap(false, Ordering::AcqRel) {
             tracing::info!("vendor answering again; no more stale tokens");
         }
@@ -556,7 +574,7 @@ mod tests {
     }
 
     impl TokenSource for Counting {
-        fn fetch<'a>(&'a self, _identity: &'a Identity) -> FetchFuture<'a> {
+        fn fetch<'a>(&'a self, _identity: &'a Identity, _: &'a Arc<str>) -> FetchFuture<'a> {
             Box::pin(async move {
                 let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
                 tokio::time::sleep(self.delay).await;
@@ -569,6 +587,10 @@ mod tests {
                 })
             })
         }
+    }
+
+    fn caller() -> Arc<str> {
+        Arc::from("test-caller")
     }
 
     const TTL: Duration = Duration::from_secs(600);
@@ -648,9 +670,9 @@ mod tests {
         let source = Counting::new();
         let broker = broker(source.clone(), Duration::from_secs(600), 100);
         let id = member("a@example.com", UserType::Agent);
-        let first = broker.lookup(&id).await.unwrap();
+        let first = broker.lookup(&id, &caller()).await.unwrap();
         tokio::time::advance(Duration::from_secs(5)).await;
-        let second = broker.lookup(&id).await.unwrap();
+        let second = broker.lookup(&id, &caller()).await.unwrap();
         assert_eq!(first.cache, CacheResult::Miss);
         assert_eq!(second.cache, CacheResult::Hit);
         assert_eq!(second.token.expose(), "token-1");
@@ -663,9 +685,9 @@ mod tests {
         let source = Counting::new();
         let broker = broker(source.clone(), Duration::from_secs(600), 100);
         let id = Identity::Customer(UserId::parse("c1").unwrap());
-        broker.lookup(&id).await.unwrap();
+        broker.lookup(&id, &caller()).await.unwrap();
         tokio::time::advance(Duration::from_secs(601)).await;
-        let again = broker.lookup(&id).await.unwrap();
+        let again = broker.lookup(&id, &caller()).await.unwrap();
         assert_eq!(again.cache, CacheResult::Miss);
         assert_eq!(again.token.expose(), "token-2");
         assert_eq!(source.calls(), 2);
@@ -679,7 +701,7 @@ mod tests {
         let lookups = (0..100).map(|_| {
             let broker = broker.clone();
             let id = id.clone();
-            tokio::spawn(async move { broker.lookup(&id).await.unwrap() })
+            tokio::spawn(async move { broker.lookup(&id, &caller()).await.unwrap() })
         });
         for handle in lookups.collect::<Vec<_>>() {
             assert_eq!(handle.await.unwrap().token.expose(), "token-1");
@@ -703,7 +725,7 @@ mod tests {
                         if i % 2 == 0 {
                             tokio::task::yield_now().await;
                         }
-                        broker.lookup(&id).await.unwrap().token
+                        broker.lookup(&id, &caller()).await.unwrap().token
                     })
                 })
                 .collect();
@@ -724,18 +746,18 @@ mod tests {
         let in_flight = {
             let broker = broker.clone();
             let id = id.clone();
-            tokio::spawn(async move { broker.lookup(&id).await.unwrap() })
+            tokio::spawn(async move { broker.lookup(&id, &caller()).await.unwrap() })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         broker.invalidate(&id).await.unwrap();
-        let joined_after = broker.lookup(&id).await.unwrap();
+        let joined_after = broker.lookup(&id, &caller()).await.unwrap();
         assert_eq!(in_flight.await.unwrap().token.expose(), "token-1");
         assert_eq!(
             joined_after.token.expose(),
             "token-2",
             "a lookup after the invalidation does not join the older fetch"
         );
-        let next = broker.lookup(&id).await.unwrap();
+        let next = broker.lookup(&id, &caller()).await.unwrap();
         assert_eq!(next.token.expose(), "token-2");
         assert_eq!(next.cache, CacheResult::Hit);
         assert_eq!(source.calls(), 2);
@@ -746,16 +768,19 @@ mod tests {
         let source = Counting::with(Duration::from_millis(1), false);
         let broker = self::broker(source.clone(), Duration::from_secs(600), 100);
         let id = member("a@example.com", UserType::Agent);
-        assert!(!broker.lookup(&id).await.unwrap().active);
-        assert!(!broker.lookup(&id).await.unwrap().active);
+        assert!(!broker.lookup(&id, &caller()).await.unwrap().active);
+        assert!(!broker.lookup(&id, &caller()).await.unwrap().active);
         assert_eq!(source.calls(), 2);
 
         let source = Counting::new();
         *source.fail.lock().unwrap() = Some(UpstreamError::Timeout);
         let broker = self::broker(source.clone(), Duration::from_secs(600), 100);
-        assert!(broker.lookup(&id).await.is_err());
+        assert!(broker.lookup(&id, &caller()).await.is_err());
         *source.fail.lock().unwrap() = None;
-        assert_eq!(broker.lookup(&id).await.unwrap().cache, CacheResult::Miss);
+        assert_eq!(
+            broker.lookup(&id, &caller()).await.unwrap().cache,
+            CacheResult::Miss
+        );
         assert_eq!(source.calls(), 2);
     }
 
@@ -764,16 +789,16 @@ mod tests {
         let source = Counting::new();
         let broker = broker(source.clone(), Duration::from_secs(600), 100);
         let agent = broker
-            .lookup(&member("a@example.com", UserType::Agent))
+            .lookup(&member("a@example.com", UserType::Agent), &caller())
             .await
             .unwrap();
         let custom = broker
-            .lookup(&member("a@EXAMPLE.com", UserType::CustomUser))
+            .lookup(&member("a@EXAMPLE.com", UserType::CustomUser), &caller())
             .await
             .unwrap();
         assert_ne!(agent.token.expose(), custom.token.expose());
         let agent_again = broker
-            .lookup(&member("a@Example.Com", UserType::Agent))
+            .lookup(&member("a@Example.Com", UserType::Agent), &caller())
             .await
             .unwrap();
         assert_eq!(agent_again.token.expose(), agent.token.expose());
@@ -786,7 +811,7 @@ mod tests {
         let broker = broker(source, Duration::from_secs(600), 50);
         for i in 0..1_000 {
             let id = Identity::Customer(UserId::parse(&format!("c{i}")).unwrap());
-            broker.lookup(&id).await.unwrap();
+            broker.lookup(&id, &caller()).await.unwrap();
         }
         broker.run_pending_tasks().await;
         assert!(broker.entry_count() <= 50, "{}", broker.entry_count());
@@ -805,12 +830,12 @@ mod tests {
                 auditor.subject(&id)
             })
         };
-        let first = subject_of(&broker.lookup(&id).await.unwrap());
-        let hit = subject_of(&broker.lookup(&id).await.unwrap());
+        let first = subject_of(&broker.lookup(&id, &caller()).await.unwrap());
+        let hit = subject_of(&broker.lookup(&id, &caller()).await.unwrap());
         assert_eq!((first, hit), (auditor.subject(&id), auditor.subject(&id)));
         assert_eq!(computed.load(Ordering::SeqCst), 1, "a hit reuses it");
         broker.invalidate(&id).await.unwrap();
-        subject_of(&broker.lookup(&id).await.unwrap());
+        subject_of(&broker.lookup(&id, &caller()).await.unwrap());
         assert_eq!(
             computed.load(Ordering::SeqCst),
             2,
@@ -823,9 +848,12 @@ mod tests {
         let source = Counting::new();
         let broker = broker(source.clone(), Duration::from_secs(600), 100);
         let id = member("a@example.com", UserType::Agent);
-        broker.lookup(&id).await.unwrap();
+        broker.lookup(&id, &caller()).await.unwrap();
         broker.invalidate(&id).await.unwrap();
-        assert_eq!(broker.lookup(&id).await.unwrap().cache, CacheResult::Miss);
+        assert_eq!(
+            broker.lookup(&id, &caller()).await.unwrap().cache,
+            CacheResult::Miss
+        );
         assert_eq!(source.calls(), 2);
     }
 
@@ -835,19 +863,22 @@ mod tests {
         for outage in outages() {
             let source = Counting::new();
             let (broker, metrics) = broker_with(source.clone(), settings(TTL, 100));
-            broker.lookup(&id).await.unwrap();
+            broker.lookup(&id, &caller()).await.unwrap();
             source.fail_with(Some(outage.clone()));
 
             tokio::time::advance(TTL + Duration::from_secs(1)).await;
-            let stale = broker.lookup(&id).await.unwrap();
+            let stale = broker.lookup(&id, &caller()).await.unwrap();
             assert_eq!(stale.cache, CacheResult::Stale, "{outage:?}");
             assert_eq!(stale.token.expose(), "token-1");
             assert_eq!(lookups(&metrics, "stale"), 1);
 
             tokio::time::advance(STALE - Duration::from_secs(2)).await;
-            assert_eq!(broker.lookup(&id).await.unwrap().cache, CacheResult::Stale);
+            assert_eq!(
+                broker.lookup(&id, &caller()).await.unwrap().cache,
+                CacheResult::Stale
+            );
             tokio::time::advance(Duration::from_secs(2)).await;
-            let expired = broker.lookup(&id).await.unwrap_err();
+            let expired = broker.lookup(&id, &caller()).await.unwrap_err();
             assert_eq!(
                 expired.outcome(),
                 outage.outcome(),
@@ -861,15 +892,18 @@ mod tests {
         let source = Counting::new();
         let (broker, _) = broker_with(source.clone(), settings(TTL, 100));
         let id = member("a@example.com", UserType::Agent);
-        broker.lookup(&id).await.unwrap();
+        broker.lookup(&id, &caller()).await.unwrap();
         tokio::time::advance(TTL).await;
         source.fail_with(Some(UpstreamError::Timeout));
-        broker.lookup(&id).await.unwrap();
+        broker.lookup(&id, &caller()).await.unwrap();
         source.fail_with(None);
-        let recovered = broker.lookup(&id).await.unwrap();
+        let recovered = broker.lookup(&id, &caller()).await.unwrap();
         assert_eq!(recovered.cache, CacheResult::Miss);
         assert_eq!(recovered.token.expose(), "token-3");
-        assert_eq!(broker.lookup(&id).await.unwrap().cache, CacheResult::Hit);
+        assert_eq!(
+            broker.lookup(&id, &caller()).await.unwrap().cache,
+            CacheResult::Hit
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -878,28 +912,28 @@ mod tests {
         // No such user: the stale token is not served, and later outages find nothing.
         let source = Counting::new();
         let (broker, _) = broker_with(source.clone(), settings(TTL, 100));
-        broker.lookup(&id).await.unwrap();
+        broker.lookup(&id, &caller()).await.unwrap();
         tokio::time::advance(TTL).await;
         source.fail_with(Some(UpstreamError::NotFound));
         assert!(matches!(
-            broker.lookup(&id).await,
+            broker.lookup(&id, &caller()).await,
             Err(BrokerError::Upstream(UpstreamError::NotFound))
         ));
         tokio::time::advance(NEGATIVE).await;
         source.fail_with(Some(UpstreamError::Timeout));
-        assert!(broker.lookup(&id).await.is_err());
+        assert!(broker.lookup(&id, &caller()).await.is_err());
 
         // Inactive: returned as the vendor said, and the old token is gone.
         let source = Counting::new();
         let (broker, _) = broker_with(source.clone(), settings(TTL, 100));
-        broker.lookup(&id).await.unwrap();
+        broker.lookup(&id, &caller()).await.unwrap();
         tokio::time::advance(TTL).await;
         source.active.store(false, Ordering::SeqCst);
-        let inactive = broker.lookup(&id).await.unwrap();
+        let inactive = broker.lookup(&id, &caller()).await.unwrap();
         assert!(!inactive.active);
         source.fail_with(Some(UpstreamError::Timeout));
         assert!(
-            broker.lookup(&id).await.is_err(),
+            broker.lookup(&id, &caller()).await.is_err(),
             "no stale token after inactive"
         );
     }
@@ -909,10 +943,11 @@ mod tests {
         let source = Counting::with(Duration::from_millis(200), true);
         let (broker, _) = broker_with(source.clone(), settings(TTL, 100));
         let id = member("a@example.com", UserType::Agent);
-        broker.lookup(&id).await.unwrap();
+        broker.lookup(&id, &caller()).await.unwrap();
         tokio::time::advance(TTL.mul_f64(0.8)).await;
 
-        let hits = futures::future::join_all((0..50).map(|_| broker.lookup(&id))).await;
+        let asker = caller();
+        let hits = futures::future::join_all((0..50).map(|_| broker.lookup(&id, &asker))).await;
         for hit in &hits {
             let hit = hit.as_ref().unwrap();
             assert_eq!(
@@ -924,7 +959,7 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(source.calls(), 2, "exactly one background refresh");
-        let refreshed = broker.lookup(&id).await.unwrap();
+        let refreshed = broker.lookup(&id, &caller()).await.unwrap();
         assert_eq!(refreshed.token.expose(), "token-2");
         assert!(
             refreshed.age < Duration::from_millis(200),
@@ -938,9 +973,9 @@ mod tests {
         let source = Counting::new();
         let (broker, _) = broker_with(source.clone(), settings(TTL, 100));
         let id = member("a@example.com", UserType::Agent);
-        broker.lookup(&id).await.unwrap();
+        broker.lookup(&id, &caller()).await.unwrap();
         tokio::time::advance(TTL.mul_f64(0.79)).await;
-        broker.lookup(&id).await.unwrap();
+        broker.lookup(&id, &caller()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(source.calls(), 1);
     }
@@ -950,11 +985,14 @@ mod tests {
         let source = Counting::new();
         let (broker, _) = broker_with(source.clone(), settings(TTL, 100));
         let id = member("a@example.com", UserType::Agent);
-        broker.lookup(&id).await.unwrap();
+        broker.lookup(&id, &caller()).await.unwrap();
         source.fail_with(Some(UpstreamError::Timeout));
         tokio::time::advance(TTL.mul_f64(0.9)).await;
         for _ in 0..10 {
-            assert_eq!(broker.lookup(&id).await.unwrap().cache, CacheResult::Hit);
+            assert_eq!(
+                broker.lookup(&id, &caller()).await.unwrap().cache,
+                CacheResult::Hit
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(source.calls(), 2);
@@ -967,9 +1005,9 @@ mod tests {
         let (broker, metrics) = broker_with(source.clone(), settings(TTL, 100));
         let id = member("ghost@example.com", UserType::Agent);
 
-        assert!(broker.lookup(&id).await.is_err());
+        assert!(broker.lookup(&id, &caller()).await.is_err());
         tokio::time::advance(NEGATIVE - Duration::from_secs(1)).await;
-        let remembered = broker.lookup(&id).await;
+        let remembered = broker.lookup(&id, &caller()).await;
         assert!(matches!(
             remembered,
             Err(BrokerError::Upstream(UpstreamError::NotFound))
@@ -979,7 +1017,10 @@ mod tests {
 
         tokio::time::advance(Duration::from_secs(1)).await;
         source.fail_with(None);
-        assert!(broker.lookup(&id).await.is_ok(), "expired: asked again");
+        assert!(
+            broker.lookup(&id, &caller()).await.is_ok(),
+            "expired: asked again"
+        );
         assert_eq!(source.calls(), 2);
     }
 
@@ -991,15 +1032,15 @@ mod tests {
         no_negative.negative_ttl = Duration::ZERO;
         let (broker, _) = broker_with(source.clone(), no_negative);
         let id = member("ghost@example.com", UserType::Agent);
-        assert!(broker.lookup(&id).await.is_err());
-        assert!(broker.lookup(&id).await.is_err());
+        assert!(broker.lookup(&id, &caller()).await.is_err());
+        assert!(broker.lookup(&id, &caller()).await.is_err());
         assert_eq!(source.calls(), 2);
 
         let source = Counting::new();
         let (broker, _) = broker_with(source.clone(), settings(TTL, 100));
         for error in outages() {
             source.fail_with(Some(error));
-            assert!(broker.lookup(&id).await.is_err());
+            assert!(broker.lookup(&id, &caller()).await.is_err());
         }
         assert_eq!(source.calls(), outages().len());
     }

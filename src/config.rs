@@ -348,6 +348,9 @@ pub struct KubernetesSettings {
     /// How often `jwks_url` is fetched again.
     #[serde(with = "humantime_serde")]
     pub jwks_refresh: Duration,
+    /// Longest `exp - iat` a service-account token may have.
+    #[serde(with = "humantime_serde")]
+    pub max_token_lifetime: Duration,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -732,6 +735,7 @@ impl Settings {
             }
             _ => {}
         }
+        positive("auth.kubernetes.max_token_lifetime", k.max_token_lifetime)?;
         positive("auth.kubernetes.jwks_refresh", k.jwks_refresh)
     }
 

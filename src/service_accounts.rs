@@ -4,9 +4,13 @@
 //! verified offline against the cluster's JWKS (from `auth.kubernetes.jwks_file`,
 //! re-read when it changes, or `jwks_url`, fetched every `jwks_refresh`):
 //! RS256 or ES256 only, the key chosen by `kid`, `iss` and `aud` as
-//! configured, `exp` and `nbf` with 60 s leeway. An unknown `kid` re-reads
-//! the JWKS at most once per 30 s. A verified token is remembered until its
-//! `exp`, keyed by its SHA-256, so a hit costs one hash and no signature check.
+//! configured, `exp` and `nbf` with 60 s leeway, an `iat` no further than
+//! `max_token_lifetime` before `exp`, and a `sub` whose namespace and name
+//! are valid Kubernetes names. An unknown `kid` re-reads the JWKS at most once
+//! per 30 s. A verified token is remembered until its `exp`, keyed by its
+//! SHA-256, so a hit costs one hash and no signature check; it is forgotten
+//! as soon as the key that signed it leaves the JWKS. A JWKS is read up to
+//! 1 MiB, from a file or over HTTPS trusting only `jwks_ca_file` when given.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,15 +35,55 @@ pub const LEEWAY: Duration = Duration::from_secs(60);
 const UNKNOWN_KID_RELOAD: Duration = Duration::from_secs(30);
 /// Verified tokens remembered at once.
 const VERIFIED_CAPACITY: u64 = 10_000;
-/// Largest JWKS read.
-const MAX_JWKS_BYTES: usize = 256 * 1024;
+/// Largest JWKS read, from either source.
+const MAX_JWKS_BYTES: usize = 1024 * 1024;
 /// What a service account's `sub` starts with.
 const SUBJECT_PREFIX: &str = "system:serviceaccount:";
 
 /// Why a bearer token was not accepted; the caller sees only a 401.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("service-account token refused: {0}")]
-pub struct Rejected(pub String);
+#[error("service-account token refused: {detail}")]
+pub struct Rejected {
+    /// The `result` it is counted under in `token_broker_service_account_tokens_total`.
+    pub reason: Refusal,
+    pub detail: String,
+}
+
+/// Why a token was refused, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a JWT, or an algorithm other than RS256 and ES256.
+    Malformed,
+    /// No key of the JWKS has its `kid` (or the key's algorithm differs).
+    UnknownKey,
+    /// Signature, issuer, audience, `exp` or `nbf` wrong.
+    Invalid,
+    /// No `iat`, or `exp - iat` longer than `max_token_lifetime`.
+    TooLongLived,
+    /// `sub` is not a service account with valid Kubernetes names.
+    Subject,
+}
+
+impl Refusal {
+    /// Every value.
+    pub const ALL: [Refusal; 5] = [
+        Refusal::Malformed,
+        Refusal::UnknownKey,
+        Refusal::Invalid,
+        Refusal::TooLongLived,
+        Refusal::Subject,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "rejected_malformed",
+            Refusal::UnknownKey => "rejected_unknown_key",
+            Refusal::Invalid => "rejected_invalid",
+            Refusal::TooLongLived => "rejected_lifetime",
+            Refusal::Subject => "rejected_subject",
+        }
+    }
+}
 
 /// A token that passed verification: whose it is and until when.
 #[derive(Debug)]
@@ -47,12 +91,15 @@ pub struct Verified {
     /// `namespace:name`.
     pub service_account: Arc<str>,
     expires: SystemTime,
+    /// The key that signed it: when it leaves the JWKS, so does the token.
+    kid: String,
 }
 
 #[derive(serde::Deserialize)]
 struct Claims {
     sub: String,
     exp: u64,
+    iat: Option<u64>,
 }
 
 /// A signing key of the cluster.
@@ -74,6 +121,7 @@ enum Source {
 pub struct Verifier {
     issuer: String,
     audiences: Vec<String>,
+    max_lifetime: Duration,
     keys: ArcSwap<HashMap<String, Key>>,
     source: Source,
     refresh: Duration,
@@ -110,6 +158,7 @@ impl Verifier {
         let verifier = Arc::new(Self {
             issuer: issuer.clone(),
             audiences: settings.audiences.clone(),
+            max_lifetime: settings.max_token_lifetime,
             keys: ArcSwap::from_pointee(HashMap::new()),
             source,
             refresh: settings.jwks_refresh,
@@ -169,16 +218,19 @@ impl Verifier {
     pub async fn verify(&self, token: &str) -> Result<Arc<Verified>, Rejected> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(verified) = self.verified.get(&digest) {
-            if verified.expires + LEEWAY > SystemTime::now() {
+            // Still signed by a key of the JWKS, and not expired.
+            if verified.expires + LEEWAY > SystemTime::now()
+                && self.keys.load().contains_key(&verified.kid)
+            {
                 self.metrics.service_account_token("cached");
                 return Ok(verified);
             }
             self.verified.invalidate(&digest);
         }
         let result = self.verify_signed(token).await;
-        self.metrics.service_account_token(match result {
+        self.metrics.service_account_token(match &result {
             Ok(_) => "verified",
-            Err(_) => "rejected",
+            Err(rejected) => rejected.reason.as_str(),
         });
         let verified = Arc::new(result?);
         self.verified.insert(digest, verified.clone());
@@ -186,19 +238,28 @@ impl Verifier {
     }
 
     async fn verify_signed(&self, token: &str) -> Result<Verified, Rejected> {
-        let reject = |why: &str| Rejected(why.to_owned());
-        let header = jsonwebtoken::decode_header(token).map_err(|_| reject("not a JWT"))?;
+        let reject = |reason: Refusal, detail: &str| Rejected {
+            reason,
+            detail: detail.to_owned(),
+        };
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| reject(Refusal::Malformed, "not a JWT"))?;
         if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
-            return Err(reject("only RS256 and ES256 are accepted"));
+            return Err(reject(
+                Refusal::Malformed,
+                "only RS256 and ES256 are accepted",
+            ));
         }
         let kid = header.kid.unwrap_or_default();
         if !self.keys.load().contains_key(&kid) && self.may_reload_for_unknown_kid() {
             self.reload_and_log().await;
         }
         let keys = self.keys.load();
-        let key = keys.get(&kid).ok_or_else(|| reject("unknown kid"))?;
+        let key = keys
+            .get(&kid)
+            .ok_or_else(|| reject(Refusal::UnknownKey, "unknown kid"))?;
         if key.algorithm != header.alg {
-            return Err(reject("alg does not match the key"));
+            return Err(reject(Refusal::UnknownKey, "alg does not match the key"));
         }
         let mut validation = Validation::new(key.algorithm);
         validation.leeway = LEEWAY.as_secs();
@@ -207,16 +268,27 @@ impl Verifier {
         validation.set_audience(&self.audiences);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
-            .map_err(|e| Rejected(format!("{:?}", e.kind())))?
+            .map_err(|e| reject(Refusal::Invalid, &format!("{:?}", e.kind())))?
             .claims;
+        // A stolen token that lives for years is not a caller.
+        let lifetime = claims.iat.and_then(|iat| claims.exp.checked_sub(iat));
+        if lifetime.is_none_or(|seconds| Duration::from_secs(seconds) > self.max_lifetime) {
+            return Err(reject(
+                Refusal::TooLongLived,
+                "no iat, or exp - iat longer than auth.kubernetes.max_token_lifetime",
+            ));
+        }
         let service_account = claims
             .sub
             .strip_prefix(SUBJECT_PREFIX)
-            .filter(|account| account.split(':').count() == 2)
-            .ok_or_else(|| reject("sub is not a service account"))?;
+            .and_then(|account| account.split_once(':'))
+            .filter(|(namespace, name)| is_dns_label(namespace) && is_dns_subdomain(name))
+            .map(|(namespace, name)| format!("{namespace}:{name}"))
+            .ok_or_else(|| reject(Refusal::Subject, "sub is not a service account"))?;
         Ok(Verified {
             service_account: Arc::from(service_account),
             expires: UNIX_EPOCH + Duration::from_secs(claims.exp),
+            kid,
         })
     }
 
@@ -255,13 +327,52 @@ impl Verifier {
         let keys = parse_jwks(&text)?;
         let count = keys.len();
         self.keys.store(Arc::new(keys));
+        // Tokens signed by a key that left are refused from now on (`verify`
+        // checks the kid on every hit); their memory goes here.
+        let keys = self.keys.load();
+        let gone: Vec<Arc<[u8; 32]>> = self
+            .verified
+            .iter()
+            .filter(|(_, verified)| !keys.contains_key(&verified.kid))
+            .map(|(digest, _)| digest)
+            .collect();
+        for digest in gone {
+            self.verified.invalidate(&*digest);
+        }
         Ok(count)
     }
 }
 
+/// A namespace: an RFC 1123 label (lower-case letters, digits and `-`, 1–63,
+/// starting and ending alphanumeric).
+fn is_dns_label(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+/// A service account's name: an RFC 1123 subdomain (labels joined by dots, at most 253).
+fn is_dns_subdomain(text: &str) -> bool {
+    text.len() <= 253 && text.split('.').all(is_dns_label)
+}
+
 fn read_jwks_file(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))
+    use std::io::Read;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {}", path.display(), e.kind());
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_JWKS_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
+    if text.len() > MAX_JWKS_BYTES {
+        return Err(format!("{} is larger than 1 MiB", path.display()));
+    }
+    Ok(text)
 }
 
 async fn fetch_jwks(
@@ -276,21 +387,33 @@ async fn fetch_jwks(
             .map_err(|e| format!("cannot read {}: {}", path.display(), e.kind()))?;
         request = request.bearer_auth(token.trim());
     }
-    let response = request
+    let mut response = request
         .send()
         .await
         .map_err(|e| format!("JWKS request failed: {}", e.without_url()))?;
     if !response.status().is_success() {
         return Err(format!("JWKS request answered {}", response.status()));
     }
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| format!("JWKS body: {}", e.without_url()))?;
-    if body.len() > MAX_JWKS_BYTES {
-        return Err("JWKS larger than 256 KiB".into());
+    let too_large = || "JWKS larger than 1 MiB".to_owned();
+    if response
+        .content_length()
+        .is_some_and(|length| length > MAX_JWKS_BYTES as u64)
+    {
+        return Err(too_large());
     }
-    String::from_utf8(body.to_vec()).map_err(|_| "JWKS is not UTF-8".into())
+    // Read chunk by chunk: a body that never ends is cut at the cap, not buffered.
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("JWKS body: {}", e.without_url()))?
+    {
+        if body.len() + chunk.len() > MAX_JWKS_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).map_err(|_| "JWKS is not UTF-8".into())
 }
 
 /// The RS256 and ES256 (P-256) signing keys of a JWKS, by `kid`.
@@ -331,7 +454,8 @@ fn parse_jwks(text: &str) -> Result<HashMap<String, Key>, String> {
     Ok(keys)
 }
 
-/// The client for `jwks_url`: HTTPS, trusting `jwks_ca_file` when given.
+/// The client for `jwks_url`: HTTPS, trusting only `jwks_ca_file` when given
+/// (the cluster's CA, not every public one).
 fn jwks_client(settings: &KubernetesSettings) -> Result<reqwest::Client, ConfigError> {
     let invalid = |key: &str, message: String| ConfigError::Invalid {
         key: key.into(),
@@ -354,9 +478,7 @@ fn jwks_client(settings: &KubernetesSettings) -> Result<reqwest::Client, ConfigE
                 format!("{} holds no PEM certificate", path.display()),
             )
         })?;
-        for certificate in certificates {
-            builder = builder.add_root_certificate(certificate);
-        }
+        builder = builder.tls_certs_only(certificates);
     }
     builder.build().map_err(|e| {
         invalid(
@@ -364,4 +486,33 @@ fn jwks_client(settings: &KubernetesSettings) -> Result<reqwest::Client, ConfigE
             format!("cannot build a client: {e}"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_are_dns_labels_and_names_dns_subdomains() {
+        for good in ["a", "crm", "a-1", &"n".repeat(63)] {
+            assert!(is_dns_label(good), "{good}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"n".repeat(64)] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+        assert!(is_dns_subdomain("billing.v2"));
+        for bad in ["", "a..b", ".a", "a.", &"a".repeat(254)] {
+            assert!(!is_dns_subdomain(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_refusal_is_a_series_of_the_metric() {
+        for refusal in Refusal::ALL {
+            assert!(
+                crate::telemetry::metrics::SERVICE_ACCOUNT_RESULTS.contains(&refusal.as_str()),
+                "{refusal:?}"
+            );
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! `GET /ext/get-user-token` for a token and turns every answer into either
 //! a `Fetched` token or a typed `UpstreamError`.
 
+pub mod fair;
 pub mod partner_key;
 pub mod resilience;
 
@@ -259,11 +260,16 @@ impl UpstreamClient {
         })
     }
 
-    /// Asks the vendor for the token of `identity`, within the limits of
-    /// `Resilience`: circuit, in-flight bound, retries, one overall deadline.
-    pub async fn fetch(&self, identity: &Identity) -> Result<Fetched, UpstreamError> {
+    /// Asks the vendor for the token of `identity` on behalf of `caller`,
+    /// within the limits of `Resilience`: circuit, vendor slots shared in
+    /// turn among callers, retries, one overall deadline.
+    pub async fn fetch(
+        &self,
+        identity: &Identity,
+        caller: &Arc<str>,
+    ) -> Result<Fetched, UpstreamError> {
         self.resilience
-            .run(|deadline| self.measured_attempt(identity, deadline))
+            .run(caller, |deadline| self.measured_attempt(identity, deadline))
             .await
     }
 

@@ -251,9 +251,9 @@ async fn lookup(
 ) -> Result<Issued, ApiError> {
     caller.authorize(Action::Read, identity)?;
     let answer = if revalidate {
-        state.broker.revalidate(identity).await
+        state.broker.revalidate(identity, caller.name()).await
     } else {
-        state.broker.lookup(identity).await
+        state.broker.lookup(identity, caller.name()).await
     };
     answer.map_err(|error| {
         // Per request only at debug: during an outage every miss fails, and

@@ -60,6 +60,11 @@ pub struct OperationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallerLabels {
+    pub client: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -81,6 +86,16 @@ pub const SHARED_CACHE_OPERATIONS: [&str; 9] = [
     "rate_limit",
     "subscribe",
     "probe",
+];
+/// Every `result` of `token_broker_service_account_tokens_total`.
+pub const SERVICE_ACCOUNT_RESULTS: [&str; 7] = [
+    "verified",
+    "cached",
+    "rejected_malformed",
+    "rejected_unknown_key",
+    "rejected_invalid",
+    "rejected_lifetime",
+    "rejected_subject",
 ];
 /// Every `reason` of `token_broker_shared_cache_values_refused_total`.
 pub const SHARED_CACHE_REFUSALS: [&str; 2] = ["stale_generation", "undecryptable"];
@@ -201,6 +216,8 @@ pub struct Metrics {
     pub upstream_requests: Family<OutcomeLabels, Counter>,
     pub upstream_duration: LatencyHistogram,
     pub upstream_circuit_open: Gauge,
+    pub upstream_queue_wait: HistogramFamily<CallerLabels>,
+    pub upstream_slots_in_use: Family<CallerLabels, Gauge>,
     pub client_requests: Family<ClientLabels, Counter>,
     pub partner_key_reloads: Family<ResultLabels, Counter>,
     pub connections_shed: Family<ListenerLabels, Counter>,
@@ -283,6 +300,19 @@ impl Metrics {
             "1 while the circuit to the BotPenguin API is open, else 0",
             upstream_circuit_open.clone(),
         );
+        let upstream_queue_wait: HistogramFamily<CallerLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "upstream_queue_wait_seconds",
+            "Time a caller's vendor fetch waited for one of the upstream.max_in_flight slots (shared in turn among callers)",
+            upstream_queue_wait.clone(),
+        );
+        let upstream_slots_in_use = Family::<CallerLabels, Gauge>::default();
+        registry.register(
+            "upstream_slots_in_use",
+            "Vendor slots (upstream.max_in_flight) held now, by the caller whose fetch holds them",
+            upstream_slots_in_use.clone(),
+        );
         let client_requests = Family::<ClientLabels, Counter>::default();
         registry.register(
             "client_requests",
@@ -304,10 +334,10 @@ impl Metrics {
         let service_account_tokens = Family::<ResultLabels, Counter>::default();
         registry.register(
             "service_account_tokens",
-            "Service-account bearer tokens: verified (a signature check), cached (seen before), rejected",
+            "Service-account bearer tokens: verified (a signature check), cached (seen before), or rejected_<reason>",
             service_account_tokens.clone(),
         );
-        for result in ["verified", "cached", "rejected"] {
+        for result in SERVICE_ACCOUNT_RESULTS {
             let _ = service_account_tokens.get_or_create(&ResultLabels { result });
         }
         let shared_cache_up = Gauge::default();
@@ -373,6 +403,8 @@ impl Metrics {
             upstream_requests,
             upstream_duration,
             upstream_circuit_open,
+            upstream_queue_wait,
+            upstream_slots_in_use,
             client_requests,
             partner_key_reloads,
             connections_shed,
@@ -466,6 +498,11 @@ impl Metrics {
             .into_iter()
             .map(|client| {
                 let name: Arc<str> = Arc::from(client);
+                let caller = CallerLabels {
+                    client: name.clone(),
+                };
+                let _ = self.upstream_slots_in_use.get_or_create(&caller);
+                let _ = self.upstream_queue_wait.get_or_create(&caller);
                 ClientHandles {
                     results: CLIENT_RESULTS.map(|result| {
                         self.client_requests
@@ -480,6 +517,24 @@ impl Metrics {
             })
             .collect();
         let _ = self.clients.set(handles);
+    }
+
+    /// How long `client`'s fetch waited for a vendor slot.
+    pub fn upstream_queue_wait(&self, client: &Arc<str>, waited: Duration) {
+        self.upstream_queue_wait
+            .get_or_create(&CallerLabels {
+                client: client.clone(),
+            })
+            .observe(waited);
+    }
+
+    /// Vendor slots `client`'s fetches hold now.
+    pub fn upstream_slots_in_use(&self, client: &Arc<str>, held: i64) {
+        self.upstream_slots_in_use
+            .get_or_create(&CallerLabels {
+                client: client.clone(),
+            })
+            .set(held);
     }
 
     /// Counts one vendor request, or a fetch refused before reaching the vendor.

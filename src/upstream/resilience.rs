@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout_at};
 
 use crate::config::UpstreamSettings;
 use crate::telemetry::metrics::Metrics;
+use crate::upstream::fair::FairSlots;
 use crate::upstream::{Fetched, UpstreamError};
 
 /// First backoff ceiling; doubles per retry up to `MAX_BACKOFF`.
@@ -27,7 +27,7 @@ const PROBE_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The policy around every vendor fetch.
 pub struct Resilience {
     metrics: Arc<Metrics>,
-    in_flight: Semaphore,
+    in_flight: FairSlots,
     max_retries: u32,
     budget: Duration,
     circuit: Circuit,
@@ -36,7 +36,7 @@ pub struct Resilience {
 impl Resilience {
     pub fn new(settings: &UpstreamSettings, metrics: Arc<Metrics>) -> Self {
         Self {
-            in_flight: Semaphore::new(settings.max_in_flight),
+            in_flight: FairSlots::new(settings.max_in_flight, metrics.clone()),
             max_retries: settings.max_retries,
             budget: settings.timeout,
             circuit: Circuit::new(
@@ -48,10 +48,15 @@ impl Resilience {
         }
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or the deadline
-    /// (`upstream.timeout` from now) would pass. Each attempt is given the
-    /// deadline so it can end itself (and be counted) rather than be dropped.
-    pub async fn run<F, Fut>(&self, mut attempt: F) -> Result<Fetched, UpstreamError>
+    /// Runs `attempt` for `caller` until it succeeds, fails for good, or the
+    /// deadline (`upstream.timeout` from now) would pass. Each attempt waits
+    /// for a vendor slot in `caller`'s turn, and is given the deadline so it
+    /// can end itself (and be counted) rather than be dropped.
+    pub async fn run<F, Fut>(
+        &self,
+        caller: &Arc<str>,
+        mut attempt: F,
+    ) -> Result<Fetched, UpstreamError>
     where
         F: FnMut(Instant) -> Fut,
         Fut: Future<Output = Result<Fetched, UpstreamError>>,
@@ -62,7 +67,7 @@ impl Resilience {
         })?;
         let mut retries = 0;
         let result = loop {
-            let Ok(Ok(permit)) = timeout_at(deadline, self.in_flight.acquire()).await else {
+            let Some(permit) = self.in_flight.acquire(caller, deadline).await else {
                 self.metrics
                     .upstream_outcome(UpstreamError::Saturated.outcome());
                 break Err(UpstreamError::Saturated);
@@ -237,6 +242,12 @@ impl Drop for Ticket<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn caller() -> &'static Arc<str> {
+        static CALLER: std::sync::LazyLock<Arc<str>> =
+            std::sync::LazyLock::new(|| Arc::from("test-caller"));
+        &CALLER
+    }
     use crate::domain::Token;
     use futures::future::join_all;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -279,7 +290,7 @@ mod tests {
     async fn attempts_for(r: &Resilience, error: UpstreamError) -> usize {
         let calls = AtomicUsize::new(0);
         let result = r
-            .run(|_| {
+            .run(caller(), |_| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 let error = error.clone();
                 async move { Err(error) }
@@ -323,7 +334,7 @@ mod tests {
         let (r, _) = resilience(2, 100);
         let calls = AtomicUsize::new(0);
         let result = r
-            .run(|_| {
+            .run(caller(), |_| {
                 let n = calls.fetch_add(1, Ordering::SeqCst);
                 async move { if n == 0 { Err(unavailable(503)) } else { ok() } }
             })
@@ -338,7 +349,7 @@ mod tests {
         let started = Instant::now();
         let times = Mutex::new(Vec::new());
         let _ = r
-            .run(|_| {
+            .run(caller(), |_| {
                 times.lock().unwrap().push(started.elapsed());
                 async {
                     Err(UpstreamError::Unavailable {
@@ -372,7 +383,7 @@ mod tests {
         let started = Instant::now();
         let calls = AtomicUsize::new(0);
         let result = r
-            .run(|_| {
+            .run(caller(), |_| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 std::future::pending()
             })
@@ -403,19 +414,19 @@ mod tests {
         };
         for _ in 0..3 {
             assert!(matches!(
-                r.run(failing).await,
+                r.run(caller(), failing).await,
                 Err(UpstreamError::Unavailable { .. })
             ));
         }
         assert_eq!(metrics.upstream_circuit_open.get(), 1);
 
-        let open = r.run(failing).await;
+        let open = r.run(caller(), failing).await;
         assert!(
             matches!(open, Err(UpstreamError::CircuitOpen { retry_after }) if retry_after == Duration::from_secs(10))
         );
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(matches!(
-            r.run(failing).await,
+            r.run(caller(), failing).await,
             Err(UpstreamError::CircuitOpen { .. })
         ));
         assert_eq!(calls.load(Ordering::SeqCst), 3, "no call while open");
@@ -423,7 +434,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         let probe_calls = AtomicUsize::new(0);
         let (probe, concurrent) = tokio::join!(
-            r.run(|_| {
+            r.run(caller(), |_| {
                 probe_calls.fetch_add(1, Ordering::SeqCst);
                 async {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -432,7 +443,7 @@ mod tests {
             }),
             async {
                 tokio::task::yield_now().await;
-                r.run(|_| {
+                r.run(caller(), |_| {
                     probe_calls.fetch_add(1, Ordering::SeqCst);
                     async { ok() }
                 })
@@ -446,22 +457,28 @@ mod tests {
         );
         assert_eq!(probe_calls.load(Ordering::SeqCst), 1);
         assert_eq!(metrics.upstream_circuit_open.get(), 0);
-        assert!(r.run(|_| async { ok() }).await.is_ok(), "closed again");
+        assert!(
+            r.run(caller(), |_| async { ok() }).await.is_ok(),
+            "closed again"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_probe_reopens_and_definitive_answers_count_as_success() {
         let (r, metrics) = resilience(0, 1);
-        let _ = r.run(|_| async { Err(UpstreamError::Timeout) }).await;
+        let _ = r
+            .run(caller(), |_| async { Err(UpstreamError::Timeout) })
+            .await;
         tokio::time::advance(Duration::from_secs(10)).await;
-        let _ = r.run(|_| async { Err(unavailable(502)) }).await;
+        let _ = r.run(caller(), |_| async { Err(unavailable(502)) }).await;
         assert!(matches!(
-            r.run(|_| async { ok() }).await,
+            r.run(caller(), |_| async { ok() }).await,
             Err(UpstreamError::CircuitOpen { .. })
         ));
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(matches!(
-            r.run(|_| async { Err(UpstreamError::NotFound) }).await,
+            r.run(caller(), |_| async { Err(UpstreamError::NotFound) })
+                .await,
             Err(UpstreamError::NotFound)
         ));
         assert_eq!(
@@ -474,13 +491,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_probe_whose_caller_went_away_lets_the_next_fetch_probe() {
         let (r, _) = resilience(0, 1);
-        let _ = r.run(|_| async { Err(UpstreamError::Timeout) }).await;
+        let _ = r
+            .run(caller(), |_| async { Err(UpstreamError::Timeout) })
+            .await;
         tokio::time::advance(Duration::from_secs(10)).await;
-        let abandoned =
-            tokio::time::timeout(Duration::from_millis(10), r.run(|_| std::future::pending()))
-                .await;
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(10),
+            r.run(caller(), |_| std::future::pending()),
+        )
+        .await;
         assert!(abandoned.is_err());
-        assert!(r.run(|_| async { ok() }).await.is_ok());
+        assert!(r.run(caller(), |_| async { ok() }).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -489,7 +510,7 @@ mod tests {
         let running = AtomicUsize::new(0);
         let peak = AtomicUsize::new(0);
         let fetches = (0..50).map(|_| {
-            r.run(|_| async {
+            r.run(caller(), |_| async {
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(now, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -505,11 +526,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn callers_beyond_the_bound_give_up_at_the_deadline_with_saturated() {
         let (r, _) = resilience(0, 1000);
-        let holders = join_all((0..4).map(|_| r.run(|_| std::future::pending())));
+        let holders = join_all((0..4).map(|_| r.run(caller(), |_| std::future::pending())));
         let waiting = async {
             // Let the holders take every permit first.
             tokio::task::yield_now().await;
-            r.run(|_| async { ok() }).await
+            r.run(caller(), |_| async { ok() }).await
         };
         // `join!` polls in order: at the shared deadline the waiter is polled
         // before the holders give their permits back.

@@ -3,6 +3,7 @@
 
 mod admin;
 mod auth;
+mod fairness;
 mod fault_proxy;
 mod faults;
 mod fleet;
