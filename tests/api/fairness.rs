@@ -72,3 +72,49 @@ async fn a_caller_with_a_backlog_does_not_delay_another_callers_single_miss() {
         "the single caller's wait is measured as its own"
     );
 }
+
+/// A refresh-ahead runs in the background, but its vendor slot is the turn
+/// of the caller whose hit started it, not of whoever fetched the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_refresh_waits_in_the_turn_of_the_caller_whose_hit_started_it() {
+    let app = TestApp::builder()
+        .config("[cache]\nttl = \"2s\"\nrefresh_ahead = 0.5\n")
+        .spawn()
+        .await;
+    let waits = |client: &'static str| {
+        let app = &app;
+        async move {
+            app.metric(&format!(
+                r#"token_broker_upstream_queue_wait_seconds_count{{client="{client}"}}"#
+            ))
+            .await
+        }
+    };
+    let alice = member_query(ALICE, "AGENT");
+    assert_eq!(
+        app.get_token_as(Some(READER_KEY), &alice).await.status(),
+        200
+    );
+    assert_eq!(waits("reader").await, 1.0);
+
+    // Past ttl × refresh_ahead, a hit of the other caller starts the refresh.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let hit = app.get_token_as(Some(TEAM_ONLY_KEY), &alice).await;
+        assert_eq!(hit.status(), 200);
+        if waits("team-only").await >= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no refresh was counted for the caller whose hit started it"
+        );
+    }
+    assert_eq!(
+        waits("reader").await,
+        1.0,
+        "not for the caller that fetched it"
+    );
+    assert!(app.sim.calls() >= 2, "the refresh asked the vendor");
+}
