@@ -110,6 +110,39 @@ impl Fleet {
             .await
     }
 
+    /// Fetches the customer once (so Redis names its keys), then leaves in
+    /// Redis only a lock on it, written by hand to expire in `px`
+    /// milliseconds, as a replica that died holding it would; its key.
+    pub async fn only_a_lock_for_the_customer(&self, px: u64) -> String {
+        token_of(
+            self.replicas[0]
+                .get_token(&format!("user_id={CUSTOMER_ID}"))
+                .await,
+        )
+        .await;
+        let mut redis = self.redis.connection().await.unwrap();
+        let entries: Vec<String> = redis::cmd("KEYS")
+            .arg("*:entry")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(&entries)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let lock = entries[0].replace(":entry", ":lock");
+        let _: () = redis::cmd("SET")
+            .arg(&lock)
+            .arg("written-by-hand")
+            .arg("PX")
+            .arg(px)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        lock
+    }
+
     /// Waits until every replica's invalidation subscription is live.
     pub async fn subscribed(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -397,30 +430,9 @@ async fn a_lock_holder_that_died_blocks_the_key_no_longer_than_the_lock_expiry()
     let Some(fleet) = Fleet::start(1, "[upstream]\ntimeout = \"3s\"\n").await else {
         return;
     };
-    let replica = &fleet.replicas[0];
-    // A replica took the lock for alice and died: its lock expires in 1.5 s.
-    token_of(replica.get_token(&format!("user_id={CUSTOMER_ID}")).await).await;
+    // A replica took the lock of the customer key and died: it expires in 1.5 s.
+    let lock = fleet.only_a_lock_for_the_customer(1500).await;
     let mut redis = fleet.redis.connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*:entry")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg(&keys)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let lock = keys[0].replace(":entry", ":lock");
-    // The lock of the customer key, held by a dead replica.
-    let _: () = redis::cmd("SET")
-        .arg(&lock)
-        .arg("dead-replica")
-        .arg("PX")
-        .arg(1500)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
     let other = fleet.replica("").await;
     wait_for_metric(&other, "token_broker_shared_cache_subscribed", 1.0).await;
     let (token, cache) = token_of(other.get_token(&format!("user_id={CUSTOMER_ID}")).await).await;

@@ -224,27 +224,7 @@ async fn a_lock_nobody_releases_delays_a_miss_by_upstream_timeout_at_a_few_calls
     };
     let replica = &fleet.replicas[0];
     let customer = format!("user_id={CUSTOMER_ID}");
-    // Learn the customer's key names, then leave only a lock written by hand.
-    token_of(replica.get_token(&customer).await).await;
-    let mut redis = fleet.redis.connection().await.unwrap();
-    let entries: Vec<String> = redis::cmd("KEYS")
-        .arg("*:entry")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg(&entries)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("SET")
-        .arg(entries[0].replace(":entry", ":lock"))
-        .arg("written-by-hand")
-        .arg("PX")
-        .arg(60_000)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    fleet.only_a_lock_for_the_customer(60_000).await;
     let claims = "token_broker_shared_cache_operations_total{op=\"claim\",result=\"ok\"}";
     let before = replica.metric(claims).await;
     let other = fleet.replica("[upstream]\ntimeout = \"2s\"\n").await;

@@ -194,6 +194,18 @@ impl Cluster {
     async fn get(&self, bearer: &str, query: &str) -> reqwest::Response {
         self.app.get_token_as(Some(bearer), query).await
     }
+
+    /// `token_broker_service_account_tokens_total` for one `result`.
+    async fn counted(&self, result: &str) -> f64 {
+        counted(&self.app, result).await
+    }
+}
+
+async fn counted(app: &TestApp, result: &str) -> f64 {
+    app.metric(&format!(
+        r#"token_broker_service_account_tokens_total{{result="{result}"}}"#
+    ))
+    .await
 }
 
 fn alice() -> String {
@@ -393,14 +405,8 @@ async fn hits_with_one_token_verify_its_signature_once() {
             futures::future::join_all((0..batch).map(|_| cluster.get(&token, &query))).await;
         assert!(statuses.iter().all(|r| r.status() == 200));
     }
-    let verified = cluster
-        .app
-        .metric(r#"token_broker_service_account_tokens_total{result="verified"}"#)
-        .await;
-    let cached = cluster
-        .app
-        .metric(r#"token_broker_service_account_tokens_total{result="cached"}"#)
-        .await;
+    let verified = cluster.counted("verified").await;
+    let cached = cluster.counted("cached").await;
     assert_eq!(
         (verified, cached),
         (1.0, 9_999.0),
@@ -462,13 +468,7 @@ async fn a_remembered_token_is_refused_once_its_signing_key_leaves_the_jwks() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert!(
-        cluster
-            .app
-            .metric(r#"token_broker_service_account_tokens_total{result="rejected_unknown_key"}"#)
-            .await
-            >= 1.0
-    );
+    assert!(cluster.counted("rejected_unknown_key").await >= 1.0);
 }
 
 #[tokio::test]
@@ -496,13 +496,7 @@ async fn long_lived_tokens_and_tokens_without_iat_are_refused() {
         200,
         "exactly max_token_lifetime (24h) is allowed"
     );
-    assert_eq!(
-        cluster
-            .app
-            .metric(r#"token_broker_service_account_tokens_total{result="rejected_lifetime"}"#)
-            .await,
-        3.0
-    );
+    assert_eq!(cluster.counted("rejected_lifetime").await, 3.0);
 }
 
 #[tokio::test]
@@ -530,13 +524,7 @@ async fn a_subject_whose_names_are_not_kubernetes_names_is_refused() {
         200,
         "a name may be a DNS subdomain"
     );
-    assert_eq!(
-        cluster
-            .app
-            .metric(r#"token_broker_service_account_tokens_total{result="rejected_subject"}"#)
-            .await,
-        9.0
-    );
+    assert_eq!(cluster.counted("rejected_subject").await, 9.0);
 }
 
 #[tokio::test]
@@ -751,11 +739,7 @@ async fn a_jwks_url_is_read_over_the_cluster_ca_and_never_past_one_mebibyte() {
     )
     .await;
     problem(app.get_token_as(Some(&token), &alice()).await, 401).await;
-    assert_eq!(
-        app.metric(r#"token_broker_service_account_tokens_total{result="rejected_unknown_key"}"#)
-            .await,
-        1.0
-    );
+    assert_eq!(counted(&app, "rejected_unknown_key").await, 1.0);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let taken = written.load(Ordering::SeqCst);
     assert!(
