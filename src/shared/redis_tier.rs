@@ -23,25 +23,29 @@
 //! the others skip it. Each change of state is logged once and shown in
 //! `token_broker_shared_cache_up`.
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use redis::Script;
 use secrecy::SecretString;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod scripts;
+mod subscription;
+mod waiting;
+
 use super::nodes::{Commands, Nodes, Options};
 use super::sealed::{KeyName, Sealer, Stored};
-use super::{Event, EventSink, Lock, NotShared, Permit, SharedTier, TierFuture};
+use super::{EventSink, Lock, NotShared, Permit, SharedTier, TierFuture};
 use crate::config::{CacheSettings, ConfigError, read_secret_file};
 use crate::domain::Identity;
 use crate::telemetry::metrics::Metrics;
+use scripts::{CLAIM, INVALIDATE, RATE_LIMIT, STORE, UNLOCK};
+use waiting::Waiters;
+pub use waiting::{Next, Waiter};
 
 /// Prefix of every key this service writes; the version changes with the layout.
 const PREFIX: &str = "token-broker:v2";
@@ -53,94 +57,6 @@ const FILLED: &str = "token-broker:v2:filled";
 const GENERATION_TTL: Duration = Duration::from_secs(24 * 3600);
 /// While Redis is down, how often one call probes it.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// Pause between attempts to re-subscribe.
-const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(250);
-/// How often the subscription is pinged.
-const PING_EVERY: Duration = Duration::from_millis(500);
-/// Silence on the subscription after which it counts as dead: with pings
-/// every `PING_EVERY`, a dead subscription is noticed within 2 s.
-const SILENCE_LIMIT: Duration = Duration::from_millis(1250);
-/// How often a waiter looks at Redis when no "filled" message came: a lock
-/// whose holder died costs a few calls a second.
-const FALLBACK_POLL: Duration = Duration::from_millis(250);
-
-/// Takes the lock when it is free; returns whether it did, the key's
-/// generation and its current value either way. A generation below the
-/// lowest this replica accepts (Redis lost it) is raised to it first.
-const CLAIM: &str = r"
-local value = redis.call('GET', KEYS[1]) or ''
-local generation = redis.call('GET', KEYS[3]) or '0'
-if tonumber(generation) < tonumber(ARGV[3]) then
-  generation = ARGV[3]
-  redis.call('SET', KEYS[3], generation, 'PX', ARGV[4])
-end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, generation, value}
-end
-return {0, generation, value}
-";
-
-/// Writes (or, given an empty value, deletes) the entry only if the key's
-/// generation is still the one the fetch began with, then releases the lock
-/// if this fetch still holds it and wakes the replicas waiting for it.
-const STORE: &str = r"
-local stored = 0
-if (redis.call('GET', KEYS[2]) or '0') == ARGV[1] then
-  if ARGV[3] == '' then
-    redis.call('DEL', KEYS[1])
-  else
-    redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
-  end
-  stored = 1
-end
-if redis.call('GET', KEYS[3]) == ARGV[2] then
-  redis.call('DEL', KEYS[3])
-end
-redis.call('PUBLISH', ARGV[5], ARGV[6])
-return stored
-";
-
-/// Compare-and-delete: releases the lock only if this fetch holds it, and
-/// wakes the waiters so one of them takes it.
-const UNLOCK: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
-  return 1
-end
-return 0
-";
-
-/// Drops the entry, moves the generation on and tells every replica;
-/// returns the new generation. A generation is at least Redis's clock in
-/// microseconds, so one made after Redis lost its keys (a restart, a restore)
-/// is still above every generation a replica remembers.
-const INVALIDATE: &str = r"
-redis.call('DEL', KEYS[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local generation = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
-if generation < now then generation = now end
-generation = string.format('%d', generation)
-redis.call('SET', KEYS[2], generation, 'PX', ARGV[3])
-redis.call('PUBLISH', ARGV[1], generation .. ':' .. ARGV[2])
-return generation
-";
-
-/// GCRA on Redis's own clock: 0 when admitted, else microseconds to wait.
-const RATE_LIMIT: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local wait = tat - tolerance - now
-if wait > 0 then return wait end
-local next_tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%d', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1000)
-return 0
-";
 
 /// Reachability of Redis, as the metrics and logs report it.
 struct Health {
@@ -168,40 +84,6 @@ impl Health {
 
     fn now(&self) -> u64 {
         millis(self.epoch.elapsed())
-    }
-}
-
-/// The replicas of this process waiting for a key's lock to be released.
-#[derive(Default)]
-struct Waiters(Mutex<HashMap<KeyName, Arc<WaitSlot>>>);
-
-#[derive(Default)]
-struct WaitSlot {
-    /// Releases announced for this key; a waiter compares it with what it saw.
-    releases: AtomicU64,
-    notify: Notify,
-}
-
-impl Waiters {
-    fn register(&self, name: &KeyName) -> Arc<WaitSlot> {
-        let mut slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        slots.entry(name.clone()).or_default().clone()
-    }
-
-    fn release(&self, name: &KeyName, slot: Arc<WaitSlot>) {
-        let mut slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        // Two references: the map's and the one being dropped.
-        if Arc::strong_count(&slot) <= 2 {
-            slots.remove(name);
-        }
-    }
-
-    fn wake(&self, name: &KeyName) {
-        let slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(slot) = slots.get(name) {
-            slot.releases.fetch_add(1, Ordering::AcqRel);
-            slot.notify.notify_waiters();
-        }
     }
 }
 
@@ -504,142 +386,6 @@ impl RedisTier {
             );
         }
     }
-
-    fn set_in_sync(&self, in_sync: bool) {
-        self.0.in_sync.store(in_sync, Ordering::Release);
-        self.0
-            .metrics
-            .shared_cache_subscribed
-            .set(i64::from(in_sync));
-    }
-
-    /// Listens on both channels until `stop`, pinging the subscription;
-    /// a lost or silent one sends `Event::Lost` at once and is made again.
-    async fn subscribe(self, sink: EventSink, stop: CancellationToken) {
-        while !stop.is_cancelled() {
-            let bound = self.0.timeout.max(Duration::from_secs(1));
-            let subscribed = tokio::time::timeout(bound, async {
-                let mut pubsub = self.0.nodes.pubsub().await?;
-                pubsub.subscribe(&[INVALIDATED, FILLED]).await?;
-                Ok::<_, redis::RedisError>(pubsub)
-            })
-            .await;
-            match subscribed {
-                Ok(Ok(pubsub)) => {
-                    self.record("subscribe", "ok");
-                    // Invalidations sent while this replica was not listening were missed.
-                    sink(Event::Lost);
-                    self.set_in_sync(true);
-                    if self.listen(pubsub, &sink, &stop).await.is_break() {
-                        return;
-                    }
-                    self.set_in_sync(false);
-                    self.record("subscribe", "error");
-                    self.0.metrics.shared_cache_subscription_losses.inc();
-                    sink(Event::Lost);
-                    tracing::warn!(
-                        "invalidation subscription lost or silent; dropped every local entry, subscribing again"
-                    );
-                }
-                Ok(Err(error)) => {
-                    self.0.nodes.failed(&error);
-                    self.record("subscribe", "error");
-                }
-                Err(_) => self.record("subscribe", "timeout"),
-            }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(RESUBSCRIBE_DELAY) => {}
-            }
-        }
-    }
-
-    /// Handles messages until the subscription ends or falls silent
-    /// (`Continue`) or `stop` (`Break`).
-    async fn listen(
-        &self,
-        pubsub: redis::aio::PubSub,
-        sink: &EventSink,
-        stop: &CancellationToken,
-    ) -> std::ops::ControlFlow<()> {
-        let (sink_half, mut messages) = pubsub.split();
-        let mut last_heard = Instant::now();
-        let mut ticks = tokio::time::interval(PING_EVERY / 2);
-        let mut ping: Option<TierFuture<'static, bool>> = None;
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return std::ops::ControlFlow::Break(()),
-                message = messages.next() => match message {
-                    Some(message) => {
-                        last_heard = Instant::now();
-                        self.handle(&message, sink);
-                    }
-                    None => return std::ops::ControlFlow::Continue(()),
-                },
-                answered = async { ping.as_mut().expect("guarded").await }, if ping.is_some() => {
-                    ping = None;
-                    if answered {
-                        last_heard = Instant::now();
-                    }
-                }
-                _ = ticks.tick() => {
-                    if last_heard.elapsed() >= SILENCE_LIMIT {
-                        return std::ops::ControlFlow::Continue(());
-                    }
-                    if !self.0.health.up.load(Ordering::Acquire) {
-                        // Commands were failing: probe them (once a second, as
-                        // `call` allows), so a replica serving only hits still
-                        // finds Redis back.
-                        let tier = self.clone();
-                        tokio::spawn(async move {
-                            let _: Option<String> = tier
-                                .call("probe", |mut connection| async move {
-                                    redis::cmd("PING").query_async(&mut connection).await
-                                })
-                                .await;
-                        });
-                    }
-                    if ping.is_none() && last_heard.elapsed() >= PING_EVERY / 2 {
-                        let mut sink_half = sink_half.clone();
-                        ping = Some(Box::pin(async move {
-                            sink_half.ping::<redis::Value>().await.is_ok()
-                        }));
-                    }
-                }
-            }
-        }
-    }
-
-    fn handle(&self, message: &redis::Msg, sink: &EventSink) {
-        let payload = message.get_payload_bytes();
-        match message.get_channel_name() {
-            FILLED => {
-                if let Ok(name) = std::str::from_utf8(payload) {
-                    self.0.waiters.wake(&KeyName(name.to_owned()));
-                }
-            }
-            INVALIDATED => {
-                let opened = payload.iter().position(|b| *b == b':').and_then(|colon| {
-                    let generation = std::str::from_utf8(&payload[..colon]).ok()?.parse().ok()?;
-                    let identity = self.0.sealer.open_identity(&payload[colon + 1..])?;
-                    Some((identity, generation))
-                });
-                match opened {
-                    Some((identity, generation)) => {
-                        self.remember_invalidation(&identity, generation);
-                        sink(Event::Invalidated(identity));
-                    }
-                    None => {
-                        self.0.metrics.shared_cache_value_refused("undecryptable");
-                        tracing::warn!(
-                            "an invalidation message does not open under this replica's key; ignoring it"
-                        );
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
 }
 
 /// What `claim` found.
@@ -664,27 +410,13 @@ impl SharedTier for RedisTier {
                 return Lock::Write(Permit::alone());
             }
             let name = self.0.sealer.name(identity);
-            // Registered before the claim, so a release right after it is not missed.
-            let slot = self.0.waiters.register(&name);
-            let seen = slot.releases.load(Ordering::Acquire);
+            // Registered before the claim, so a release right after it is
+            // not missed; dropped unused, it unregisters.
+            let waiter = Waiter::register(self, identity, &name, Instant::now() + self.0.wait);
             match self.claim(identity, &name).await {
-                None => {
-                    self.0.waiters.release(&name, slot);
-                    Lock::Write(Permit::alone())
-                }
-                Some(Claimed::Acquired(permit)) => {
-                    self.0.waiters.release(&name, slot);
-                    Lock::Write(permit)
-                }
-                Some(Claimed::Held(current)) => Lock::Read(Waiter {
-                    tier: self.clone(),
-                    identity: identity.clone(),
-                    name,
-                    slot: Some(slot),
-                    seen,
-                    current,
-                    deadline: Instant::now() + self.0.wait,
-                }),
+                None => Lock::Write(Permit::alone()),
+                Some(Claimed::Acquired(permit)) => Lock::Write(permit),
+                Some(Claimed::Held(current)) => Lock::Read(waiter.seeing(current)),
             }
         })
     }
@@ -776,68 +508,6 @@ impl Drop for Held {
                 .arg(&name.0);
             let _: Option<i64> = tier.call("unlock", invoking(invocation)).await;
         });
-    }
-}
-
-/// Waiting for another replica's fetch of one identity: woken when its lock
-/// is released, else looking again every `FALLBACK_POLL`, until `upstream.timeout`.
-pub struct Waiter {
-    tier: RedisTier,
-    identity: Identity,
-    name: KeyName,
-    slot: Option<Arc<WaitSlot>>,
-    seen: u64,
-    /// What Redis held when the wait began.
-    current: Option<Stored>,
-    deadline: Instant,
-}
-
-/// What a waiter got.
-pub enum Next {
-    /// What Redis holds now (possibly too old for the caller: wait again).
-    Value(Stored),
-    /// The lock was free: this replica fetches.
-    Write(Permit),
-}
-
-impl Waiter {
-    /// What Redis held when the wait began.
-    pub fn take_current(&mut self) -> Option<Stored> {
-        self.current.take()
-    }
-
-    /// The next thing worth looking at; `None` once `upstream.timeout` has
-    /// passed or Redis cannot be asked (the caller then asks the vendor alone).
-    pub async fn next(&mut self) -> Option<Next> {
-        let slot = self.slot.clone()?;
-        loop {
-            let now = Instant::now();
-            if now >= self.deadline {
-                return None;
-            }
-            let woken = slot.notify.notified();
-            if slot.releases.load(Ordering::Acquire) == self.seen {
-                let pause = FALLBACK_POLL.min(self.deadline - now);
-                tokio::select! {
-                    () = woken => {}
-                    () = tokio::time::sleep(pause) => {}
-                }
-            }
-            self.seen = slot.releases.load(Ordering::Acquire);
-            match self.tier.claim(&self.identity, &self.name).await? {
-                Claimed::Acquired(permit) => return Some(Next::Write(permit)),
-                Claimed::Held(Some(value)) => return Some(Next::Value(value)),
-                Claimed::Held(None) => continue,
-            }
-        }
-    }
-}
-
-impl Drop for Waiter {
-    fn drop(&mut self) {
-        if let Some(slot) = self.slot.take() {
-            self.tier.0.waiters.release(&self.name, slot);
-        }
     }
 }
 

@@ -1,0 +1,141 @@
+//! Waiting for another replica's fetch: woken by its "filled" message, or a
+//! slow poll when that message is lost.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::super::Permit;
+use super::super::sealed::{KeyName, Stored};
+use super::{Claimed, RedisTier};
+use crate::domain::Identity;
+
+/// How often a waiter looks at Redis when no "filled" message came: a lock
+/// whose holder died costs a few calls a second.
+const FALLBACK_POLL: Duration = Duration::from_millis(250);
+
+/// The replicas of this process waiting for a key's lock to be released.
+#[derive(Default)]
+pub(super) struct Waiters(Mutex<HashMap<KeyName, Arc<WaitSlot>>>);
+
+#[derive(Default)]
+struct WaitSlot {
+    /// Releases announced for this key; a waiter compares it with what it saw.
+    releases: AtomicU64,
+    notify: Notify,
+}
+
+impl Waiters {
+    fn register(&self, name: &KeyName) -> Arc<WaitSlot> {
+        let mut slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(name.clone()).or_default().clone()
+    }
+
+    fn release(&self, name: &KeyName, slot: Arc<WaitSlot>) {
+        let mut slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Two references: the map's and the one being dropped.
+        if Arc::strong_count(&slot) <= 2 {
+            slots.remove(name);
+        }
+    }
+
+    pub(super) fn wake(&self, name: &KeyName) {
+        let slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = slots.get(name) {
+            slot.releases.fetch_add(1, Ordering::AcqRel);
+            slot.notify.notify_waiters();
+        }
+    }
+}
+
+/// Waiting for another replica's fetch of one identity: woken when its lock
+/// is released, else looking again every `FALLBACK_POLL`, until `upstream.timeout`.
+pub struct Waiter {
+    tier: RedisTier,
+    identity: Identity,
+    name: KeyName,
+    slot: Option<Arc<WaitSlot>>,
+    seen: u64,
+    /// What Redis held when the wait began.
+    current: Option<Stored>,
+    deadline: Instant,
+}
+
+/// What a waiter got.
+pub enum Next {
+    /// What Redis holds now (possibly too old for the caller: wait again).
+    Value(Stored),
+    /// The lock was free: this replica fetches.
+    Write(Permit),
+}
+
+impl Waiter {
+    /// Waits for `identity`'s lock to be released, until `deadline`.
+    pub(super) fn register(
+        tier: &RedisTier,
+        identity: &Identity,
+        name: &KeyName,
+        deadline: Instant,
+    ) -> Self {
+        let slot = tier.0.waiters.register(name);
+        let seen = slot.releases.load(Ordering::Acquire);
+        Self {
+            tier: tier.clone(),
+            identity: identity.clone(),
+            name: name.clone(),
+            slot: Some(slot),
+            seen,
+            current: None,
+            deadline,
+        }
+    }
+
+    /// With what Redis held when the wait began.
+    pub(super) fn seeing(mut self, current: Option<Stored>) -> Self {
+        self.current = current;
+        self
+    }
+
+    /// What Redis held when the wait began.
+    pub fn take_current(&mut self) -> Option<Stored> {
+        self.current.take()
+    }
+
+    /// The next thing worth looking at; `None` once `upstream.timeout` has
+    /// passed or Redis cannot be asked (the caller then asks the vendor alone).
+    pub async fn next(&mut self) -> Option<Next> {
+        let slot = self.slot.clone()?;
+        loop {
+            let now = Instant::now();
+            if now >= self.deadline {
+                return None;
+            }
+            let woken = slot.notify.notified();
+            if slot.releases.load(Ordering::Acquire) == self.seen {
+                let pause = FALLBACK_POLL.min(self.deadline - now);
+                tokio::select! {
+                    () = woken => {}
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+            self.seen = slot.releases.load(Ordering::Acquire);
+            match self.tier.claim(&self.identity, &self.name).await? {
+                Claimed::Acquired(permit) => return Some(Next::Write(permit)),
+                Claimed::Held(Some(value)) => return Some(Next::Value(value)),
+                Claimed::Held(None) => continue,
+            }
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.tier.0.waiters.release(&self.name, slot);
+        }
+    }
+}
