@@ -1,4 +1,4 @@
-//! The command line (SPEC §2): parses arguments and runs one command,
+//! The command line: parses arguments and runs one command,
 //! returning the process exit code (0 clean, 2 configuration error, 1 other).
 
 use std::io::Read;

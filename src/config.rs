@@ -324,7 +324,7 @@ pub struct AuthSettings {
     pub kubernetes: KubernetesSettings,
 }
 
-/// Kubernetes service-account tokens as caller credentials (SPEC §11).
+/// Kubernetes service-account tokens as caller credentials.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesSettings {

@@ -1,4 +1,4 @@
-//! Kubernetes service-account tokens as caller credentials (SPEC §11).
+//! Kubernetes service-account tokens as caller credentials.
 //!
 //! A projected service-account token is a JWT the cluster signed. It is
 //! verified offline against the cluster's JWKS (from `auth.kubernetes.jwks_file`,

@@ -69,7 +69,7 @@ fn env(name: &str) -> Option<String> {
 /// Installs logging and tracing for the process. Call once, inside the runtime.
 pub fn init(settings: &LogSettings) -> Telemetry {
     // W3C trace context only: a caller's `baggage` is neither read nor sent
-    // on to the vendor (SPEC §7).
+    // on to the vendor, never `baggage`.
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let endpoint_set = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
         || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
@@ -122,7 +122,7 @@ pub fn init(settings: &LogSettings) -> Telemetry {
 
 /// The log layers: `level` (an `EnvFilter` directive; `info` if invalid)
 /// filters every log but the audit trail, whose own layer writes each audit
-/// event whatever the level says (SPEC §7).
+/// event whatever the level says.
 pub fn log_layers<S, W>(level: &str, format: LogFormat, writer: W) -> impl Layer<S>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
@@ -252,8 +252,9 @@ tokio::task_local! {
     static REQUEST: RequestContext;
 }
 
-/// What every log line of a request names (SPEC §8), its handlers read and
-/// its vendor call carries, kept by the request's task for as long as it is
+/// What every log line of a request names (route, request id, trace,
+/// caller), its handlers read and its vendor call carries, kept by the
+/// request's task for as long as it is
 /// served. Without trace export this replaces a `tracing` span: a request
 /// then makes no span, and the JSON log layer writes these fields as the
 /// `request` entry of an event's `spans`, in the shape the span would have.

@@ -236,7 +236,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The longest `Retry-After` passed on to callers (SPEC §7), whatever the
+/// The longest `Retry-After` passed on to callers (60 s), whatever the
 /// vendor or a rate limit says.
 pub const MAX_RETRY_AFTER_SECS: u64 = 60;
 

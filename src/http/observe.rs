@@ -1,5 +1,5 @@
 //! The per-request work around the API router: request id, the request's
-//! `RequestContext` (and span, when there is one), the size limits of SPEC §7,
+//! `RequestContext` (and span, when there is one), the 8 KiB size limits,
 //! one log event and the HTTP metrics for every request.
 
 use std::convert::Infallible;
@@ -28,7 +28,7 @@ use crate::telemetry;
 use crate::telemetry::RequestContext;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// Longest accepted request target and header block (SPEC §7).
+/// Longest accepted request target and header block: 8 KiB each.
 pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -167,7 +167,7 @@ fn check_request(request: &Request, route: &'static str) -> Result<(), ApiError>
 }
 
 /// The API: the router behind the per-request work every answer gets
-/// (request id, span and trace context, the SPEC §7 limits, a caught panic
+/// (request id, span and trace context, the size limits, a caught panic
 /// turned into a 500, the log line and the HTTP metrics). A service of its own
 /// around the whole router rather than a router layer, so a request pays for
 /// it once: no per-route boxing or cloning.

@@ -29,7 +29,7 @@ static VENDOR_ERRORS: Throttle = Throttle::every(Duration::from_secs(10));
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
 /// Whether the request says `Cache-Control: no-cache` (or `max-age=0`): the
-/// caller wants an answer from the vendor, not from the cache (SPEC §4).
+/// caller wants an answer from the vendor, not from the cache.
 #[derive(Debug, Clone, Copy)]
 pub struct Revalidate(pub bool);
 

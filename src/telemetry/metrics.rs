@@ -1,5 +1,6 @@
-//! The Prometheus metrics of SPEC §6, in one registry owned by the
-//! application (no global recorder), encoded on `/metrics`.
+//! The Prometheus metrics the service promises (README, "Metrics"), in one
+//! registry owned by the application (no global recorder), encoded on
+//! `/metrics`.
 //!
 //! Labels are closed sets or configured client names: never an email, a
 //! token or a key.

@@ -1,4 +1,4 @@
-//! Several replicas sharing one Redis (SPEC §9), against a real
+//! Several replicas sharing one Redis, against a real
 //! `redis-server` each test starts on a free port. Skipped, loudly, only
 //! where the binary is absent; `.ci/run` installs it.
 

@@ -1,4 +1,4 @@
-//! The metrics of SPEC §6: present from the first scrape, values that follow
+//! The promised metrics: present from the first scrape, values that follow
 //! a scripted sequence exactly, and a dashboard built only on names that exist.
 
 use std::collections::BTreeSet;

@@ -145,7 +145,7 @@ impl Running {
         assert!(status.success());
     }
 
-    /// SIGTERM, then asserts the clean exit (code 0) SPEC §2 promises.
+    /// SIGTERM, then asserts the clean exit (code 0) the command line promises.
     pub async fn stop(&mut self) {
         self.terminate();
         assert_eq!(self.wait().await, 0, "a clean shutdown exits 0");

@@ -1,4 +1,4 @@
-//! Callers known to the cluster (SPEC §11): Kubernetes service-account
+//! Callers known to the cluster: Kubernetes service-account
 //! tokens, signed with RSA and EC keys the tests make, against a JWKS file.
 
 use std::process::Command;

@@ -1,4 +1,4 @@
-//! Every 400 rule of SPEC §4, and other refusals before the vendor is asked.
+//! Every 400 rule of the input rules, and other refusals before the vendor is asked.
 
 use crate::helpers::*;
 
