@@ -2,6 +2,7 @@
 //! driven over HTTP. `process` runs the real binary.
 
 mod admin;
+mod audit;
 mod auth;
 mod fairness;
 mod fault_proxy;
@@ -18,7 +19,6 @@ mod process;
 mod redis_forms;
 mod redis_servers;
 mod resilience;
-mod review;
 mod rotation;
 mod service_accounts;
 mod tokens;

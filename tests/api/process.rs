@@ -5,8 +5,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use token_broker::simulator::Fault;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::time::Instant;
 
 use crate::helpers::*;
 
@@ -1028,4 +1030,47 @@ async fn sighup_with_an_inline_key_does_not_stop_the_service() {
     assert_eq!(response.status(), 200, "still serving after SIGHUP");
     broker.stop().await;
     assert!(broker.output().contains("nothing to re-read"));
+}
+
+#[tokio::test]
+async fn a_request_hanging_past_the_grace_is_cut_and_the_process_exits_on_time() {
+    let (sim, upstream) = upstream().await;
+    sim.set_fault(Fault::Hang);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command();
+    cmd.arg("--config")
+        .arg(config_file(&dir, upstream, ""))
+        .env("TOKEN_BROKER__SERVER__SHUTDOWN_GRACE", "1s")
+        .env("TOKEN_BROKER__UPSTREAM__TIMEOUT", "60s");
+    let mut broker = Running::start(cmd).await;
+    let url = format!(
+        "http://{}/v1/tokens?{}",
+        broker.api,
+        member_query(ALICE, "AGENT")
+    );
+    let hanging = tokio::spawn(async move {
+        reqwest::Client::new()
+            .get(url)
+            .bearer_auth(READER_KEY)
+            .send()
+            .await
+    });
+    while sim.calls() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let signalled = Instant::now();
+    broker.terminate();
+    let code = broker.wait().await;
+
+    assert_eq!(code, 0, "{}", broker.output());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(15),
+        "exited after the 1 s grace, not after the 60 s vendor timeout"
+    );
+    assert!(
+        hanging.await.unwrap().is_err(),
+        "the hanging request's connection was closed"
+    );
+    assert!(broker.output().contains("closing remaining connections"));
 }

@@ -317,3 +317,61 @@ async fn a_rejected_partner_key_is_not_hidden_by_a_stale_token() {
 
     problem(response, 502).await;
 }
+
+#[tokio::test]
+async fn a_retry_after_of_an_hour_reaches_the_caller_as_at_most_a_minute() {
+    let app = TestApp::builder()
+        .config("[upstream]\nmax_retries = 0\n")
+        .spawn()
+        .await;
+    app.sim.set_fault(Fault::StatusRetryAfter(503, 3600));
+
+    let response = app.get_token(&member_query(ALICE, "AGENT")).await;
+
+    assert_eq!(response.headers()["retry-after"], "60");
+    problem(response, 503).await;
+}
+
+#[tokio::test]
+async fn a_connect_timeout_is_a_retried_connect_error_not_a_504() {
+    // A listener whose backlog is full: further SYNs are dropped, so connecting
+    // hangs, as with a vendor behind a packet-dropping firewall.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = socket.listen(1).unwrap();
+    let addr = full.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(stream)) => fillers.push(stream),
+            _ => break,
+        }
+    }
+    let app = TestApp::builder()
+        .config(&format!(
+            "[upstream]\nbase_url = \"http://{addr}\"\nconnect_timeout = \"200ms\"\ntimeout = \"5s\"\n"
+        ))
+        .spawn()
+        .await;
+
+    let response = app.get_token(&member_query(ALICE, "AGENT")).await;
+
+    problem(response, 503).await;
+    assert_eq!(
+        app.metric(r#"token_broker_upstream_requests_total{outcome="connect_error"}"#)
+            .await,
+        3.0,
+        "each attempt is a connect error, retried max_retries (2) times"
+    );
+    assert_eq!(
+        app.metric(r#"token_broker_upstream_requests_total{outcome="timeout"}"#)
+            .await,
+        0.0
+    );
+    drop((full, fillers));
+}

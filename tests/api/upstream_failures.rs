@@ -1,9 +1,13 @@
 //! What callers get when the vendor says no, misbehaves or hangs.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::helpers::*;
+use axum::response::Redirect;
 use token_broker::simulator::{Fault, NotFoundStyle};
+
+use crate::helpers::*;
+use crate::process::{Running, command, config_file, upstream};
 
 #[tokio::test]
 async fn an_unknown_user_is_a_404_in_both_vendor_shapes() {
@@ -195,4 +199,69 @@ async fn no_error_body_contains_a_secret() {
             assert!(!body.contains(secret), "{body} leaks {secret}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_malformed_vendor_body_carrying_a_token_never_reaches_the_logs() {
+    let (sim, upstream) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command();
+    cmd.arg("--config")
+        .arg(config_file(&dir, upstream, "[log]\nlevel = \"trace\"\n"));
+    let mut broker = Running::start(cmd).await;
+    let http = reqwest::Client::new();
+    for body in [
+        r#"{"success":true,"code":200,"data":{"permanentToken":{"key":"tok-leaky-1","active":"tok-leaky-2"}}}"#,
+        r#"{"success":"tok-leaky-3","code":200}"#,
+        r#"{"success":true,"code":200,"data":{"permanentToken":{"key":"tok-leaky-4","active":true}}} tok-leaky-5"#,
+        r#"{"data":{"permanentToken":{"key":["tok-leaky-6"]}}}"#,
+    ] {
+        sim.set_fault(Fault::Body(body));
+        let response = http
+            .get(format!(
+                "http://{}/v1/tokens?{}",
+                broker.api,
+                member_query(ALICE, "AGENT")
+            ))
+            .bearer_auth(READER_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 502, "{body}");
+        assert!(!response.text().await.unwrap().contains("tok-leaky"));
+    }
+    broker.stop().await;
+    let output = broker.output();
+    assert!(output.contains("unusable body"), "the failure is logged");
+    assert!(!output.contains("tok-leaky"), "{output}");
+}
+
+#[tokio::test]
+async fn a_vendor_redirect_is_a_502_and_is_never_followed() {
+    let sim = simulator();
+    let target = sim
+        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let redirector = axum::Router::new().fallback(move || async move {
+        Redirect::temporary(&format!("http://{target}/ext/get-user-token?userId=x"))
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirecting = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, redirector).await });
+
+    let app = TestApp::builder()
+        .config(&format!(
+            "[upstream]\nbase_url = \"http://{redirecting}\"\n"
+        ))
+        .spawn()
+        .await;
+    let response = app.get_token(&member_query(ALICE, "AGENT")).await;
+
+    problem(response, 502).await;
+    assert_eq!(
+        sim.calls(),
+        0,
+        "the redirect target never saw the partner key"
+    );
 }

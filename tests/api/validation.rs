@@ -190,3 +190,43 @@ async fn a_body_on_get_is_refused() {
     assert_eq!(body["type"], "urn:token-broker:problem:body-not-allowed");
     assert_eq!(app.sim.calls(), 0);
 }
+
+#[tokio::test]
+async fn an_address_smuggling_another_domain_is_a_400_that_never_reaches_the_vendor() {
+    let restricted = format!(
+        "[[clients]]\nname = \"corp-only\"\nkey_sha256 = \"{}\"\nscopes = [\"tokens:read\"]\nallowed_email_domains = [\"corp.com\"]\n",
+        token_broker::http::auth::key_sha256(READER_KEY)
+    );
+    let app = TestApp::builder().config(&restricted).spawn().await;
+    for smuggled in [
+        "ceo@other.com|.corp.com",
+        "ceo@other.com#.corp.com",
+        "ceo@other.com?.corp.com",
+        "ceo@other.com&x=.corp.com",
+        "ceo@other.com/.corp.com",
+        "ceo@other.com;.corp.com",
+        "ceo@other.com,.corp.com",
+        "ceo@other.com\\.corp.com",
+        "ceo@*.corp.com",
+        "ceo@other.com%.corp.com",
+        "\"ceo@other.com\"@corp.com",
+        "ceo@corp.com.",
+    ] {
+        let response = app.get_token(&member_query(smuggled, "AGENT")).await;
+        let body = problem(response, 400).await;
+        assert!(
+            body["detail"].as_str().unwrap().starts_with("email:"),
+            "{smuggled}: {body}"
+        );
+    }
+    assert_eq!(app.sim.calls(), 0);
+    for fine in ["a+b@corp.com", "o'neil@corp.com", "x@eu.corp.com"] {
+        app.sim
+            .add_team_member(fine, token_broker::domain::UserType::Agent, "tok-fine");
+        assert_eq!(
+            app.get_token(&member_query(fine, "AGENT")).await.status(),
+            200,
+            "{fine}"
+        );
+    }
+}
