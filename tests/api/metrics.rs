@@ -64,7 +64,8 @@ async fn every_spec_metric_is_present_at_zero_from_the_first_scrape() {
 async fn metric_values_follow_a_scripted_sequence() {
     let app = TestApp::builder()
         .config(
-            "[cache]\nttl = \"150ms\"\nstale_if_error = \"10m\"\nnegative_ttl = \"10m\"\n\
+            // A ttl the first requests fall inside on any machine; slept past below.
+            "[cache]\nttl = \"2s\"\nstale_if_error = \"10m\"\nnegative_ttl = \"10m\"\n\
              [upstream]\nmax_retries = 0\ncircuit_failures = 100\ntimeout = \"300ms\"\n",
         )
         .spawn()
@@ -98,7 +99,7 @@ async fn metric_values_follow_a_scripted_sequence() {
             .status()
             .as_u16(),
     ); // miss, unavailable
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     app.sim.set_fault(Fault::Hang);
     statuses.push(app.get_token(&alice).await.status().as_u16()); // stale, timeout
     app.sim.set_fault(Fault::None);
