@@ -235,10 +235,12 @@ impl RedisTier {
             return None;
         };
         if opened.generation != generation || opened.generation < self.lowest_generation(identity) {
+            // Counted (and alerted on), not logged per lookup: a restored
+            // snapshot brings back many at once.
             self.0
                 .metrics
                 .shared_cache_value_refused("stale_generation");
-            tracing::warn!(
+            tracing::debug!(
                 "a shared cache value from before an invalidation of its key came back; refusing it"
             );
             return None;
