@@ -15,9 +15,10 @@ use token_broker::upstream::Fetched;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-struct Instant;
+/// Answers at once with a token of a real token's size.
+struct Immediate;
 
-impl TokenSource for Instant {
+impl TokenSource for Immediate {
     fn fetch<'a>(&'a self, identity: &'a Identity, _: &'a std::sync::Arc<str>) -> FetchFuture<'a> {
         let seed = match identity {
             Identity::TeamMember { email, .. } => email.as_str().len(),
@@ -73,7 +74,7 @@ async fn main() {
     }
     let mut settings = Settings::load(&Sources::default()).unwrap().cache;
     settings.max_entries = 2_000_000;
-    let broker = Broker::new(&settings, Arc::new(Instant), Arc::new(Metrics::new()));
+    let broker = Broker::new(&settings, Arc::new(Immediate), Arc::new(Metrics::new()));
     let caller: Arc<str> = Arc::from("bench-memory");
     broker.run_pending_tasks().await;
     let base = rss_bytes();

@@ -18,7 +18,7 @@ use token_broker::broker::{Broker, FetchFuture, TokenSource};
 use token_broker::config::{ClientSettings, LogFormat, Scope, Settings, Sources};
 use token_broker::domain::{Identity, Token};
 use token_broker::http::auth::{Callers, key_sha256};
-use token_broker::http::{AppState, Shared, router};
+use token_broker::http::{AppParts, AppState, router};
 use token_broker::telemetry::log_layers;
 use token_broker::telemetry::metrics::Metrics;
 use token_broker::upstream::Fetched;
@@ -26,9 +26,9 @@ use token_broker::upstream::Fetched;
 const KEY: &str = "bench-caller-key-0123456789abcdef0123";
 
 /// Answers at once, like a vendor that is never asked twice.
-struct Instant;
+struct Immediate;
 
-impl TokenSource for Instant {
+impl TokenSource for Immediate {
     fn fetch<'a>(&'a self, _identity: &'a Identity, _: &'a std::sync::Arc<str>) -> FetchFuture<'a> {
         Box::pin(async {
             Ok(Fetched {
@@ -64,10 +64,10 @@ fn hit_path(c: &mut Criterion) {
         vec![Scope::TokensRead],
     )];
     metrics.register_clients(["bench"]);
-    let app = router(AppState::new(Shared {
+    let app = router(AppState::new(AppParts {
         broker: Arc::new(Broker::new(
             &settings.cache,
-            Arc::new(Instant),
+            Arc::new(Immediate),
             metrics.clone(),
         )),
         auditor: Auditor::with_key(b"bench-audit-key-0123456789".to_vec()),

@@ -26,10 +26,10 @@ pub const VENDOR_ROUTE: &str = "/ext/get-user-token";
 
 /// What every handler shares; one `Arc`, so a request clones one pointer.
 #[derive(Clone)]
-pub struct AppState(Arc<Shared>);
+pub struct AppState(Arc<AppParts>);
 
-/// The parts of `AppState`.
-pub struct Shared {
+/// The parts of `AppState` (named apart from the shared cache).
+pub struct AppParts {
     pub broker: Arc<Broker>,
     pub auditor: Auditor,
     pub callers: Callers,
@@ -37,15 +37,15 @@ pub struct Shared {
 }
 
 impl AppState {
-    pub fn new(shared: Shared) -> Self {
-        Self(Arc::new(shared))
+    pub fn new(parts: AppParts) -> Self {
+        Self(Arc::new(parts))
     }
 }
 
 impl std::ops::Deref for AppState {
-    type Target = Shared;
+    type Target = AppParts;
 
-    fn deref(&self) -> &Shared {
+    fn deref(&self) -> &AppParts {
         &self.0
     }
 }

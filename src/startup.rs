@@ -94,7 +94,7 @@ impl Application {
             .with_tier(tier)
             .with_verifier(verifier);
         let readiness = Readiness::default();
-        let api_router = http::router(AppState::new(http::Shared {
+        let api_router = http::router(AppState::new(http::AppParts {
             broker: broker.clone(),
             auditor,
             callers,

@@ -313,7 +313,7 @@ impl RequestContext {
 
     /// Calls `write` with the current request, when the log lines take its
     /// fields from here rather than from a span (`request_spans`).
-    pub(crate) fn with_logged<R>(write: impl FnOnce(&Self) -> R) -> Option<R> {
+    pub(crate) fn for_log_lines<R>(write: impl FnOnce(&Self) -> R) -> Option<R> {
         if request_spans() {
             return None;
         }

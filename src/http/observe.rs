@@ -278,7 +278,7 @@ mod tests {
     use crate::broker::{Broker, FetchFuture, TokenSource};
     use crate::config::{Settings, Sources};
     use crate::domain::Identity;
-    use crate::http::Shared;
+    use crate::http::AppParts;
     use crate::http::auth::Callers;
     use crate::telemetry::metrics::Metrics;
     use crate::upstream::UpstreamError;
@@ -297,7 +297,7 @@ mod tests {
     fn state() -> AppState {
         let settings = Settings::load(&Sources::default()).unwrap();
         let metrics = Arc::new(Metrics::new());
-        AppState::new(Shared {
+        AppState::new(AppParts {
             broker: Arc::new(Broker::new(
                 &settings.cache,
                 Arc::new(Nothing),

@@ -127,7 +127,7 @@ where
             push_json_str(&mut line, event.metadata().target());
             let mut first = true;
             if self.request {
-                RequestContext::with_logged(|request| {
+                RequestContext::for_log_lines(|request| {
                     open_span(&mut line, &mut first, "request");
                     // Its keys are known JSON-safe names: written as they are.
                     request.fields(|key, value| {
