@@ -12,7 +12,7 @@ use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::{Digest, Sha256};
 
 use crate::config::{AuditSettings, ConfigError};
-use crate::domain::Identity;
+use crate::domain::{Identity, Subject};
 
 /// The tracing target of audit events.
 pub const TARGET: &str = "audit";
@@ -84,7 +84,7 @@ impl Auditor {
         }
         let mut subject = [0; 16];
         subject.copy_from_slice(&mac.finalize().into_bytes()[..16]);
-        Subject(subject)
+        Subject::from_hash(subject)
     }
 
     /// A token was handed out. `subject` is `self.subject(identity)`, which
@@ -98,7 +98,7 @@ impl Auditor {
         active: bool,
     ) {
         Self::event(
-            Outcome::Issued,
+            EventKind::Issued,
             actor,
             identity,
             subject,
@@ -109,7 +109,7 @@ impl Auditor {
     /// A cached token was dropped on request.
     pub fn invalidated(&self, actor: &Actor<'_>, identity: &Identity) {
         Self::event(
-            Outcome::Invalidated,
+            EventKind::Invalidated,
             actor,
             identity,
             self.subject(identity),
@@ -118,7 +118,7 @@ impl Auditor {
     }
 
     fn event(
-        outcome: Outcome,
+        outcome: EventKind,
         actor: &Actor<'_>,
         identity: &Identity,
         subject: Subject,
@@ -142,25 +142,6 @@ impl Auditor {
     }
 }
 
-/// The keyed hash that stands for an email or user id in audit events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Subject([u8; 16]);
-
-impl Subject {
-    /// As lower-case hex, written into `out` (no allocation).
-    pub fn hex<'a>(&self, out: &'a mut [u8; 32]) -> &'a str {
-        // Cannot fail: `out` is exactly twice the length of the subject.
-        let _ = hex::encode_to_slice(self.0, out);
-        std::str::from_utf8(out).unwrap_or_default()
-    }
-}
-
-impl std::fmt::Display for Subject {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.hex(&mut [0; 32]))
-    }
-}
-
 /// Who acted, as an audit event names them.
 pub struct Actor<'a> {
     /// The configured client name.
@@ -171,23 +152,23 @@ pub struct Actor<'a> {
 }
 
 #[derive(Clone, Copy)]
-enum Outcome {
+enum EventKind {
     Issued,
     Invalidated,
 }
 
-impl Outcome {
+impl EventKind {
     fn as_str(self) -> &'static str {
         match self {
-            Outcome::Issued => "issued",
-            Outcome::Invalidated => "invalidated",
+            EventKind::Issued => "issued",
+            EventKind::Invalidated => "invalidated",
         }
     }
 
     fn message(self) -> &'static str {
         match self {
-            Outcome::Issued => "token issued",
-            Outcome::Invalidated => "token invalidated",
+            EventKind::Issued => "token issued",
+            EventKind::Invalidated => "token invalidated",
         }
     }
 }

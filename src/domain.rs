@@ -233,6 +233,30 @@ impl fmt::Debug for Token {
     }
 }
 
+/// The keyed hash that stands for an email or user id in audit events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subject([u8; 16]);
+
+impl Subject {
+    /// The first 16 bytes of the keyed hash (the audit trail computes it).
+    pub fn from_hash(hash: [u8; 16]) -> Self {
+        Self(hash)
+    }
+
+    /// As lower-case hex, written into `out` (no allocation).
+    pub fn hex<'a>(&self, out: &'a mut [u8; 32]) -> &'a str {
+        // Cannot fail: `out` is exactly twice the length of the subject.
+        let _ = hex::encode_to_slice(self.0, out);
+        std::str::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.hex(&mut [0; 32]))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

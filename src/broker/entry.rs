@@ -9,8 +9,7 @@ use moka::Expiry;
 use tokio::time::Instant;
 
 use super::BrokerError;
-use crate::audit::Subject;
-use crate::domain::{Identity, Token};
+use crate::domain::{Identity, Subject, Token};
 use crate::shared::{Stored, StoredAnswer};
 use crate::upstream::UpstreamError;
 
