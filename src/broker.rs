@@ -60,18 +60,74 @@ impl TokenSource for UpstreamClient {
     }
 }
 
-/// Why no token could be handed out.
+/// Why no token could be handed out, in the terms a caller cares about. The
+/// vendor's own error stays attached as the source, for logs and metrics.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
-    #[error(transparent)]
-    Upstream(#[from] UpstreamError),
+    /// The vendor cannot answer now (down, overloaded, circuit open, every
+    /// slot taken); `retry_after` when it (or the circuit) said how long.
+    #[error("the vendor is unavailable")]
+    Unavailable {
+        retry_after: Option<Duration>,
+        #[source]
+        cause: UpstreamError,
+    },
+    /// The vendor did not answer within `upstream.timeout`.
+    #[error("the vendor did not answer in time")]
+    TimedOut,
+    /// The vendor refused the partner key.
+    #[error("the vendor rejected the partner key")]
+    Rejected {
+        #[source]
+        cause: UpstreamError,
+    },
+    /// The vendor answered with something unusable.
+    #[error("the vendor answered with something unusable")]
+    Unusable {
+        #[source]
+        cause: UpstreamError,
+    },
+    /// The vendor has no such user.
+    #[error("the vendor has no such user")]
+    NotFound,
+}
+
+impl From<UpstreamError> for BrokerError {
+    fn from(error: UpstreamError) -> Self {
+        match error {
+            UpstreamError::Timeout => BrokerError::TimedOut,
+            UpstreamError::NotFound => BrokerError::NotFound,
+            UpstreamError::Rejected(_) => BrokerError::Rejected { cause: error },
+            UpstreamError::Malformed(_) | UpstreamError::UnexpectedStatus(_) => {
+                BrokerError::Unusable { cause: error }
+            }
+            UpstreamError::Unavailable { retry_after, .. } => BrokerError::Unavailable {
+                retry_after,
+                cause: error,
+            },
+            UpstreamError::CircuitOpen { retry_after } => BrokerError::Unavailable {
+                retry_after: Some(retry_after),
+                cause: error,
+            },
+            UpstreamError::Connect(_) | UpstreamError::Transport(_) | UpstreamError::Saturated => {
+                BrokerError::Unavailable {
+                    retry_after: None,
+                    cause: error,
+                }
+            }
+        }
+    }
 }
 
 impl BrokerError {
-    /// A short label for logs.
+    /// A short label for logs: the vendor outcome behind it.
     pub fn outcome(&self) -> &'static str {
         match self {
-            BrokerError::Upstream(e) => e.outcome(),
+            BrokerError::Unavailable { cause, .. }
+            | BrokerError::Rejected { cause }
+            | BrokerError::Unusable { cause } => cause.outcome(),
+            BrokerError::TimedOut => UpstreamError::Timeout.outcome(),
+            BrokerError::NotFound => UpstreamError::NotFound.outcome(),
         }
     }
 }
@@ -250,7 +306,7 @@ impl Broker {
                 };
                 (entry.issued(), label)
             }
-            Err(BrokerError::Upstream(error)) => {
+            Err(error) => {
                 // Read again: a fetch may have brought a stale entry from the shared cache.
                 let cached = inner.store.get(identity).await;
                 match cached.filter(|e| self.servable_when_failing(e, &error)) {
@@ -371,7 +427,7 @@ impl Broker {
         caller: &Arc<str>,
         purpose: Purpose,
         want: Want,
-    ) -> Result<Arc<Entry>, BrokerError> {
+    ) -> Result<Arc<Entry>, UpstreamError> {
         let inner = &self.0;
         loop {
             let generation = inner.generations.of(identity);
@@ -390,7 +446,7 @@ impl Broker {
                 // Left behind by a flight whose callers all went away before
                 // clearing it, and too old for this caller: fetch again.
                 Ok(_) => continue,
-                Err(error) => return Err(BrokerError::from((*error).clone())),
+                Err(error) => return Err((*error).clone()),
             }
         }
     }

@@ -382,7 +382,7 @@ async fn a_definitive_answer_replaces_the_entry_instead_of_being_masked() {
     source.fail_with(Some(UpstreamError::NotFound));
     assert!(matches!(
         broker.lookup(&id, &caller()).await,
-        Err(BrokerError::Upstream(UpstreamError::NotFound))
+        Err(BrokerError::NotFound)
     ));
     tokio::time::advance(NEGATIVE).await;
     source.fail_with(Some(UpstreamError::Timeout));
@@ -473,10 +473,7 @@ async fn no_such_user_is_remembered_for_negative_ttl() {
     assert!(broker.lookup(&id, &caller()).await.is_err());
     tokio::time::advance(NEGATIVE - Duration::from_secs(1)).await;
     let remembered = broker.lookup(&id, &caller()).await;
-    assert!(matches!(
-        remembered,
-        Err(BrokerError::Upstream(UpstreamError::NotFound))
-    ));
+    assert!(matches!(remembered, Err(BrokerError::NotFound)));
     assert_eq!(source.calls(), 1);
     assert_eq!(lookups(&metrics, "negative"), 1);
 
@@ -508,4 +505,77 @@ async fn a_zero_negative_ttl_and_other_errors_are_never_remembered() {
         assert!(broker.lookup(&id, &caller()).await.is_err());
     }
     assert_eq!(source.calls(), outages().len());
+}
+
+/// Whether a `BrokerError` is the one expected.
+type Expect = fn(&BrokerError) -> bool;
+
+#[test]
+fn vendor_errors_become_what_callers_care_about() {
+    let wait = Duration::from_secs(7);
+    let cases: [(UpstreamError, Expect); 10] = [
+        (UpstreamError::Timeout, |e| {
+            matches!(e, BrokerError::TimedOut)
+        }),
+        (UpstreamError::NotFound, |e| {
+            matches!(e, BrokerError::NotFound)
+        }),
+        (UpstreamError::Rejected(401), |e| {
+            matches!(e, BrokerError::Rejected { .. })
+        }),
+        (UpstreamError::Malformed("html".into()), |e| {
+            matches!(e, BrokerError::Unusable { .. })
+        }),
+        (UpstreamError::UnexpectedStatus(418), |e| {
+            matches!(e, BrokerError::Unusable { .. })
+        }),
+        (
+            UpstreamError::Unavailable {
+                status: 503,
+                retry_after: Some(Duration::from_secs(7)),
+            },
+            |e| matches!(e, BrokerError::Unavailable { retry_after: Some(w), .. } if w.as_secs() == 7),
+        ),
+        (
+            UpstreamError::CircuitOpen { retry_after: wait },
+            |e| matches!(e, BrokerError::Unavailable { retry_after: Some(w), .. } if w.as_secs() == 7),
+        ),
+        (UpstreamError::Connect("refused".into()), |e| {
+            matches!(
+                e,
+                BrokerError::Unavailable {
+                    retry_after: None,
+                    ..
+                }
+            )
+        }),
+        (UpstreamError::Transport("reset".into()), |e| {
+            matches!(
+                e,
+                BrokerError::Unavailable {
+                    retry_after: None,
+                    ..
+                }
+            )
+        }),
+        (UpstreamError::Saturated, |e| {
+            matches!(
+                e,
+                BrokerError::Unavailable {
+                    retry_after: None,
+                    ..
+                }
+            )
+        }),
+    ];
+    for (vendor, expected) in cases {
+        let outcome = vendor.outcome();
+        let broker = BrokerError::from(vendor.clone());
+        assert!(expected(&broker), "{vendor:?} became {broker:?}");
+        assert_eq!(
+            broker.outcome(),
+            outcome,
+            "the log label stays the vendor's"
+        );
+    }
 }

@@ -10,7 +10,6 @@ use serde::Serialize;
 use crate::broker::BrokerError;
 use crate::domain::InvalidInput;
 use crate::http::observe::Outcome;
-use crate::upstream::UpstreamError;
 
 /// Seconds a caller is told to wait after the vendor was unavailable.
 const UPSTREAM_RETRY_AFTER_SECS: u64 = 5;
@@ -254,30 +253,14 @@ impl From<InvalidInput> for ApiError {
 impl From<&BrokerError> for ApiError {
     fn from(e: &BrokerError) -> Self {
         match e {
-            BrokerError::Upstream(upstream) => match upstream {
-                UpstreamError::Timeout => ApiError::UpstreamTimeout,
-                UpstreamError::NotFound => ApiError::UserNotFound,
-                UpstreamError::Connect(_)
-                | UpstreamError::Unavailable {
-                    retry_after: None, ..
-                }
-                | UpstreamError::Transport(_)
-                | UpstreamError::Saturated => ApiError::UpstreamUnavailable {
-                    retry_after_secs: UPSTREAM_RETRY_AFTER_SECS,
-                },
-                UpstreamError::Unavailable {
-                    retry_after: Some(wait),
-                    ..
-                }
-                | UpstreamError::CircuitOpen { retry_after: wait } => {
-                    ApiError::UpstreamUnavailable {
-                        retry_after_secs: whole_seconds(*wait),
-                    }
-                }
-                UpstreamError::Rejected(_)
-                | UpstreamError::Malformed(_)
-                | UpstreamError::UnexpectedStatus(_) => ApiError::UpstreamBadResponse,
+            BrokerError::TimedOut => ApiError::UpstreamTimeout,
+            BrokerError::NotFound => ApiError::UserNotFound,
+            BrokerError::Unavailable { retry_after, .. } => ApiError::UpstreamUnavailable {
+                retry_after_secs: retry_after.map_or(UPSTREAM_RETRY_AFTER_SECS, whole_seconds),
             },
+            BrokerError::Rejected { .. } | BrokerError::Unusable { .. } => {
+                ApiError::UpstreamBadResponse
+            }
         }
     }
 }

@@ -20,7 +20,6 @@ use crate::http::observe::{Outcome, RequestId};
 use crate::http::openapi::{CallerErrors, VendorErrors};
 use crate::http::query;
 use crate::telemetry::Throttle;
-use crate::upstream::UpstreamError;
 
 /// Paces the warning for failed vendor lookups.
 static VENDOR_ERRORS: Throttle = Throttle::every(Duration::from_secs(10));
@@ -256,18 +255,21 @@ async fn lookup(
         state.broker.lookup(identity, caller.name()).await
     };
     answer.map_err(|error| {
+        // The caller gets the short answer; the log gets the vendor's cause.
+        let cause = std::error::Error::source(&error)
+            .map(ToString::to_string)
+            .unwrap_or_default();
         // Per request only at debug: during an outage every miss fails, and
         // the metrics count them; a warning at most every ten seconds.
-        if !matches!(error, BrokerError::Upstream(UpstreamError::NotFound))
-            && VENDOR_ERRORS.allow()
-        {
+        if !matches!(error, BrokerError::NotFound) && VENDOR_ERRORS.allow() {
             tracing::warn!(
                 outcome = error.outcome(),
                 error = %error,
+                cause,
                 "no token from the vendor (warned at most every 10 s; see token_broker_upstream_requests_total)"
             );
         } else {
-            tracing::debug!(identity = identity.kind(), outcome = error.outcome(), error = %error, "no token from the vendor");
+            tracing::debug!(identity = identity.kind(), outcome = error.outcome(), error = %error, cause, "no token from the vendor");
         }
         ApiError::from(&error)
     })
