@@ -5,7 +5,9 @@ pub mod auth;
 pub mod error;
 pub mod observe;
 pub mod openapi;
+pub mod outcome;
 pub mod query;
+pub mod routes;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -19,10 +21,7 @@ use crate::http::auth::Callers;
 use crate::http::error::ApiError;
 use crate::telemetry::metrics::Metrics;
 
-/// The route of the native token API.
-pub const TOKENS_ROUTE: &str = "/v1/tokens";
-/// The drop-in route, same as the vendor's.
-pub const VENDOR_ROUTE: &str = "/ext/get-user-token";
+pub use routes::{OPENAPI_ROUTE, TOKENS_ROUTE, VENDOR_ROUTE};
 
 /// What every handler shares; one `Arc`, so a request clones one pointer.
 #[derive(Clone)]
@@ -59,7 +58,7 @@ pub fn router(state: AppState) -> observe::Api {
             get(tokens::get_token).delete(tokens::delete_token),
         )
         .route(VENDOR_ROUTE, get(tokens::get_vendor_token))
-        .route(openapi::OPENAPI_ROUTE, get(openapi::serve))
+        .route(OPENAPI_ROUTE, get(openapi::serve))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state.clone());

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::broker::BrokerError;
 use crate::domain::InvalidInput;
-use crate::http::observe::Outcome;
+use crate::http::outcome::Outcome;
 
 /// Seconds a caller is told to wait after the vendor was unavailable.
 const UPSTREAM_RETRY_AFTER_SECS: u64 = 5;

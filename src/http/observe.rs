@@ -21,9 +21,10 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::broker::CacheResult;
+use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::http::openapi::OPENAPI_ROUTE;
-use crate::http::{AppState, TOKENS_ROUTE, VENDOR_ROUTE};
+use crate::http::outcome::Outcome;
+use crate::http::routes::{self, SPAN_NAMES, TOKENS_ROUTE, VENDOR_ROUTE};
 use crate::telemetry;
 use crate::telemetry::RequestContext;
 
@@ -32,17 +33,6 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 const MAX_REQUEST_ID_LEN: usize = 128;
-
-/// What a request came to, attached to its response by whoever answered it
-/// (the handler, an error), and read back once here for the log line and the
-/// metrics. Who asked is in the request's `RequestContext`.
-#[derive(Debug, Clone, Default)]
-pub struct Outcome {
-    /// Where the token came from, when one was handed out.
-    pub cache: Option<CacheResult>,
-    /// The `result` label of `token_broker_client_requests_total`.
-    pub result: &'static str,
-}
 
 /// The request id, for handlers (audit events): an extractor reading the
 /// request's `RequestContext`.
@@ -66,28 +56,21 @@ impl<S: Sync> FromRequestParts<S> for RequestId {
     }
 }
 
-/// The `route` label: a known path or `unmatched`, so labels stay a closed set.
-fn route_label(path: &str) -> &'static str {
-    match path {
-        TOKENS_ROUTE => TOKENS_ROUTE,
-        VENDOR_ROUTE => VENDOR_ROUTE,
-        OPENAPI_ROUTE => OPENAPI_ROUTE,
-        _ => "unmatched",
-    }
-}
-
 /// `{method} {route}` for the known routes, else the method alone (OTel HTTP conventions).
 fn span_name(method: &Method, route: &'static str) -> &'static str {
-    match (method.as_str(), route) {
-        ("GET", TOKENS_ROUTE) => "GET /v1/tokens",
-        ("DELETE", TOKENS_ROUTE) => "DELETE /v1/tokens",
-        ("GET", VENDOR_ROUTE) => "GET /ext/get-user-token",
-        ("GET", OPENAPI_ROUTE) => "GET /openapi.json",
-        ("GET", _) => "GET",
-        ("DELETE", _) => "DELETE",
-        ("POST", _) => "POST",
-        ("PUT", _) => "PUT",
-        ("HEAD", _) => "HEAD",
+    let method = method.as_str();
+    if let Some((_, _, name)) = SPAN_NAMES
+        .iter()
+        .find(|(m, r, _)| *m == method && *r == route)
+    {
+        return name;
+    }
+    match method {
+        "GET" => "GET",
+        "DELETE" => "DELETE",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "HEAD" => "HEAD",
         _ => "HTTP",
     }
 }
@@ -201,7 +184,7 @@ where
         let request = request.map(Body::new);
         let started = Instant::now();
         let id = request_id(request.headers());
-        let route = route_label(request.uri().path());
+        let route = routes::label(request.uri().path());
         let name = span_name(request.method(), route);
         let exporting = telemetry::exporting();
         // Continue the caller's trace (W3C traceparent/tracestate), if any:

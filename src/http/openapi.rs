@@ -2,102 +2,17 @@
 //! types so it cannot drift; served at `GET /openapi.json` and kept in
 //! `docs/openapi.json` (a test fails when the two differ).
 
+pub mod params;
+
 use std::sync::LazyLock;
 
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{IntoParams, Modify, OpenApi};
+use utoipa::{Modify, OpenApi};
 
 use crate::http::error::Problem;
 use crate::http::tokens::{self, TokenBody, VendorBody, VendorData, VendorToken};
-
-/// The route of the document.
-pub const OPENAPI_ROUTE: &str = "/openapi.json";
-
-// The two query types below exist only to describe the parameters: requests
-// are parsed by `http::query`, which also refuses repeated and unknown ones.
-
-/// Query parameters of `/v1/tokens`: `email` + `type`, or `user_id`.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
-#[allow(dead_code)]
-pub struct V1Query {
-    /// A team member's email: at most 254 bytes; an RFC 5322 dot-atom, `@`,
-    /// a hostname of two or more labels (`xn--` form for international names).
-    /// A literal `+` stays `+`. Give it with `type`.
-    email: Option<String>,
-    /// `AGENT`, `CUSTOM_USER` or `CUSTOMER` (any case). Give it with `email`.
-    #[param(rename = "type", pattern = "(?i)^(AGENT|CUSTOM_USER|CUSTOMER)$")]
-    user_type: Option<String>,
-    /// A customer's id: 1–64 characters of `A-Z a-z 0-9 _ -`. Not with `email`/`type`.
-    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
-    user_id: Option<String>,
-}
-
-/// Query parameters of the drop-in route: `email` + `type`, or `userId`.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
-#[allow(dead_code)]
-pub struct VendorQuery {
-    /// A team member's email. Give it with `type`.
-    email: Option<String>,
-    /// `AGENT`, `CUSTOM_USER` or `CUSTOMER` (any case). Give it with `email`.
-    #[param(rename = "type", pattern = "(?i)^(AGENT|CUSTOM_USER|CUSTOMER)$")]
-    user_type: Option<String>,
-    /// A customer's id, as the vendor names it. Not with `email`/`type`.
-    #[param(rename = "userId", pattern = "^[A-Za-z0-9_-]{1,64}$")]
-    user_id: Option<String>,
-}
-
-/// Request headers of the token reads.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Header)]
-#[allow(dead_code)]
-pub struct ReadHeaders {
-    /// `no-cache` (or `max-age=0`): answer from a vendor fetch made after this
-    /// request (`X-Cache: miss`), unless the key was fetched less than
-    /// `cache.revalidate_min_interval` ago (that answer, `X-Cache: hit`). For a
-    /// caller whose token BotPenguin just rejected.
-    #[param(rename = "Cache-Control", example = "no-cache")]
-    cache_control: Option<String>,
-}
-
-/// Refusals every token operation can answer with.
-#[derive(utoipa::IntoResponses)]
-#[allow(dead_code)]
-pub enum CallerErrors {
-    /// Bad, missing, repeated or unknown parameter
-    #[response(status = 400, content_type = "application/problem+json")]
-    BadRequest(Problem<'static>),
-    /// Missing or unknown caller key, or a service-account token that fails verification
-    #[response(status = 401, content_type = "application/problem+json")]
-    Unauthorized(Problem<'static>),
-    /// The caller lacks the scope, type or email domain, or no client names its service account
-    #[response(status = 403, content_type = "application/problem+json")]
-    Forbidden(Problem<'static>),
-    /// Caller over its rate limit (`Retry-After`)
-    #[response(status = 429, content_type = "application/problem+json")]
-    RateLimited(Problem<'static>),
-}
-
-/// What asking the vendor can end in, for the token reads.
-#[derive(utoipa::IntoResponses)]
-#[allow(dead_code)]
-pub enum VendorErrors {
-    /// The vendor has no such user
-    #[response(status = 404, content_type = "application/problem+json")]
-    NotFound(Problem<'static>),
-    /// The vendor answered with something unusable
-    #[response(status = 502, content_type = "application/problem+json")]
-    BadGateway(Problem<'static>),
-    /// The vendor is unavailable (`Retry-After`)
-    #[response(status = 503, content_type = "application/problem+json")]
-    Unavailable(Problem<'static>),
-    /// The vendor did not answer in time
-    #[response(status = 504, content_type = "application/problem+json")]
-    Timeout(Problem<'static>),
-}
 
 struct CallerKey;
 

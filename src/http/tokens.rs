@@ -16,8 +16,9 @@ use crate::domain::Identity;
 use crate::http::AppState;
 use crate::http::auth::{Action, Caller};
 use crate::http::error::{ApiError, Problem};
-use crate::http::observe::{Outcome, RequestId};
-use crate::http::openapi::{CallerErrors, VendorErrors};
+use crate::http::observe::RequestId;
+use crate::http::openapi::params::{CallerErrors, VendorErrors};
+use crate::http::outcome::Outcome;
 use crate::http::query;
 use crate::telemetry::Throttle;
 
@@ -97,7 +98,7 @@ pub struct VendorToken<'a> {
     summary = "Get a team member's or a customer's token",
     description = "Give `email` and `type` (a team member, scope `tokens:read`) or `user_id` \
                    (a customer, scope `customer_tokens:read`). Answered from the cache when fresh.",
-    params(crate::http::openapi::V1Query, crate::http::openapi::ReadHeaders),
+    params(crate::http::openapi::params::V1Query, crate::http::openapi::params::ReadHeaders),
     responses(
         (status = 200, description = "The active token", body = TokenBody, headers(
             ("Cache-Control" = String, description = "Always `no-store`"),
@@ -147,7 +148,7 @@ pub async fn get_token(
     description = "Same path, parameters and 200 body as BotPenguin's, so an app that called the \
                    vendor only changes its base URL and bearer key. An inactive token is passed \
                    through with `active: false`.",
-    params(crate::http::openapi::VendorQuery, crate::http::openapi::ReadHeaders),
+    params(crate::http::openapi::params::VendorQuery, crate::http::openapi::params::ReadHeaders),
     responses(
         (status = 200, description = "The token as the vendor sent it", body = VendorBody, headers(
             ("Cache-Control" = String, description = "Always `no-store`"),
@@ -189,7 +190,7 @@ pub async fn get_vendor_token(
     tag = "tokens",
     summary = "Drop a cached token",
     description = "Scope `tokens:invalidate`. The next read of that identity asks the vendor.",
-    params(crate::http::openapi::V1Query),
+    params(crate::http::openapi::params::V1Query),
     responses(
         (status = 204, description = "The cached token, if any, is gone here and (with Redis) recorded for every replica"),
         (status = 503, description = "Dropped here, but the shared cache did not confirm it (`invalidation-not-shared`, `Retry-After: 1`): retry until 204", body = crate::http::error::Problem<'static>, content_type = "application/problem+json"),

@@ -1,0 +1,46 @@
+//! The API's routes: the one table the router, the metric labels and the
+//! span names read.
+
+/// The native token API.
+pub const TOKENS_ROUTE: &str = "/v1/tokens";
+/// The drop-in route, same as the vendor's.
+pub const VENDOR_ROUTE: &str = "/ext/get-user-token";
+/// The OpenAPI document.
+pub const OPENAPI_ROUTE: &str = "/openapi.json";
+
+/// Every route, as the `route` label names it.
+pub const ROUTES: [&str; 3] = [TOKENS_ROUTE, VENDOR_ROUTE, OPENAPI_ROUTE];
+
+/// The methods each route answers, with the span name OpenTelemetry gives a
+/// request to it: `{method} {route}`.
+pub const SPAN_NAMES: [(&str, &str, &str); 4] = [
+    ("GET", TOKENS_ROUTE, "GET /v1/tokens"),
+    ("DELETE", TOKENS_ROUTE, "DELETE /v1/tokens"),
+    ("GET", VENDOR_ROUTE, "GET /ext/get-user-token"),
+    ("GET", OPENAPI_ROUTE, "GET /openapi.json"),
+];
+
+/// The `route` label of a path: a known route or `unmatched`, so labels stay
+/// a closed set.
+pub fn label(path: &str) -> &'static str {
+    ROUTES
+        .iter()
+        .find(|route| **route == path)
+        .copied()
+        .unwrap_or("unmatched")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn span_names_are_method_and_route_of_known_routes() {
+        for (method, route, name) in SPAN_NAMES {
+            assert!(ROUTES.contains(&route));
+            assert_eq!(name, format!("{method} {route}"));
+        }
+        assert_eq!(label("/v1/tokens"), TOKENS_ROUTE);
+        assert_eq!(label("/v1/tokens/"), "unmatched");
+    }
+}
