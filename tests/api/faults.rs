@@ -323,10 +323,28 @@ impl Brokers {
                     "seed {seed}: a healed fleet answered {read:?}"
                 );
             }
+            let made = calls() - before;
+            if made != 1 {
+                // What each broker saw, to tell a fault of ours from a replica
+                // that (rightly) went alone because Redis looked down to it.
+                for broker in 0..BROKERS {
+                    let mut seen = Vec::new();
+                    for name in [
+                        "token_broker_shared_cache_up",
+                        "token_broker_shared_cache_subscribed",
+                        "token_broker_shared_cache_subscription_losses_total",
+                        r#"token_broker_shared_cache_values_refused_total{reason="stale_generation"}"#,
+                        r#"token_broker_shared_cache_operations_total{op="claim",result="timeout"}"#,
+                        r#"token_broker_shared_cache_operations_total{op="get",result="timeout"}"#,
+                    ] {
+                        seen.push(format!("{name} {}", self.metric(broker, name).await));
+                    }
+                    eprintln!("seed {seed}: broker {broker}: {seen:?}");
+                }
+            }
             assert_eq!(
-                calls() - before,
-                1,
-                "seed {seed}: one vendor call per key per generation while Redis is healthy"
+                made, 1,
+                "seed {seed}: one vendor call per key per generation while Redis is healthy (key {key})"
             );
         }
     }
