@@ -94,7 +94,9 @@ impl Nodes {
             .set_response_timeout(Some(options.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        if options.tls {
+        let tls =
+            options.tls || matches!(form, RedisForm::Standalone(url) if url.scheme() == "rediss");
+        if tls {
             // Both rustls users (the vendor client and this one) share the process default.
             let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         }
@@ -106,9 +108,6 @@ impl Nodes {
                         format!("is not a usable Redis URL ({kind:?})"),
                     )
                 };
-                if url.scheme() == "rediss" {
-                    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-                }
                 let info = url
                     .as_str()
                     .into_connection_info()

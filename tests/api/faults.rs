@@ -136,19 +136,7 @@ impl Brokers {
     }
 
     async fn metric(&self, broker: usize, name: &str) -> f64 {
-        let url = format!("http://{}/metrics", self.brokers[broker].admin);
-        let text = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(f64::NAN)
+        self.brokers[broker].metric(name).await.unwrap_or(f64::NAN)
     }
 
     /// Waits until every broker hears invalidations and reaches Redis.

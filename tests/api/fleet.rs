@@ -474,17 +474,12 @@ async fn with_redis_killed_replicas_keep_answering_say_so_once_and_share_again_a
             .bearer_auth(READER_KEY)
             .send()
     };
-    let metric = |replica: &Running, name: &'static str| {
-        let http = http.clone();
-        let url = format!("http://{}/metrics", replica.admin);
-        async move {
-            let text = http.get(url).send().await.unwrap().text().await.unwrap();
-            text.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-                .unwrap()
-        }
-    };
-    let subscribed = |replica: &Running| metric(replica, "token_broker_shared_cache_subscribed");
+    async fn metric(replica: &Running, name: &str) -> f64 {
+        replica.metric(name).await.unwrap()
+    }
+    async fn subscribed(replica: &Running) -> f64 {
+        metric(replica, "token_broker_shared_cache_subscribed").await
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     for replica in [&a, &b] {
         while subscribed(replica).await < 1.0 {

@@ -230,9 +230,7 @@ impl TestApp {
     /// `token_broker_cache_lookups_total{result="hit"}`; 0 when absent.
     pub async fn metric(&self, sample: &str) -> f64 {
         let (_, text) = self.admin_get("/metrics").await;
-        text.lines()
-            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
-            .map_or(0.0, |v| v.trim().parse().unwrap())
+        sample_value(&text, sample).unwrap_or(0.0)
     }
 }
 
@@ -272,4 +270,12 @@ pub async fn problem(response: reqwest::Response, status: u16) -> serde_json::Va
     );
     assert!(body["title"].is_string() && body["detail"].is_string());
     body
+}
+
+/// The value of `sample` (a metric name with its labels, as exposed) in
+/// Prometheus text; `None` when it is not there.
+pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .map(|value| value.trim().parse().unwrap())
 }

@@ -134,6 +134,17 @@ impl Running {
         }
     }
 
+    /// The value of `sample` on its `/metrics`; `None` when it is not there.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        let text = reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        sample_value(&text, sample)
+    }
+
     pub fn output(&self) -> String {
         self.output.lock().unwrap().join("\n")
     }

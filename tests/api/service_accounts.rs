@@ -212,6 +212,16 @@ fn alice() -> String {
     member_query(ALICE, "AGENT")
 }
 
+/// Asks for alice with `token` until the answer is `status` (a JWKS change is
+/// picked up a moment after the file or URL changes); fails after `seconds`.
+async fn answers_within(app: &TestApp, token: &str, status: u16, seconds: u64, never: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while app.get_token_as(Some(token), &alice()).await.status() != status {
+        assert!(tokio::time::Instant::now() < deadline, "{never}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_valid_service_account_token_is_its_client_in_every_respect() {
     let cluster = cluster().await;
@@ -381,14 +391,7 @@ async fn a_rotated_jwks_file_is_picked_up_without_restart() {
 
     // The new key is known (by the watch, or at worst by the unknown-kid reload).
     let new_key = sign(rotated(), &claims("inbox:embedder"));
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    while cluster.get(&new_key, &alice()).await.status() != 200 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the new key never worked"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    answers_within(&cluster.app, &new_key, 200, 5, "the new key never worked").await;
     // A fresh token of the removed key is refused.
     let old_key = sign(rsa(), &claims("inbox:embedder"));
     problem(cluster.get(&old_key, &alice()).await, 401).await;
@@ -460,14 +463,14 @@ async fn a_remembered_token_is_refused_once_its_signing_key_leaves_the_jwks() {
     // The signing key is pulled (say, it leaked): the same token, already
     // verified and remembered, is a caller no more.
     std::fs::write(&cluster.jwks_file, jwks(&[rotated(), ec()])).unwrap();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    while cluster.get(&token, &alice()).await.status() != 401 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a token of the removed key kept working"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    answers_within(
+        &cluster.app,
+        &token,
+        401,
+        5,
+        "a token of the removed key kept working",
+    )
+    .await;
     assert!(cluster.counted("rejected_unknown_key").await >= 1.0);
 }
 
@@ -720,14 +723,14 @@ async fn a_jwks_url_is_read_over_the_cluster_ca_and_never_past_one_mebibyte() {
         &ca,
     )
     .await;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while app.get_token_as(Some(&token), &alice()).await.status() != 200 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the JWKS was never read over the cluster's CA"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    answers_within(
+        &app,
+        &token,
+        200,
+        10,
+        "the JWKS was never read over the cluster's CA",
+    )
+    .await;
 
     // The same keys behind 64 MiB of padding: the read stops at 1 MiB (the
     // rest is never taken), so no key is known and the token is refused.
