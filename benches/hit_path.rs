@@ -15,9 +15,9 @@ use tracing_subscriber::layer::SubscriberExt;
 
 use token_broker::audit::Auditor;
 use token_broker::broker::{Broker, FetchFuture, TokenSource};
-use token_broker::config::{ClientSettings, LogFormat, Scope, Settings, Sources};
+use token_broker::config::{ClientSettings, KeyDigest, LogFormat, Scope, Settings, Sources};
 use token_broker::domain::{Identity, Token};
-use token_broker::http::auth::{Callers, key_sha256};
+use token_broker::http::auth::Callers;
 use token_broker::http::{AppParts, AppState, router};
 use token_broker::telemetry::log_layers;
 use token_broker::telemetry::metrics::Metrics;
@@ -60,7 +60,7 @@ fn hit_path(c: &mut Criterion) {
     let metrics = Arc::new(Metrics::new());
     let clients = [ClientSettings::new(
         "bench",
-        key_sha256(KEY),
+        KeyDigest::of_key(KEY),
         vec![Scope::TokensRead],
     )];
     metrics.register_clients(["bench"]);

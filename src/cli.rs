@@ -10,8 +10,7 @@ use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 
 use crate::audit::Auditor;
-use crate::config::{ClientSettings, ConfigError, Scope, Settings, Sources};
-use crate::http::auth::key_sha256;
+use crate::config::{ClientSettings, ConfigError, KeyDigest, Scope, Settings, Sources};
 use crate::service_accounts::Verifier;
 use crate::simulator::{Simulator, random_hex};
 use crate::startup::{Application, StartupError, shutdown_signal};
@@ -195,7 +194,7 @@ async fn demo(file: Option<PathBuf>) -> Result<(), Failure> {
     settings.upstream.partner_key_file = None;
     settings.clients.push(ClientSettings::new(
         "demo",
-        key_sha256(&caller_key),
+        KeyDigest::of_key(&caller_key),
         Scope::ALL.to_vec(),
     ));
     run_service(&settings, |app| {
@@ -249,7 +248,7 @@ fn hash_key(generate: bool) -> Result<(), Failure> {
         let key = SecretString::from(random_hex(32));
         let key = secrecy::ExposeSecret::expose_secret(&key);
         println!("caller key (give it to the caller, store it as a secret): {key}");
-        println!("key_sha256 = \"{}\"", key_sha256(key));
+        println!("key_sha256 = \"{}\"", KeyDigest::of_key(key));
         return Ok(());
     }
     let mut input = String::new();
@@ -269,7 +268,7 @@ fn hash_key(generate: bool) -> Result<(), Failure> {
             "a caller key must be at least {MIN_CALLER_KEY_CHARS} characters; `token-broker hash-key --generate` makes one"
         )));
     }
-    println!("key_sha256 = \"{}\"", key_sha256(key));
+    println!("key_sha256 = \"{}\"", KeyDigest::of_key(key));
     Ok(())
 }
 

@@ -93,14 +93,14 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     // A writer thread takes the lines off the request path. Lossless: when
     // its batch is full, callers wait rather than an event being dropped.
     let (writer, log_writer) = logs::BatchWriter::spawn(std::io::stdout());
-    let (level, format) = (&settings.level, settings.format);
+    let (level, format) = (settings.level.as_str(), settings.format);
     // Without export, no OpenTelemetry layer at all. Not an absent
     // `Option<Layer>` either: that one is interested in every span, so spans
     // the log level turns off would still be made and entered.
     let _ = if exporting {
         let otel = tracing_opentelemetry::layer()
             .with_tracer(tracer)
-            .with_filter(level_filter(&settings.level));
+            .with_filter(level_filter(level));
         tracing_subscriber::registry()
             .with(otel)
             .with(log_layers(level, format, writer))

@@ -40,7 +40,7 @@ mod waiting;
 use super::nodes::{Commands, Nodes, Options};
 use super::sealed::{KeyName, Sealer, Stored};
 use super::{EventSink, Lock, NotShared, Permit, SharedTier, TierFuture};
-use crate::config::{CacheSettings, ConfigError, read_secret_file};
+use crate::config::{CacheSettings, ConfigError, SharedRedis, read_secret_file};
 use crate::domain::Identity;
 use crate::telemetry::metrics::Metrics;
 use scripts::{CLAIM, INVALIDATE, RATE_LIMIT, STORE, UNLOCK};
@@ -122,16 +122,14 @@ impl RedisTier {
         wait: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Option<Self>, ConfigError> {
-        let Some(form) = settings.redis_form() else {
+        let Some(SharedRedis {
+            form,
+            encryption_key_file,
+        }) = settings.shared_redis()
+        else {
             return Ok(None);
         };
-        let Some(key_file) = &settings.encryption_key_file else {
-            return Err(ConfigError::invalid(
-                "cache.encryption_key_file",
-                "is required with a Redis",
-            ));
-        };
-        let sealer = Sealer::from_file(key_file)?;
+        let sealer = Sealer::from_file(encryption_key_file)?;
         let password: Option<SecretString> = settings
             .redis_password_file
             .as_deref()

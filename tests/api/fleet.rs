@@ -369,7 +369,7 @@ async fn redis_holds_neither_token_nor_email_and_a_moved_value_does_not_decrypt(
 async fn the_rate_limit_holds_for_the_whole_fleet() {
     let limited = format!(
         "[[clients]]\nname = \"limited\"\nkey_sha256 = \"{}\"\nscopes = [\"tokens:read\"]\nrate_limit_per_minute = 5\n",
-        token_broker::http::auth::key_sha256(READER_KEY)
+        token_broker::config::KeyDigest::of_key(READER_KEY)
     );
     let Some(fleet) = Fleet::start(2, &limited).await else {
         return;

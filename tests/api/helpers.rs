@@ -2,9 +2,9 @@
 
 use std::net::SocketAddr;
 
+use token_broker::config::KeyDigest;
 use token_broker::config::{Settings, Sources};
 use token_broker::domain::UserType;
-use token_broker::http::auth::key_sha256;
 use token_broker::simulator::Simulator;
 use token_broker::startup::Application;
 use tokio::sync::oneshot;
@@ -54,9 +54,9 @@ name = "invalidator"
 key_sha256 = "{}"
 scopes = ["tokens:invalidate"]
 "#,
-        key_sha256(READER_KEY),
-        key_sha256(TEAM_ONLY_KEY),
-        key_sha256(INVALIDATOR_KEY),
+        KeyDigest::of_key(READER_KEY),
+        KeyDigest::of_key(TEAM_ONLY_KEY),
+        KeyDigest::of_key(INVALIDATOR_KEY),
     )
 }
 

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use crate::helpers::*;
+use token_broker::config::KeyDigest;
 use token_broker::domain::UserType;
-use token_broker::http::auth::key_sha256;
 
 const RESTRICTED_KEY: &str = "restricted-key-0123456789";
 const LIMITED_KEY: &str = "limited-key-0123456789";
@@ -25,8 +25,8 @@ key_sha256 = "{}"
 scopes = ["tokens:read"]
 rate_limit_per_minute = 60
 "#,
-        key_sha256(RESTRICTED_KEY),
-        key_sha256(LIMITED_KEY)
+        KeyDigest::of_key(RESTRICTED_KEY),
+        KeyDigest::of_key(LIMITED_KEY)
     )
 }
 

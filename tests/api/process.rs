@@ -254,7 +254,7 @@ const ROTATED_KEY: &str = "pk-rotated-in-logs-test-77aa";
 fn limited_client() -> String {
     format!(
         "[[clients]]\nname = \"limited\"\nkey_sha256 = \"{}\"\nscopes = [\"tokens:read\"]\nrate_limit_per_minute = 1\n",
-        token_broker::http::auth::key_sha256(LIMITED_KEY)
+        token_broker::config::KeyDigest::of_key(LIMITED_KEY)
     )
 }
 
@@ -918,7 +918,7 @@ async fn hash_key_prints_the_config_line() {
         String::from_utf8(output.stdout).unwrap(),
         format!(
             "key_sha256 = \"{}\"\n",
-            token_broker::http::auth::key_sha256(key)
+            token_broker::config::KeyDigest::of_key(key)
         )
     );
 }
@@ -943,7 +943,7 @@ async fn hash_key_refuses_a_short_key_and_generates_a_strong_one() {
     );
     assert!(text.contains(&format!(
         "key_sha256 = \"{}\"",
-        token_broker::http::auth::key_sha256(&key)
+        token_broker::config::KeyDigest::of_key(&key)
     )));
     let again = hash_key(&["--generate"], b"").await;
     assert_ne!(

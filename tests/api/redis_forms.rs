@@ -24,7 +24,7 @@ async fn a_fleet_on(form: &str) {
     let limited = format!(
         "{}[[clients]]\nname = \"limited\"\nkey_sha256 = \"{}\"\nscopes = [\"tokens:read\"]\nrate_limit_per_minute = 5\n",
         clients_toml(),
-        token_broker::http::auth::key_sha256(TEAM_ONLY_KEY.replace("team", "limit").as_str())
+        token_broker::config::KeyDigest::of_key(TEAM_ONLY_KEY.replace("team", "limit").as_str())
     );
     let cache = format!(
         "[cache]\nencryption_key_file = {:?}\n{form}",

@@ -179,7 +179,7 @@ service_accounts = ["crm:*"]
 scopes = ["tokens:read", "customer_tokens:read"]
 "#,
             jwks = jwks_file.display().to_string(),
-            reader = token_broker::http::auth::key_sha256(READER_KEY),
+            reader = token_broker::config::KeyDigest::of_key(READER_KEY),
         ))
         .spawn()
         .await;

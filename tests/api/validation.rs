@@ -195,7 +195,7 @@ async fn a_body_on_get_is_refused() {
 async fn an_address_smuggling_another_domain_is_a_400_that_never_reaches_the_vendor() {
     let restricted = format!(
         "[[clients]]\nname = \"corp-only\"\nkey_sha256 = \"{}\"\nscopes = [\"tokens:read\"]\nallowed_email_domains = [\"corp.com\"]\n",
-        token_broker::http::auth::key_sha256(READER_KEY)
+        token_broker::config::KeyDigest::of_key(READER_KEY)
     );
     let app = TestApp::builder().config(&restricted).spawn().await;
     for smuggled in [
