@@ -37,7 +37,7 @@ use tracing::Instrument;
 use crate::config::CacheSettings;
 use crate::domain::Identity;
 use crate::shared::{Event, Lock, Next, NoSharedTier, NotShared, Permit, SharedTier, Stored};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Lookup, Metrics, UpstreamOutcome};
 use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
 use entry::{Answer, Entry, Lifetime};
 pub use entry::{CacheResult, Issued};
@@ -121,7 +121,7 @@ impl From<UpstreamError> for BrokerError {
 
 impl BrokerError {
     /// A short label for logs: the vendor outcome behind it.
-    pub fn outcome(&self) -> &'static str {
+    pub fn outcome(&self) -> UpstreamOutcome {
         match self {
             BrokerError::Unavailable { cause, .. }
             | BrokerError::Rejected { cause }
@@ -233,7 +233,7 @@ impl Broker {
     }
 
     /// Counts one lookup result.
-    fn counted(&self, result: &'static str) {
+    fn counted(&self, result: Lookup) {
         self.0.metrics.cache_lookup(result);
     }
 
@@ -300,9 +300,9 @@ impl Broker {
         let (result, label) = match fetched {
             Ok(entry) => {
                 let label = match (&entry.answer, entry.from_vendor) {
-                    (_, true) => "miss",
-                    (Answer::NotFound, false) => "negative",
-                    (Answer::Token { .. }, false) => "hit",
+                    (_, true) => Lookup::Miss,
+                    (Answer::NotFound, false) => Lookup::Negative,
+                    (Answer::Token { .. }, false) => Lookup::Hit,
                 };
                 (entry.issued(), label)
             }
@@ -312,24 +312,24 @@ impl Broker {
                 match cached.filter(|e| self.servable_when_failing(e, &error)) {
                     Some(stale) => {
                         if !inner.serving_stale.swap(true, Ordering::AcqRel) {
-                            span.in_scope(|| tracing::warn!(%error, outcome = error.outcome(), "vendor failing, serving stale tokens (each counted as a stale cache lookup)"));
+                            span.in_scope(|| tracing::warn!(%error, outcome = error.outcome().as_str(), "vendor failing, serving stale tokens (each counted as a stale cache lookup)"));
                         }
-                        (stale.issued_as(CacheResult::Stale), "stale")
+                        (stale.issued_as(CacheResult::Stale), Lookup::Stale)
                     }
-                    None => (Err(error.into()), "miss"),
+                    None => (Err(error.into()), Lookup::Miss),
                 }
             }
         };
         self.counted(label);
-        span.record("cache.result", label);
+        span.record("cache.result", label.as_str());
         result
     }
 
     /// An answer from this replica's memory.
     fn counted_cached(&self, entry: &Arc<Entry>) -> Result<Issued, BrokerError> {
         self.counted(match entry.answer {
-            Answer::NotFound => "negative",
-            Answer::Token { .. } => "hit",
+            Answer::NotFound => Lookup::Negative,
+            Answer::Token { .. } => Lookup::Hit,
         });
         entry.issued_as(CacheResult::Hit)
     }

@@ -158,6 +158,23 @@ pub fn is_hostname(domain: &str) -> bool {
     labels >= 2
 }
 
+/// A Kubernetes namespace: an RFC 1123 label (lower-case letters, digits and `-`, 1–63,
+/// starting and ending alphanumeric).
+pub fn is_dns_label(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+/// A Kubernetes object name (a service account's): an RFC 1123 subdomain (labels joined by dots, at most 253).
+pub fn is_dns_subdomain(text: &str) -> bool {
+    text.len() <= 253 && text.split('.').all(is_dns_label)
+}
+
 /// Addresses are personal data: never printed by `Debug`.
 impl fmt::Debug for Email {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -381,5 +398,19 @@ mod tests {
             user_type: UserType::Agent,
         };
         assert!(!format!("{id:?}").contains("secret.person"));
+    }
+
+    #[test]
+    fn namespaces_are_dns_labels_and_names_dns_subdomains() {
+        for good in ["a", "crm", "a-1", &"n".repeat(63)] {
+            assert!(is_dns_label(good), "{good}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"n".repeat(64)] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+        assert!(is_dns_subdomain("billing.v2"));
+        for bad in ["", "a..b", ".a", "a.", &"a".repeat(254)] {
+            assert!(!is_dns_subdomain(bad), "{bad}");
+        }
     }
 }

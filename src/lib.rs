@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod breaker;
 pub mod broker;
 pub mod cli;
 pub mod config;

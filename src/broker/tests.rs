@@ -95,10 +95,12 @@ fn broker_with(source: Arc<Counting>, settings: CacheSettings) -> (Broker, Arc<M
     (Broker::new(&settings, source, metrics.clone()), metrics)
 }
 
-fn lookups(metrics: &Metrics, result: &'static str) -> u64 {
+fn lookups(metrics: &Metrics, result: Lookup) -> u64 {
     metrics
         .cache_lookups
-        .get_or_create(&crate::telemetry::metrics::ResultLabels { result })
+        .get_or_create(&crate::telemetry::metrics::ResultLabels {
+            result: result.as_str(),
+        })
         .get()
 }
 
@@ -335,7 +337,7 @@ async fn a_stale_token_is_served_on_each_outage_kind_within_the_window_only() {
         let stale = broker.lookup(&id, &caller()).await.unwrap();
         assert_eq!(stale.cache, CacheResult::Stale, "{outage:?}");
         assert_eq!(stale.token.expose(), "token-1");
-        assert_eq!(lookups(&metrics, "stale"), 1);
+        assert_eq!(lookups(&metrics, Lookup::Stale), 1);
 
         tokio::time::advance(STALE - Duration::from_secs(2)).await;
         assert_eq!(
@@ -475,7 +477,7 @@ async fn no_such_user_is_remembered_for_negative_ttl() {
     let remembered = broker.lookup(&id, &caller()).await;
     assert!(matches!(remembered, Err(BrokerError::NotFound)));
     assert_eq!(source.calls(), 1);
-    assert_eq!(lookups(&metrics, "negative"), 1);
+    assert_eq!(lookups(&metrics, Lookup::Negative), 1);
 
     tokio::time::advance(Duration::from_secs(1)).await;
     source.fail_with(None);

@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 use sha2::{Digest, Sha256};
 
 use super::ConfigError;
-use crate::domain::UserType;
+use crate::domain::{UserType, is_dns_label, is_dns_subdomain};
 
 /// The caller name of requests without a key when `auth.allow_anonymous` is
 /// on; reserved, so no `[[clients]]` entry may take it.
@@ -110,26 +110,18 @@ impl ServiceAccount {
     /// name a DNS-1123 subdomain.
     pub fn parse(text: &str) -> Option<Self> {
         let (namespace, name) = text.split_once(':')?;
-        if !dns_label(namespace) {
+        if !is_dns_label(namespace) {
             return None;
         }
         let namespace = namespace.to_owned();
         if name == "*" {
             return Some(Self::AnyIn { namespace });
         }
-        ((1..=253).contains(&name.len()) && name.split('.').all(dns_label)).then(|| Self::Named {
+        is_dns_subdomain(name).then(|| Self::Named {
             namespace,
             name: name.to_owned(),
         })
     }
-}
-
-fn dns_label(s: &str) -> bool {
-    (1..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 impl fmt::Display for ServiceAccount {

@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::broker::BrokerError;
 use crate::domain::InvalidInput;
 use crate::http::outcome::Outcome;
+use crate::telemetry::metrics::ClientResult;
 
 /// Seconds a caller is told to wait after the vendor was unavailable.
 const UPSTREAM_RETRY_AFTER_SECS: u64 = 5;
@@ -53,23 +54,23 @@ pub enum ApiError {
 
 impl ApiError {
     /// The `result` label of `token_broker_client_requests_total`.
-    pub fn client_result(&self) -> &'static str {
+    pub fn client_result(&self) -> ClientResult {
         match self {
-            ApiError::BadRequest(_) | ApiError::BodyNotAllowed => "bad_request",
-            ApiError::Forbidden(_) => "forbidden",
-            ApiError::UserNotFound => "not_found",
-            ApiError::TokenInactive => "inactive",
-            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::BadRequest(_) | ApiError::BodyNotAllowed => ClientResult::BadRequest,
+            ApiError::Forbidden(_) => ClientResult::Forbidden,
+            ApiError::UserNotFound => ClientResult::NotFound,
+            ApiError::TokenInactive => ClientResult::Inactive,
+            ApiError::RateLimited { .. } => ClientResult::RateLimited,
             ApiError::UpstreamBadResponse
             | ApiError::UpstreamUnavailable { .. }
             | ApiError::UpstreamTimeout
             | ApiError::InvalidationNotShared
-            | ApiError::Internal => "error",
+            | ApiError::Internal => ClientResult::Error,
             ApiError::Unauthorized
             | ApiError::UriTooLong
             | ApiError::HeadersTooLarge
             | ApiError::RouteNotFound
-            | ApiError::MethodNotAllowed => "refused",
+            | ApiError::MethodNotAllowed => ClientResult::Refused,
         }
     }
 }
@@ -211,8 +212,8 @@ impl IntoResponse for ApiError {
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response.extensions_mut().insert(Outcome {
+            cache: None,
             result: self.client_result(),
-            ..Outcome::default()
         });
         let headers = response.headers_mut();
         match self {

@@ -27,6 +27,7 @@ use crate::http::outcome::Outcome;
 use crate::http::routes::{self, SPAN_NAMES, TOKENS_ROUTE, VENDOR_ROUTE};
 use crate::telemetry;
 use crate::telemetry::RequestContext;
+use crate::telemetry::metrics::ClientResult;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest accepted request target and header block: 8 KiB each.
@@ -242,7 +243,7 @@ fn finish(
     let outcome = response.extensions_mut().remove::<Outcome>();
     let outcome = outcome.as_ref();
     if let Some(client) = RequestContext::client() {
-        let result = outcome.map_or("ok", |o| o.result);
+        let result = outcome.map_or(ClientResult::Ok, |o| o.result);
         state.metrics.client_request(&client, result);
     }
     // `message` as a plain field: written as it is, no formatting.

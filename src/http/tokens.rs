@@ -21,6 +21,7 @@ use crate::http::openapi::params::{CallerErrors, VendorErrors};
 use crate::http::outcome::Outcome;
 use crate::http::query;
 use crate::telemetry::Throttle;
+use crate::telemetry::metrics::ClientResult;
 
 /// Paces the warning for failed vendor lookups.
 static VENDOR_ERRORS: Throttle = Throttle::every(Duration::from_secs(10));
@@ -264,13 +265,13 @@ async fn lookup(
         // the metrics count them; a warning at most every ten seconds.
         if !matches!(error, BrokerError::NotFound) && VENDOR_ERRORS.allow() {
             tracing::warn!(
-                outcome = error.outcome(),
+                outcome = error.outcome().as_str(),
                 error = %error,
                 cause,
                 "no token from the vendor (warned at most every 10 s; see token_broker_upstream_requests_total)"
             );
         } else {
-            tracing::debug!(identity = identity.kind(), outcome = error.outcome(), error = %error, cause, "no token from the vendor");
+            tracing::debug!(identity = identity.kind(), outcome = error.outcome().as_str(), error = %error, cause, "no token from the vendor");
         }
         ApiError::from(&error)
     })
@@ -279,7 +280,7 @@ async fn lookup(
 fn with_token_headers(mut response: Response, issued: &Issued) -> Response {
     response.extensions_mut().insert(Outcome {
         cache: Some(issued.cache),
-        result: "ok",
+        result: ClientResult::Ok,
     });
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -25,7 +25,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::Script;
@@ -40,9 +40,10 @@ mod waiting;
 use super::nodes::{Commands, Nodes, Options};
 use super::sealed::{KeyName, Sealer, Stored};
 use super::{EventSink, Lock, NotShared, Permit, SharedTier, TierFuture};
+use crate::breaker::{Breaker, Change, Ticket};
 use crate::config::{CacheSettings, ConfigError, SharedRedis, read_secret_file};
 use crate::domain::Identity;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, SharedCacheOp, SharedCacheResult, ValueRefusal};
 use scripts::{CLAIM, INVALIDATE, RATE_LIMIT, STORE, UNLOCK};
 use waiting::Waiters;
 pub use waiting::{Next, Waiter};
@@ -58,35 +59,6 @@ const GENERATION_TTL: Duration = Duration::from_secs(24 * 3600);
 /// While Redis is down, how often one call probes it.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Reachability of Redis, as the metrics and logs report it.
-struct Health {
-    up: AtomicBool,
-    /// Milliseconds since `epoch` of the last probe while down.
-    last_probe: AtomicU64,
-    epoch: Instant,
-}
-
-impl Health {
-    /// Whether this call should try Redis: always while up; while down, one
-    /// call per `PROBE_INTERVAL`.
-    fn usable(&self) -> bool {
-        if self.up.load(Ordering::Acquire) {
-            return true;
-        }
-        let now = self.now();
-        let last = self.last_probe.load(Ordering::Acquire);
-        now.saturating_sub(last) >= millis(PROBE_INTERVAL)
-            && self
-                .last_probe
-                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-    }
-
-    fn now(&self) -> u64 {
-        millis(self.epoch.elapsed())
-    }
-}
-
 struct Inner {
     nodes: Nodes,
     timeout: Duration,
@@ -95,7 +67,9 @@ struct Inner {
     lock_ttl: Duration,
     min_replicas: u32,
     sealer: Sealer,
-    health: Health,
+    /// Reachability: opens at the first failed call; while open, one call
+    /// per `PROBE_INTERVAL` tries Redis.
+    breaker: Breaker,
     /// The lowest generation this replica accepts per identity, from the
     /// invalidations it saw; kept as long as a value can be served.
     invalidated: moka::sync::Cache<Identity, u64>,
@@ -152,11 +126,7 @@ impl RedisTier {
             min_replicas: settings.redis_min_replicas,
             sealer,
             // Taken as reachable until a call or the subscription fails.
-            health: Health {
-                up: AtomicBool::new(true),
-                last_probe: AtomicU64::new(0),
-                epoch: Instant::now(),
-            },
+            breaker: Breaker::new(1, PROBE_INTERVAL),
             // Never bounded by count: an invalidation it forgot could be undone.
             invalidated: moka::sync::Cache::builder()
                 .time_to_live(settings.ttl + settings.stale_if_error)
@@ -177,7 +147,7 @@ impl RedisTier {
         let name = self.0.sealer.name(identity);
         let keys = [entry_key(&name), generation_key(&name)];
         let (value, generation): (Option<Vec<u8>>, Option<u64>) = self
-            .call("get", |mut connection| {
+            .call(SharedCacheOp::Get, |mut connection| {
                 let mut get = redis::cmd("MGET");
                 get.arg(&keys);
                 async move { get.query_async(&mut connection).await }
@@ -199,8 +169,9 @@ impl RedisTier {
             .arg(millis(self.0.lock_ttl))
             .arg(self.lowest_generation(identity))
             .arg(millis(GENERATION_TTL));
-        let (acquired, generation, value): (i64, String, Vec<u8>) =
-            self.call("claim", invoking(invocation)).await?;
+        let (acquired, generation, value): (i64, String, Vec<u8>) = self
+            .call(SharedCacheOp::Claim, invoking(invocation))
+            .await?;
         let generation = generation.parse().unwrap_or(0);
         let current = self.accept(identity, &value, generation);
         Some(if acquired == 1 {
@@ -228,7 +199,9 @@ impl RedisTier {
             return None;
         }
         let Some(opened) = self.0.sealer.open(identity, value) else {
-            self.0.metrics.shared_cache_value_refused("undecryptable");
+            self.0
+                .metrics
+                .shared_cache_value_refused(ValueRefusal::Undecryptable);
             tracing::warn!("a shared cache value does not decrypt for its key; ignoring it");
             return None;
         };
@@ -237,7 +210,7 @@ impl RedisTier {
             // snapshot brings back many at once.
             self.0
                 .metrics
-                .shared_cache_value_refused("stale_generation");
+                .shared_cache_value_refused(ValueRefusal::StaleGeneration);
             tracing::debug!(
                 "a shared cache value from before an invalidation of its key came back; refusing it"
             );
@@ -274,7 +247,7 @@ impl RedisTier {
         let timeout = self.0.timeout;
         let invocation = invoking::<String>(invocation);
         let (generation, replicas): (String, u32) = self
-            .call("invalidate", |mut connection| {
+            .call(SharedCacheOp::Invalidate, |mut connection| {
                 let invoked = invocation(connection.clone());
                 let entry = &entry;
                 async move {
@@ -297,7 +270,7 @@ impl RedisTier {
         // Counted, but not a sign of an unreachable Redis: only this DELETE fails.
         let metrics = &self.0.metrics;
         if replicas < min_replicas {
-            metrics.shared_cache_operation("replicate", "error");
+            metrics.shared_cache_operation(SharedCacheOp::Replicate, SharedCacheResult::Error);
             tracing::warn!(
                 replicas,
                 min_replicas,
@@ -306,21 +279,19 @@ impl RedisTier {
             return Err(NotShared);
         }
         if min_replicas > 0 {
-            metrics.shared_cache_operation("replicate", "ok");
+            metrics.shared_cache_operation(SharedCacheOp::Replicate, SharedCacheResult::Ok);
         }
         Ok(())
     }
 
     /// Runs one Redis call within `redis_timeout`, counting it and tracking
     /// health; `None` when Redis is down, failed or too slow.
-    async fn call<T, F, Fut>(&self, op: &'static str, call: F) -> Option<T>
+    async fn call<T, F, Fut>(&self, op: SharedCacheOp, call: F) -> Option<T>
     where
         F: Fn(Commands) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        if !self.0.health.usable() {
-            return None;
-        }
+        let ticket = self.0.breaker.admit().ok()?;
         let result = tokio::time::timeout(self.0.timeout, async {
             match call(self.0.nodes.commands().await?).await {
                 Err(error) if safe_to_repeat(&error) => {
@@ -333,20 +304,18 @@ impl RedisTier {
         .await;
         match result {
             Ok(Ok(value)) => {
-                self.record(op, "ok");
+                self.record(op, SharedCacheResult::Ok, Some(ticket));
                 Some(value)
             }
             Ok(Err(error)) => {
-                tracing::debug!(op, kind = ?error.kind(), "shared cache call failed");
+                tracing::debug!(op = op.as_str(), kind = ?error.kind(), "shared cache call failed");
                 self.0.nodes.failed(&error);
-                self.record(
-                    op,
-                    if error.is_timeout() {
-                        "timeout"
-                    } else {
-                        "error"
-                    },
-                );
+                let result = if error.is_timeout() {
+                    SharedCacheResult::Timeout
+                } else {
+                    SharedCacheResult::Error
+                };
+                self.record(op, result, Some(ticket));
                 None
             }
             Err(_) => {
@@ -355,35 +324,38 @@ impl RedisTier {
                     .failed(&redis::RedisError::from(std::io::Error::from(
                         std::io::ErrorKind::TimedOut,
                     )));
-                self.record(op, "timeout");
+                self.record(op, SharedCacheResult::Timeout, Some(ticket));
                 None
             }
         }
     }
 
-    /// Counts an operation; a command's result also sets reachability, and a
-    /// change of it is logged once.
-    fn record(&self, op: &'static str, result: &'static str) {
+    /// Counts an operation. A command's result (`ticket`: the breaker let it
+    /// through) also sets reachability; so does a failed subscription, but
+    /// only a command proves the connection that commands use. A change of
+    /// reachability is logged once.
+    fn record(&self, op: SharedCacheOp, result: SharedCacheResult, ticket: Option<Ticket<'_>>) {
         self.0.metrics.shared_cache_operation(op, result);
-        let up = result == "ok";
-        if up && op == "subscribe" {
-            // Only a command proves the connection that commands use.
-            return;
-        }
-        let health = &self.0.health;
-        if health.up.swap(up, Ordering::AcqRel) == up {
-            return;
-        }
-        self.0.metrics.shared_cache_up.set(i64::from(up));
-        if up {
-            tracing::info!("shared cache reachable; sharing tokens with the other replicas");
-        } else {
-            health.last_probe.store(health.now(), Ordering::Release);
-            tracing::warn!(
-                op,
-                result,
-                "shared cache unreachable; serving from memory and the vendor, rate limits per replica"
-            );
+        let change = match (ticket, result == SharedCacheResult::Ok) {
+            (Some(ticket), true) => ticket.succeeded(),
+            (Some(ticket), false) => ticket.failed(),
+            (None, true) => None,
+            (None, false) => self.0.breaker.failed(),
+        };
+        match change {
+            Some(Change::Closed) => {
+                self.0.metrics.shared_cache_up.set(1);
+                tracing::info!("shared cache reachable; sharing tokens with the other replicas");
+            }
+            Some(Change::Opened { .. }) => {
+                self.0.metrics.shared_cache_up.set(0);
+                tracing::warn!(
+                    op = op.as_str(),
+                    result = result.as_str(),
+                    "shared cache unreachable; serving from memory and the vendor, rate limits per replica"
+                );
+            }
+            Some(Change::Reopened) | None => {}
         }
     }
 }
@@ -438,7 +410,9 @@ impl SharedTier for RedisTier {
                 .key(format!("{PREFIX}:rate:{{{client}}}"))
                 .arg(interval)
                 .arg(tolerance);
-            let wait: i64 = self.call("rate_limit", invoking(invocation)).await?;
+            let wait: i64 = self
+                .call(SharedCacheOp::RateLimit, invoking(invocation))
+                .await?;
             Some(match u64::try_from(wait) {
                 Ok(0) | Err(_) => Ok(()),
                 Ok(micros) => Err(Duration::from_micros(micros)),
@@ -481,7 +455,10 @@ impl Held {
             .arg(millis(ttl).max(1))
             .arg(FILLED)
             .arg(&self.name.0);
-        let stored: Option<i64> = self.tier.call("store", invoking(invocation)).await;
+        let stored: Option<i64> = self
+            .tier
+            .call(SharedCacheOp::Store, invoking(invocation))
+            .await;
         if stored == Some(0) {
             tracing::debug!("key invalidated during the fetch; its answer is not shared");
         }
@@ -506,7 +483,7 @@ impl Drop for Held {
                 .arg(&owner)
                 .arg(FILLED)
                 .arg(&name.0);
-            let _: Option<i64> = tier.call("unlock", invoking(invocation)).await;
+            let _: Option<i64> = tier.call(SharedCacheOp::Unlock, invoking(invocation)).await;
         });
     }
 }

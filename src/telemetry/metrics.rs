@@ -22,6 +22,13 @@ use prometheus_client::registry::Registry;
 
 use crate::telemetry::process::ProcessCollector;
 
+mod labels;
+
+pub use labels::{
+    ClientResult, Lookup, ServiceAccountResult, SharedCacheOp, SharedCacheResult, UpstreamOutcome,
+    ValueRefusal,
+};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
@@ -75,49 +82,6 @@ pub struct ClientLabels {
     pub client: Arc<str>,
     pub result: &'static str,
 }
-
-/// Every `op` of `token_broker_shared_cache_operations_total`.
-pub const SHARED_CACHE_OPERATIONS: [&str; 9] = [
-    "get",
-    "claim",
-    "store",
-    "unlock",
-    "invalidate",
-    "replicate",
-    "rate_limit",
-    "subscribe",
-    "probe",
-];
-/// Every `result` of `token_broker_service_account_tokens_total`.
-pub const SERVICE_ACCOUNT_RESULTS: [&str; 7] = [
-    "verified",
-    "cached",
-    "rejected_malformed",
-    "rejected_unknown_key",
-    "rejected_invalid",
-    "rejected_lifetime",
-    "rejected_subject",
-];
-/// Every `reason` of `token_broker_shared_cache_values_refused_total`.
-pub const SHARED_CACHE_REFUSALS: [&str; 2] = ["stale_generation", "undecryptable"];
-/// Every `result` of `token_broker_shared_cache_operations_total`.
-pub const SHARED_CACHE_RESULTS: [&str; 3] = ["ok", "error", "timeout"];
-
-/// Every `outcome` of `token_broker_upstream_requests_total`.
-pub const UPSTREAM_OUTCOMES: [&str; 12] = [
-    "ok",
-    "inactive",
-    "not_found",
-    "rejected",
-    "unavailable",
-    "malformed",
-    "unexpected_status",
-    "timeout",
-    "connect_error",
-    "transport_error",
-    "circuit_open",
-    "saturated",
-];
 
 type HistogramFamily<L> = Family<L, LatencyHistogram, fn() -> LatencyHistogram>;
 
@@ -192,20 +156,8 @@ struct RouteHandles {
 /// `client_requests_total` of one configured caller, one counter per result.
 struct ClientHandles {
     name: Arc<str>,
-    results: [Counter; CLIENT_RESULTS.len()],
+    results: [Counter; ClientResult::ALL.len()],
 }
-
-/// Every `result` of `token_broker_client_requests_total`.
-const CLIENT_RESULTS: [&str; 8] = [
-    "ok",
-    "bad_request",
-    "forbidden",
-    "not_found",
-    "inactive",
-    "rate_limited",
-    "error",
-    "refused",
-];
 
 /// Every metric the service exports.
 pub struct Metrics {
@@ -338,8 +290,10 @@ impl Metrics {
             "Service-account bearer tokens: verified (a signature check), cached (seen before), or rejected_<reason>",
             service_account_tokens.clone(),
         );
-        for result in SERVICE_ACCOUNT_RESULTS {
-            let _ = service_account_tokens.get_or_create(&ResultLabels { result });
+        for result in ServiceAccountResult::ALL {
+            let _ = service_account_tokens.get_or_create(&ResultLabels {
+                result: result.as_str(),
+            });
         }
         let shared_cache_up = Gauge::default();
         let shared_cache_operations = Family::<OperationLabels, Counter>::default();
@@ -362,8 +316,10 @@ impl Metrics {
                 "Values read from the shared cache and refused: sealed in a generation older than an invalidation, or not decryptable",
                 shared_cache_values_refused.clone(),
             );
-            for reason in SHARED_CACHE_REFUSALS {
-                let _ = shared_cache_values_refused.get_or_create(&ReasonLabels { reason });
+            for reason in ValueRefusal::ALL {
+                let _ = shared_cache_values_refused.get_or_create(&ReasonLabels {
+                    reason: reason.as_str(),
+                });
             }
             registry.register(
                 "shared_cache_up",
@@ -375,9 +331,12 @@ impl Metrics {
                 "Calls to the shared cache (Redis) by operation and result",
                 shared_cache_operations.clone(),
             );
-            for op in SHARED_CACHE_OPERATIONS {
-                for result in SHARED_CACHE_RESULTS {
-                    let _ = shared_cache_operations.get_or_create(&OperationLabels { op, result });
+            for op in SharedCacheOp::ALL {
+                for result in SharedCacheResult::ALL {
+                    let _ = shared_cache_operations.get_or_create(&OperationLabels {
+                        op: op.as_str(),
+                        result: result.as_str(),
+                    });
                 }
             }
         }
@@ -389,11 +348,15 @@ impl Metrics {
         }
         // Series dashboards and alerts query are present, at zero, from the
         // first scrape (routes: `register_routes`).
-        for outcome in UPSTREAM_OUTCOMES {
-            let _ = upstream_requests.get_or_create(&OutcomeLabels { outcome });
+        for outcome in UpstreamOutcome::ALL {
+            let _ = upstream_requests.get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            });
         }
-        for result in ["hit", "miss", "stale", "negative"] {
-            let _ = cache_lookups.get_or_create(&ResultLabels { result });
+        for result in Lookup::ALL {
+            let _ = cache_lookups.get_or_create(&ResultLabels {
+                result: result.as_str(),
+            });
         }
         Self {
             registry: root,
@@ -420,21 +383,28 @@ impl Metrics {
         }
     }
 
-    pub fn service_account_token(&self, result: &'static str) {
+    pub fn service_account_token(&self, result: ServiceAccountResult) {
         self.service_account_tokens
-            .get_or_create(&ResultLabels { result })
+            .get_or_create(&ResultLabels {
+                result: result.as_str(),
+            })
             .inc();
     }
 
-    pub fn shared_cache_value_refused(&self, reason: &'static str) {
+    pub fn shared_cache_value_refused(&self, reason: ValueRefusal) {
         self.shared_cache_values_refused
-            .get_or_create(&ReasonLabels { reason })
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
             .inc();
     }
 
-    pub fn shared_cache_operation(&self, op: &'static str, result: &'static str) {
+    pub fn shared_cache_operation(&self, op: SharedCacheOp, result: SharedCacheResult) {
         self.shared_cache_operations
-            .get_or_create(&OperationLabels { op, result })
+            .get_or_create(&OperationLabels {
+                op: op.as_str(),
+                result: result.as_str(),
+            })
             .inc();
     }
 
@@ -505,11 +475,11 @@ impl Metrics {
                 let _ = self.upstream_slots_in_use.get_or_create(&caller);
                 let _ = self.upstream_queue_wait.get_or_create(&caller);
                 ClientHandles {
-                    results: CLIENT_RESULTS.map(|result| {
+                    results: ClientResult::ALL.map(|result| {
                         self.client_requests
                             .get_or_create(&ClientLabels {
                                 client: name.clone(),
-                                result,
+                                result: result.as_str(),
                             })
                             .clone()
                     }),
@@ -539,24 +509,28 @@ impl Metrics {
     }
 
     /// Counts one vendor request, or a fetch refused before reaching the vendor.
-    pub fn upstream_outcome(&self, outcome: &'static str) {
+    pub fn upstream_outcome(&self, outcome: UpstreamOutcome) {
         self.upstream_requests
-            .get_or_create(&OutcomeLabels { outcome })
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
             .inc();
     }
 
-    pub fn cache_lookup(&self, result: &'static str) {
+    pub fn cache_lookup(&self, result: Lookup) {
         self.cache_lookups
-            .get_or_create(&ResultLabels { result })
+            .get_or_create(&ResultLabels {
+                result: result.as_str(),
+            })
             .inc();
     }
 
-    pub fn client_request(&self, client: &Arc<str>, result: &'static str) {
+    pub fn client_request(&self, client: &Arc<str>, result: ClientResult) {
         let resolved = self.clients.get().and_then(|clients| {
             let handles = clients
                 .iter()
                 .find(|c| Arc::ptr_eq(&c.name, client) || c.name == *client)?;
-            let i = CLIENT_RESULTS.iter().position(|r| *r == result)?;
+            let i = ClientResult::ALL.iter().position(|r| *r == result)?;
             Some(&handles.results[i])
         });
         match resolved {
@@ -567,7 +541,7 @@ impl Metrics {
                 self.client_requests
                     .get_or_create(&ClientLabels {
                         client: client.clone(),
-                        result,
+                        result: result.as_str(),
                     })
                     .inc();
             }
@@ -651,7 +625,7 @@ mod tests {
         m.upstream_requests
             .get_or_create(&OutcomeLabels { outcome: "ok" })
             .inc();
-        m.client_request(&Arc::from("app"), "ok");
+        m.client_request(&Arc::from("app"), ClientResult::Ok);
         m.http_duration
             .get_or_create(&RouteLabels {
                 route: "/v1/tokens",
@@ -680,7 +654,7 @@ mod tests {
     fn prometheus_text_names_families_as_their_samples() {
         let m = Metrics::new();
         m.register_routes(&["/v1/tokens"]);
-        m.cache_lookup("hit");
+        m.cache_lookup(Lookup::Hit);
         let text = m.encode_prometheus();
         for line in [
             "# TYPE token_broker_cache_lookups_total counter",

@@ -5,12 +5,12 @@
 //! with tokio's paused clock and no network.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::{Instant, timeout_at};
 
+use crate::breaker::{Breaker, Change, Ticket};
 use crate::config::UpstreamSettings;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::fair::FairSlots;
@@ -30,7 +30,7 @@ pub struct Resilience {
     in_flight: FairSlots,
     max_retries: u32,
     budget: Duration,
-    circuit: Circuit,
+    circuit: Breaker,
 }
 
 impl Resilience {
@@ -39,11 +39,7 @@ impl Resilience {
             in_flight: FairSlots::new(settings.max_in_flight, metrics.clone()),
             max_retries: settings.max_retries,
             budget: settings.timeout,
-            circuit: Circuit::new(
-                settings.circuit_failures,
-                settings.circuit_cooldown,
-                metrics.upstream_circuit_open.clone(),
-            ),
+            circuit: Breaker::new(settings.circuit_failures, settings.circuit_cooldown),
             metrics,
         }
     }
@@ -62,8 +58,12 @@ impl Resilience {
         Fut: Future<Output = Result<Fetched, UpstreamError>>,
     {
         let deadline = Instant::now() + self.budget;
-        let ticket = self.circuit.admit().inspect_err(|refused| {
+        let ticket = self.circuit.admit().map_err(|refused| {
+            let refused = UpstreamError::CircuitOpen {
+                retry_after: refused.retry_after.unwrap_or(PROBE_RETRY_AFTER),
+            };
             self.metrics.upstream_outcome(refused.outcome());
+            refused
         })?;
         let mut retries = 0;
         let result = loop {
@@ -95,8 +95,35 @@ impl Resilience {
                 other => break other,
             }
         };
-        ticket.record(&result);
+        self.record(ticket, &result);
         result
+    }
+
+    /// Tells the breaker how a fetch went: only an outage counts against
+    /// the vendor; our own limits say nothing about it.
+    fn record(&self, ticket: Ticket<'_>, result: &Result<Fetched, UpstreamError>) {
+        let change = match result {
+            Err(UpstreamError::Saturated | UpstreamError::CircuitOpen { .. }) => None,
+            Err(error) if error.is_outage() => ticket.failed(),
+            _ => ticket.succeeded(),
+        };
+        match change {
+            Some(Change::Opened { failures }) => {
+                let cooldown = self.circuit.cooldown();
+                tracing::warn!(failures, ?cooldown, "circuit to the vendor opened");
+                self.metrics.upstream_circuit_open.set(1);
+            }
+            Some(Change::Reopened) => {
+                if let Err(error) = result {
+                    tracing::warn!(%error, "circuit probe failed, circuit stays open");
+                }
+            }
+            Some(Change::Closed) => {
+                tracing::info!("circuit to the vendor closed");
+                self.metrics.upstream_circuit_open.set(0);
+            }
+            None => {}
+        }
     }
 }
 
@@ -109,139 +136,10 @@ fn backoff(retries: u32) -> Duration {
     Duration::from_millis(rand::random_range(0..=millis))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Closed {
-        failures: u32,
-    },
-    Open {
-        until: Instant,
-    },
-    /// Open, with the one probe request under way.
-    Probing,
-}
-
-/// Opens after `threshold` consecutive failed fetches; after `cooldown` lets
-/// one probe through, which closes it on success or reopens it on failure.
-struct Circuit {
-    state: Mutex<State>,
-    threshold: u32,
-    cooldown: Duration,
-    open: Gauge,
-}
-
-impl Circuit {
-    fn new(threshold: u32, cooldown: Duration, open: Gauge) -> Self {
-        Self {
-            state: Mutex::new(State::Closed { failures: 0 }),
-            threshold,
-            cooldown,
-            open,
-        }
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn admit(&self) -> Result<Ticket<'_>, UpstreamError> {
-        let now = Instant::now();
-        let mut state = self.state();
-        let probe = match *state {
-            State::Closed { .. } => false,
-            State::Open { until } if now < until => {
-                return Err(UpstreamError::CircuitOpen {
-                    retry_after: until - now,
-                });
-            }
-            State::Open { .. } => {
-                *state = State::Probing;
-                true
-            }
-            State::Probing => {
-                return Err(UpstreamError::CircuitOpen {
-                    retry_after: PROBE_RETRY_AFTER,
-                });
-            }
-        };
-        Ok(Ticket {
-            circuit: self,
-            probe,
-            recorded: false,
-        })
-    }
-
-    fn open_now(&self, state: &mut State) {
-        *state = State::Open {
-            until: Instant::now() + self.cooldown,
-        };
-        self.open.set(1);
-    }
-}
-
-/// Permission for one fetch; reports how it went.
-struct Ticket<'a> {
-    circuit: &'a Circuit,
-    probe: bool,
-    recorded: bool,
-}
-
-impl Ticket<'_> {
-    fn record(mut self, result: &Result<Fetched, UpstreamError>) {
-        self.recorded = true;
-        let circuit = self.circuit;
-        let mut state = circuit.state();
-        match result {
-            // Our own limit says nothing about the vendor.
-            Err(UpstreamError::Saturated | UpstreamError::CircuitOpen { .. }) => {
-                if self.probe {
-                    *state = State::Open {
-                        until: Instant::now(),
-                    };
-                }
-            }
-            Err(error) if error.is_outage() => {
-                if self.probe {
-                    tracing::warn!(%error, "circuit probe failed, circuit stays open");
-                    circuit.open_now(&mut state);
-                } else if let State::Closed { failures } = *state {
-                    let failures = failures + 1;
-                    if failures >= circuit.threshold {
-                        tracing::warn!(failures, cooldown = ?circuit.cooldown, "circuit to the vendor opened");
-                        circuit.open_now(&mut state);
-                    } else {
-                        *state = State::Closed { failures };
-                    }
-                }
-            }
-            // The vendor answered (a token, or a definitive no).
-            _ => {
-                if *state != (State::Closed { failures: 0 }) {
-                    if !matches!(*state, State::Closed { .. }) {
-                        tracing::info!("circuit to the vendor closed");
-                    }
-                    *state = State::Closed { failures: 0 };
-                    circuit.open.set(0);
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Ticket<'_> {
-    /// A probe whose caller went away decides nothing: let the next fetch probe.
-    fn drop(&mut self) {
-        if self.probe && !self.recorded {
-            *self.circuit.state() = State::Open {
-                until: Instant::now(),
-            };
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
 
     fn caller() -> &'static Arc<str> {
         static CALLER: std::sync::LazyLock<Arc<str>> =

@@ -88,14 +88,15 @@ async fn a_definitive_no_from_the_vendor_is_not_masked_by_a_stale_token() {
 #[tokio::test]
 async fn a_hit_past_refresh_ahead_is_answered_at_once_and_refreshed_in_the_background() {
     let app = TestApp::builder()
-        .config("[cache]\nttl = \"5s\"\nrefresh_ahead = 0.1\n")
+        .config("[cache]\nttl = \"20s\"\nrefresh_ahead = 0.1\n[upstream]\ntimeout = \"10s\"\n")
         .spawn()
         .await;
     let query = member_query(ALICE, "AGENT");
+    let first_fetch = std::time::Instant::now();
     app.get_token(&query).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     // Slower than any plausible stall, so "still in flight" means "not waited for".
-    app.sim.set_latency(Duration::from_secs(2));
+    app.sim.set_latency(Duration::from_secs(5));
 
     let hits = futures::future::join_all((0..20).map(|_| app.get_token(&query))).await;
 
@@ -114,7 +115,13 @@ async fn a_hit_past_refresh_ahead_is_answered_at_once_and_refreshed_in_the_backg
     let after = app.get_token(&query).await;
     assert_eq!(after.headers()["x-cache"], "hit");
     let age: u64 = after.headers()["age"].to_str().unwrap().parse().unwrap();
-    assert!(age < 2, "the refreshed token, Age {age}");
+    // The first token is as old as the test; the refreshed one was stored
+    // at least 2.1 s later.
+    let elapsed = first_fetch.elapsed().as_secs();
+    assert!(
+        age + 2 <= elapsed,
+        "the refreshed token: Age {age} after {elapsed} s"
+    );
 }
 
 #[tokio::test]
@@ -199,7 +206,7 @@ async fn the_vendors_retry_after_reaches_the_caller() {
 #[tokio::test]
 async fn the_circuit_opens_fails_fast_then_lets_one_probe_close_it() {
     let app = TestApp::builder()
-        .config("[upstream]\nmax_retries = 0\ncircuit_failures = 2\ncircuit_cooldown = \"400ms\"\n")
+        .config("[upstream]\nmax_retries = 0\ncircuit_failures = 2\ncircuit_cooldown = \"3s\"\n")
         .spawn()
         .await;
     app.sim.set_fault(Fault::Status(503));
@@ -215,14 +222,30 @@ async fn the_circuit_opens_fails_fast_then_lets_one_probe_close_it() {
     let ready_while_open = app.admin_get("/readyz").await.0;
 
     app.sim.set_fault(Fault::None);
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    let probe = app.get_token(&query).await;
+    // Asked again until the cooldown is over: every refusal is made without
+    // the vendor, and the first request after it is the one probe.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let probe = loop {
+        let response = app.get_token(&query).await;
+        if response.status() != 503 || tokio::time::Instant::now() > deadline {
+            break response;
+        }
+        assert_eq!(
+            app.sim.calls(),
+            2,
+            "a vendor call while the circuit was open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
 
     assert_eq!(
         body["type"],
         "urn:token-broker:problem:upstream-unavailable"
     );
-    assert_eq!(retry_after, "1", "the rest of the cooldown, rounded up");
+    assert!(
+        ["1", "2", "3"].contains(&retry_after.as_str()),
+        "the rest of the cooldown, rounded up: {retry_after}"
+    );
     assert_eq!(
         calls_while_open, 2,
         "no vendor call while the circuit is open"
@@ -235,10 +258,10 @@ async fn the_circuit_opens_fails_fast_then_lets_one_probe_close_it() {
     assert_eq!(probe.status(), 200);
     assert_eq!(app.sim.calls(), 3);
     assert_eq!(app.metric("token_broker_upstream_circuit_open").await, 0.0);
-    assert_eq!(
+    assert!(
         app.metric(r#"token_broker_upstream_requests_total{outcome="circuit_open"}"#)
-            .await,
-        1.0
+            .await
+            >= 1.0
     );
 }
 

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::super::sealed::KeyName;
 use super::super::{Event, EventSink, TierFuture};
 use super::{FILLED, INVALIDATED, RedisTier};
+use crate::telemetry::metrics::{SharedCacheOp, SharedCacheResult, ValueRefusal};
 
 /// Pause between attempts to re-subscribe.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(250);
@@ -44,7 +45,7 @@ impl RedisTier {
             .await;
             match subscribed {
                 Ok(Ok(pubsub)) => {
-                    self.record("subscribe", "ok");
+                    self.record(SharedCacheOp::Subscribe, SharedCacheResult::Ok, None);
                     // Invalidations sent while this replica was not listening were missed.
                     sink(Event::Lost);
                     self.set_in_sync(true);
@@ -52,7 +53,7 @@ impl RedisTier {
                         return;
                     }
                     self.set_in_sync(false);
-                    self.record("subscribe", "error");
+                    self.record(SharedCacheOp::Subscribe, SharedCacheResult::Error, None);
                     self.0.metrics.shared_cache_subscription_losses.inc();
                     sink(Event::Lost);
                     tracing::warn!(
@@ -61,9 +62,9 @@ impl RedisTier {
                 }
                 Ok(Err(error)) => {
                     self.0.nodes.failed(&error);
-                    self.record("subscribe", "error");
+                    self.record(SharedCacheOp::Subscribe, SharedCacheResult::Error, None);
                 }
-                Err(_) => self.record("subscribe", "timeout"),
+                Err(_) => self.record(SharedCacheOp::Subscribe, SharedCacheResult::Timeout, None),
             }
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -104,14 +105,14 @@ impl RedisTier {
                     if last_heard.elapsed() >= SILENCE_LIMIT {
                         return std::ops::ControlFlow::Continue(());
                     }
-                    if !self.0.health.up.load(Ordering::Acquire) {
+                    if !self.0.breaker.is_closed() {
                         // Commands were failing: probe them (once a second, as
                         // `call` allows), so a replica serving only hits still
                         // finds Redis back.
                         let tier = self.clone();
                         tokio::spawn(async move {
                             let _: Option<String> = tier
-                                .call("probe", |mut connection| async move {
+                                .call(SharedCacheOp::Probe, |mut connection| async move {
                                     redis::cmd("PING").query_async(&mut connection).await
                                 })
                                 .await;
@@ -148,7 +149,9 @@ impl RedisTier {
                         sink(Event::Invalidated(identity));
                     }
                     None => {
-                        self.0.metrics.shared_cache_value_refused("undecryptable");
+                        self.0
+                            .metrics
+                            .shared_cache_value_refused(ValueRefusal::Undecryptable);
                         tracing::warn!(
                             "an invalidation message does not open under this replica's key; ignoring it"
                         );

@@ -1,0 +1,117 @@
+//! The closed sets of label values, one enum per label, so a value that
+//! dashboards and alerts do not know cannot be counted by a typo.
+
+/// An enum of label values, each with the text it is exported as, and
+/// `ALL` to start every series at zero.
+macro_rules! label_values {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in the order exported.
+            pub const ALL: [$name; [$($text),+].len()] = [$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+    };
+}
+
+label_values! {
+    /// `result` of `token_broker_cache_lookups_total`.
+    Lookup {
+        Hit => "hit",
+        Miss => "miss",
+        Stale => "stale",
+        /// A remembered "no such user".
+        Negative => "negative",
+    }
+}
+
+label_values! {
+    /// `outcome` of `token_broker_upstream_requests_total`.
+    UpstreamOutcome {
+        Ok => "ok",
+        Inactive => "inactive",
+        NotFound => "not_found",
+        Rejected => "rejected",
+        Unavailable => "unavailable",
+        Malformed => "malformed",
+        UnexpectedStatus => "unexpected_status",
+        Timeout => "timeout",
+        ConnectError => "connect_error",
+        TransportError => "transport_error",
+        CircuitOpen => "circuit_open",
+        Saturated => "saturated",
+    }
+}
+
+label_values! {
+    /// `result` of `token_broker_client_requests_total`.
+    ClientResult {
+        Ok => "ok",
+        BadRequest => "bad_request",
+        Forbidden => "forbidden",
+        NotFound => "not_found",
+        Inactive => "inactive",
+        RateLimited => "rate_limited",
+        Error => "error",
+        /// Refused by the service itself (overload, audit unavailable).
+        Refused => "refused",
+    }
+}
+
+label_values! {
+    /// `op` of `token_broker_shared_cache_operations_total`.
+    SharedCacheOp {
+        Get => "get",
+        Claim => "claim",
+        Store => "store",
+        Unlock => "unlock",
+        Invalidate => "invalidate",
+        Replicate => "replicate",
+        RateLimit => "rate_limit",
+        Subscribe => "subscribe",
+        Probe => "probe",
+    }
+}
+
+label_values! {
+    /// `result` of `token_broker_shared_cache_operations_total`.
+    SharedCacheResult {
+        Ok => "ok",
+        Error => "error",
+        Timeout => "timeout",
+    }
+}
+
+label_values! {
+    /// `reason` of `token_broker_shared_cache_values_refused_total`.
+    ValueRefusal {
+        /// Sealed in a generation older than an invalidation.
+        StaleGeneration => "stale_generation",
+        Undecryptable => "undecryptable",
+    }
+}
+
+label_values! {
+    /// `result` of `token_broker_service_account_tokens_total`.
+    ServiceAccountResult {
+        /// A signature check passed.
+        Verified => "verified",
+        /// Seen and verified before.
+        Cached => "cached",
+        RejectedMalformed => "rejected_malformed",
+        RejectedUnknownKey => "rejected_unknown_key",
+        RejectedInvalid => "rejected_invalid",
+        RejectedLifetime => "rejected_lifetime",
+        RejectedSubject => "rejected_subject",
+    }
+}
