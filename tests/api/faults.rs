@@ -26,8 +26,8 @@ use tokio::time::Instant;
 
 use crate::fault_proxy::{Fault, FaultProxy};
 use crate::fleet::Backdrop;
+use crate::helpers::process::{Running, command, config_file};
 use crate::helpers::*;
-use crate::process::{Running, command, config_file};
 use crate::redis_servers::{ClusterSet, MASTER_NAME, RedisServer, SentinelSet};
 
 const KEYS: usize = 4;

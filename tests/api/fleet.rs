@@ -11,8 +11,8 @@ use token_broker::domain::UserType;
 use token_broker::simulator::Simulator;
 use tokio::time::Instant;
 
+use crate::helpers::process::{Running, command, config_file};
 use crate::helpers::*;
-use crate::process::{Running, command, config_file};
 use crate::redis_servers::RedisServer;
 
 /// Replicas in front of one simulator, sharing one Redis.

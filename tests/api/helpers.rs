@@ -1,4 +1,9 @@
-//! `TestApp`: a broker and a simulated vendor on port 0, with one helper per endpoint.
+//! `TestApp`: a broker and a simulated vendor on port 0, with one helper per
+//! endpoint; `process`: the real binary; `service_accounts`: signed
+//! Kubernetes tokens and their JWKS.
+
+pub mod process;
+pub mod service_accounts;
 
 use std::net::SocketAddr;
 

@@ -12,8 +12,8 @@ use std::process::Stdio;
 
 use tokio::process::Command;
 
+use crate::helpers::process::{Running, upstream};
 use crate::helpers::*;
-use crate::process::{Running, upstream};
 
 /// The image's fixed user (distroless "nonroot"), as the manifests pin it.
 const IMAGE_UID: &str = "65532";

@@ -1,9 +1,10 @@
 //! Integration tests: the broker and the simulated vendor on port 0,
-//! driven over HTTP. `process` runs the real binary.
+//! driven over HTTP; `helpers::process` runs the real binary.
 
 mod admin;
 mod audit;
 mod auth;
+mod cli;
 mod fairness;
 mod fault_proxy;
 mod faults;
@@ -12,10 +13,12 @@ mod helpers;
 mod hostile;
 mod image;
 mod invalidation;
+mod jwks;
+mod lifecycle;
+mod logs;
 mod metrics;
 mod openapi;
 mod policy;
-mod process;
 mod redis_forms;
 mod redis_servers;
 mod resilience;

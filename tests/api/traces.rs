@@ -19,8 +19,8 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
 
+use crate::helpers::process::{Running, command, config_file, upstream};
 use crate::helpers::*;
-use crate::process::{Running, command, config_file, upstream};
 
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";

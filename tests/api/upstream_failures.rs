@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use axum::response::Redirect;
 use token_broker::simulator::{Fault, NotFoundStyle};
 
+use crate::helpers::process::{Running, command, config_file, upstream};
 use crate::helpers::*;
-use crate::process::{Running, command, config_file, upstream};
 
 #[tokio::test]
 async fn an_unknown_user_is_a_404_in_both_vendor_shapes() {

@@ -1,0 +1,237 @@
+//! The real binary as a test harness: a `Command` for it, a `Running`
+//! broker with its output captured, a config file, and readers of its logs.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::*;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_token-broker");
+
+pub fn command() -> Command {
+    let mut command = Command::new(BINARY);
+    command
+        .env_remove("TOKEN_BROKER_CONFIG")
+        .env("TOKEN_BROKER__SERVER__LISTEN", "127.0.0.1:0")
+        .env("TOKEN_BROKER__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// Collects the child's stdout and stderr, line by line.
+fn capture(child: &mut Child) -> Arc<Mutex<Vec<String>>> {
+    let output = Arc::new(Mutex::new(Vec::new()));
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let output = output.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                output.lock().unwrap().push(line);
+            }
+        });
+    }
+    output
+}
+
+/// A running `token-broker` whose output is captured line by line.
+pub struct Running {
+    pub child: Child,
+    output: Arc<Mutex<Vec<String>>>,
+    pub api: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Running {
+    /// `serve` with the test configuration, written into `dir`, in front of `upstream`.
+    pub async fn serve(dir: &tempfile::TempDir, upstream: SocketAddr) -> Running {
+        let mut command = command();
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(config_file(dir, upstream, ""));
+        Running::start(command).await
+    }
+
+    /// Starts `args` and waits until the broker logs that it is listening.
+    pub async fn start(mut command: Command) -> Running {
+        let mut child = command.spawn().expect("binary starts");
+        let output = capture(&mut child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let listening = output.lock().unwrap().iter().find_map(|line| {
+                let event: serde_json::Value = serde_json::from_str(line).ok()?;
+                (event["message"] == "listening").then(|| {
+                    (
+                        event["api"].as_str().unwrap().parse().unwrap(),
+                        event["admin"].as_str().unwrap().parse().unwrap(),
+                    )
+                })
+            });
+            if let Some((api, admin)) = listening {
+                return Running {
+                    child,
+                    output,
+                    api,
+                    admin,
+                };
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "broker did not start: {:?}",
+                output.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts `command` on free ports it is given, and waits for `/healthz`:
+    /// for log levels that do not print the `listening` line.
+    pub async fn start_quiet(mut command: Command) -> Running {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (api, admin) = (free(), free());
+        command
+            .env("TOKEN_BROKER__SERVER__LISTEN", api.to_string())
+            .env("TOKEN_BROKER__SERVER__ADMIN_LISTEN", admin.to_string());
+        let mut child = command.spawn().expect("binary starts");
+        let output = capture(&mut child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let http = reqwest::Client::new();
+        while http
+            .get(format!("http://{admin}/healthz"))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "broker did not start: {:?}",
+                output.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Running {
+            child,
+            output,
+            api,
+            admin,
+        }
+    }
+
+    /// The value of `sample` on its `/metrics`; `None` when it is not there.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        let text = reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        sample_value(&text, sample)
+    }
+
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().join("\n")
+    }
+
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("still running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then asserts the clean exit (code 0) the command line promises.
+    pub async fn stop(&mut self) {
+        self.terminate();
+        assert_eq!(self.wait().await, 0, "a clean shutdown exits 0");
+    }
+
+    pub async fn wait(&mut self) -> i32 {
+        let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .expect("broker exits after SIGTERM")
+            .unwrap();
+        // Let the readers drain the pipes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status.code().expect("exited, not killed")
+    }
+}
+
+/// A config file for a broker in front of `upstream`.
+pub fn config_file(
+    dir: &tempfile::TempDir,
+    upstream: SocketAddr,
+    extra: &str,
+) -> std::path::PathBuf {
+    let path = dir.path().join("token-broker.toml");
+    let key_file = dir.path().join("partner-key");
+    std::fs::write(&key_file, format!("{PARTNER_KEY}\n")).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[upstream]\nbase_url = \"http://{upstream}\"\npartner_key_file = {key_file:?}\ntimeout = \"1s\"\n\
+             [server]\nshutdown_grace = \"10s\"\n{extra}\n{}",
+            clients_toml()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+pub async fn upstream() -> (token_broker::simulator::Simulator, SocketAddr) {
+    let sim = simulator();
+    let addr = sim
+        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    (sim, addr)
+}
+
+pub async fn get(client: &reqwest::Client, url: String, key: &str) -> reqwest::Response {
+    client.get(url).bearer_auth(key).send().await.unwrap()
+}
+
+/// A partner key the tests rotate to.
+pub const ROTATED_KEY: &str = "pk-rotated-in-logs-test-77aa";
+pub const LIMITED_KEY: &str = "limited-caller-key-5d1f";
+
+/// A caller allowed one request a minute, for the 429 path.
+pub fn limited_client() -> String {
+    format!(
+        "[[clients]]\nname = \"limited\"\nkey_sha256 = \"{}\"\nscopes = [\"tokens:read\"]\nrate_limit_per_minute = 1\n",
+        token_broker::config::KeyDigest::of_key(LIMITED_KEY)
+    )
+}
+
+/// The JSON log events of `output`.
+pub fn events(output: &str) -> Vec<serde_json::Value> {
+    output
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+/// The audit events of `output`.
+pub fn audit_events(output: &str) -> Vec<serde_json::Value> {
+    events(output)
+        .into_iter()
+        .filter(|event| event["target"] == "audit")
+        .collect()
+}
