@@ -49,8 +49,12 @@ fn request() -> Request<Body> {
 
 fn hit_path(c: &mut Criterion) {
     // The layers `telemetry::init` installs, at the default level, into a sink.
-    let subscriber =
-        tracing_subscriber::registry().with(log_layers("info", LogFormat::Json, std::io::sink));
+    let subscriber = tracing_subscriber::registry().with(log_layers(
+        "info",
+        LogFormat::Json,
+        std::io::sink,
+        std::io::sink,
+    ));
     tracing::subscriber::set_global_default(subscriber).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -141,8 +141,21 @@ async fn run_service(
     })?;
     tracing::info!(api = %app.api_addr(), admin = %app.admin_addr(), "listening");
     on_ready(&app);
-    app.run_until(shutdown_signal()).await;
-    telemetry.shutdown().await;
+    // The grace runs from the signal: whatever is left of it after the
+    // connections closed is the log output's to drain.
+    let signalled = std::sync::OnceLock::new();
+    app.run_until(async {
+        shutdown_signal().await;
+        let _ = signalled.set(std::time::Instant::now());
+    })
+    .await;
+    let since = signalled
+        .get()
+        .copied()
+        .unwrap_or_else(std::time::Instant::now);
+    telemetry
+        .shutdown(since + settings.server.shutdown_grace)
+        .await;
     Ok(())
 }
 
@@ -294,7 +307,9 @@ async fn simulate_upstream(
         );
     }
     shutdown_signal().await;
-    telemetry.shutdown().await;
+    telemetry
+        .shutdown(std::time::Instant::now() + std::time::Duration::from_secs(2))
+        .await;
     Ok(())
 }
 

@@ -163,6 +163,7 @@ impl Settings {
         self.server.validate()?;
         self.upstream.validate()?;
         self.cache.validate()?;
+        self.log.validate()?;
         self.auth.kubernetes.validate()?;
         clients::validate(&self.clients)?;
         if self.auth.allow_anonymous {

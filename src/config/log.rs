@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
+use super::ConfigError;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -53,7 +55,26 @@ impl Serialize for LogLevel {
 pub struct LogSettings {
     pub format: LogFormat,
     pub level: LogLevel,
+    /// Bytes of log lines that may wait for a slow stdout; past three
+    /// quarters of it other lines are dropped, past all of it audit events
+    /// are refused (their requests fail with 503).
+    pub queue_bytes: usize,
 }
+
+impl LogSettings {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.queue_bytes < MIN_QUEUE_BYTES {
+            return Err(ConfigError::invalid(
+                "log.queue_bytes",
+                format!("must be at least {MIN_QUEUE_BYTES} (64 KiB)"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Room for a few hundred lines at the least.
+const MIN_QUEUE_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

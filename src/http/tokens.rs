@@ -8,7 +8,10 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use std::sync::LazyLock;
 use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::audit::Actor;
 use crate::broker::{BrokerError, Issued};
@@ -20,11 +23,15 @@ use crate::http::observe::RequestId;
 use crate::http::openapi::params::{CallerErrors, VendorErrors};
 use crate::http::outcome::Outcome;
 use crate::http::query;
-use crate::telemetry::Throttle;
 use crate::telemetry::metrics::ClientResult;
 
-/// Paces the warning for failed vendor lookups.
-static VENDOR_ERRORS: Throttle = Throttle::every(Duration::from_secs(10));
+/// Paces the warning for failed vendor lookups: one per ten seconds.
+static VENDOR_ERRORS: LazyLock<DefaultDirectRateLimiter> = LazyLock::new(|| {
+    RateLimiter::direct(
+        Quota::with_period(Duration::from_secs(10))
+            .unwrap_or_else(|| unreachable!("a non-zero period")),
+    )
+});
 
 /// `X-Cache`: where the token came from.
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -263,7 +270,7 @@ async fn lookup(
             .unwrap_or_default();
         // Per request only at debug: during an outage every miss fails, and
         // the metrics count them; a warning at most every ten seconds.
-        if !matches!(error, BrokerError::NotFound) && VENDOR_ERRORS.allow() {
+        if !matches!(error, BrokerError::NotFound) && VENDOR_ERRORS.check().is_ok() {
             tracing::warn!(
                 outcome = error.outcome().as_str(),
                 error = %error,

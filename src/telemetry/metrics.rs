@@ -25,9 +25,40 @@ use crate::telemetry::process::ProcessCollector;
 mod labels;
 
 pub use labels::{
-    ClientResult, Lookup, ServiceAccountResult, SharedCacheOp, SharedCacheResult, UpstreamOutcome,
-    ValueRefusal,
+    ClientResult, LogDrop, Lookup, ServiceAccountResult, SharedCacheOp, SharedCacheResult,
+    UpstreamOutcome, ValueRefusal,
 };
+
+/// Log lines dropped, by reason: process-wide, as stdout is, so the log
+/// writer counts them before any registry exists.
+static LOG_LINES_DROPPED: std::sync::LazyLock<Family<ReasonLabels, Counter>> =
+    std::sync::LazyLock::new(|| {
+        let family = Family::default();
+        for reason in LogDrop::ALL {
+            let _ = family.get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            });
+        }
+        family
+    });
+
+/// Counts `lines` dropped for `reason`.
+pub fn log_lines_dropped(reason: LogDrop, lines: u64) {
+    LOG_LINES_DROPPED
+        .get_or_create(&ReasonLabels {
+            reason: reason.as_str(),
+        })
+        .inc_by(lines);
+}
+
+/// Lines dropped for `reason` since the process started.
+pub fn log_lines_dropped_so_far(reason: LogDrop) -> u64 {
+    LOG_LINES_DROPPED
+        .get_or_create(&ReasonLabels {
+            reason: reason.as_str(),
+        })
+        .get()
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -277,6 +308,11 @@ impl Metrics {
             "partner_key_reloads",
             "Re-reads of the partner key file (changed, unchanged, failed)",
             partner_key_reloads.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines not written, by reason: the log queue was full (queue_full, audit_refused: the request failed with 503) or stdout failed (write_failed)",
+            LOG_LINES_DROPPED.clone(),
         );
         let connections_shed = Family::<ListenerLabels, Counter>::default();
         registry.register(

@@ -115,3 +115,15 @@ label_values! {
         RejectedSubject => "rejected_subject",
     }
 }
+
+label_values! {
+    /// `reason` of `token_broker_log_lines_dropped_total`.
+    LogDrop {
+        /// An ordinary line found the log queue three-quarters full.
+        QueueFull => "queue_full",
+        /// An audit event found the log queue full; its request failed with a 503.
+        AuditRefused => "audit_refused",
+        /// Writing to stdout failed (closed or broken).
+        WriteFailed => "write_failed",
+    }
+}

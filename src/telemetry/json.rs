@@ -1,16 +1,13 @@
-//! The JSON log writer: one object per event, the shape tracing-subscriber's
+//! The JSON log layer: one object per event, the shape tracing-subscriber's
 //! JSON formatter gives (`timestamp`, `level`, the event's fields, `target`,
 //! and `spans`, the list of enclosing spans with their fields, led by the
 //! request's own `RequestContext` when no span stands for it), built for the
 //! request path: a span's fields are serialised once, when they are recorded,
-//! and each event only copies them into a shared batch (`BatchWriter`) that a
-//! writer thread empties every few milliseconds, so a request neither makes a
-//! system call nor wakes another thread to log.
+//! and each event only copies them into the line it hands to its writer.
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::io::Write as _;
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
@@ -20,7 +17,8 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::telemetry::RequestContext;
+use super::escape::{escape_into, push_json_str};
+use super::request::RequestContext;
 
 /// A span's fields as JSON members (`"key":value,…`, no braces), written
 /// when they are recorded.
@@ -254,217 +252,10 @@ fn push_json_display(out: &mut String, value: &dyn fmt::Display) {
     out.push('"');
 }
 
-fn push_json_str(out: &mut String, value: &str) {
-    out.push('"');
-    escape_into(out, value);
-    out.push('"');
-}
-
-/// Appends `value` escaped for a JSON string. Inlined: most values need no
-/// escaping, and then it is one scan and one copy.
-#[inline(always)]
-fn escape_into(out: &mut String, value: &str) {
-    if needs_escape(value.as_bytes()) {
-        escape_each(out, value);
-    } else {
-        out.push_str(value);
-    }
-}
-
-fn escape_each(out: &mut String, value: &str) {
-    let mut start = 0;
-    for (i, byte) in value.bytes().enumerate() {
-        let escape = match byte {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..=0x1f => "",
-            _ => continue,
-        };
-        out.push_str(&value[start..i]);
-        if escape.is_empty() {
-            let _ = write!(out, "\\u{byte:04x}");
-        } else {
-            out.push_str(escape);
-        }
-        start = i + 1;
-    }
-    out.push_str(&value[start..]);
-}
-
-/// Whether a JSON string needs any byte of `value` escaped: a control
-/// character, `"` or `\`. Looks at eight bytes at a time, since every field
-/// of every log line passes through here.
-#[inline]
-fn needs_escape(value: &[u8]) -> bool {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    // Exact per word: whether some byte of `x` is below `n` (n <= 0x80).
-    let has_below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGHS != 0;
-    let has = |x: u64, b: u8| has_below(x ^ (ONES * u64::from(b)), 1);
-    let mut words = value.chunks_exact(8);
-    for word in &mut words {
-        let mut bytes = [0; 8];
-        bytes.copy_from_slice(word);
-        let x = u64::from_ne_bytes(bytes);
-        if has_below(x, 0x20) || has(x, b'"') || has(x, b'\\') {
-            return true;
-        }
-    }
-    words.remainder().iter().any(|&b| ESCAPED[usize::from(b)])
-}
-
-/// The bytes a JSON string escapes: control characters, `"` and `\`.
-static ESCAPED: [bool; 256] = {
-    let mut escaped = [false; 256];
-    let mut byte = 0;
-    while byte < 0x20 {
-        escaped[byte] = true;
-        byte += 1;
-    }
-    escaped[b'"' as usize] = true;
-    escaped[b'\\' as usize] = true;
-    escaped
-};
-
-/// How long a line may wait in the batch before the writer thread takes it.
-const FLUSH_EVERY: Duration = Duration::from_millis(5);
-/// A batch this large wakes the writer at once.
-const WAKE_AT_BYTES: usize = 256 * 1024;
-/// Past this many bytes waiting, loggers wait for the writer: nothing is
-/// ever dropped.
-const MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
-
-struct Batch {
-    pending: Mutex<Pending>,
-    /// The writer waits here for lines (or its timer).
-    filled: Condvar,
-    /// Loggers wait here when `MAX_PENDING_BYTES` are queued.
-    drained: Condvar,
-}
-
-struct Pending {
-    bytes: Vec<u8>,
-    closed: bool,
-}
-
-/// Where log lines go: a batch in memory that a thread of its own writes to
-/// `out`. Lossless: when the batch is full, loggers wait.
-#[derive(Clone)]
-pub struct BatchWriter(Arc<Batch>);
-
-/// Stops the writer thread once everything queued is written; dropping it
-/// flushes.
-pub struct WriterGuard {
-    batch: Arc<Batch>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl BatchWriter {
-    /// Starts the writer thread on `out`.
-    pub fn spawn(mut out: impl std::io::Write + Send + 'static) -> (Self, WriterGuard) {
-        let batch = Arc::new(Batch {
-            pending: Mutex::new(Pending {
-                bytes: Vec::with_capacity(WAKE_AT_BYTES),
-                closed: false,
-            }),
-            filled: Condvar::new(),
-            drained: Condvar::new(),
-        });
-        let shared = batch.clone();
-        let thread = std::thread::Builder::new()
-            .name("token-broker-logs".into())
-            .spawn(move || {
-                let mut writing = Vec::with_capacity(WAKE_AT_BYTES);
-                loop {
-                    let closed = {
-                        let mut pending = lock(&shared.pending);
-                        if pending.bytes.is_empty() && !pending.closed {
-                            pending = shared
-                                .filled
-                                .wait_timeout(pending, FLUSH_EVERY)
-                                .map_or_else(|e| e.into_inner().0, |(guard, _)| guard);
-                        }
-                        std::mem::swap(&mut pending.bytes, &mut writing);
-                        pending.closed
-                    };
-                    shared.drained.notify_all();
-                    if !writing.is_empty() {
-                        let _ = out.write_all(&writing);
-                        let _ = out.flush();
-                        writing.clear();
-                    }
-                    if closed && lock(&shared.pending).bytes.is_empty() {
-                        return;
-                    }
-                    if writing.capacity() > 4 * WAKE_AT_BYTES {
-                        writing.shrink_to(WAKE_AT_BYTES);
-                    }
-                }
-            })
-            .ok();
-        (Self(batch.clone()), WriterGuard { batch, thread })
-    }
-
-    fn append(&self, line: &[u8]) {
-        let batch = &self.0;
-        let mut pending = lock(&batch.pending);
-        while pending.bytes.len() >= MAX_PENDING_BYTES && !pending.closed {
-            pending = batch
-                .drained
-                .wait(pending)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-        pending.bytes.extend_from_slice(line);
-        if pending.bytes.len() >= WAKE_AT_BYTES {
-            batch.filled.notify_one();
-        }
-    }
-}
-
-impl Drop for WriterGuard {
-    fn drop(&mut self) {
-        lock(&self.batch.pending).closed = true;
-        self.batch.filled.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
-    pending
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// One `make_writer` handle: whatever is written goes to the batch.
-pub struct BatchHandle<'a>(&'a BatchWriter);
-
-impl std::io::Write for BatchHandle<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.append(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for BatchWriter {
-    type Writer = BatchHandle<'a>;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        BatchHandle(self)
-    }
-}
-
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
     use tracing_subscriber::layer::SubscriberExt;
 
     /// Collects what is written, for tests of the log layers.
@@ -596,59 +387,5 @@ pub(super) mod tests {
             push_timestamp(&mut line, now);
             assert_eq!(line, humantime::format_rfc3339_micros(now).to_string());
         }
-    }
-
-    #[test]
-    fn needs_escape_finds_every_byte_that_needs_it_at_every_position() {
-        let naive = |v: &[u8]| v.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
-        for byte in 0..=255u8 {
-            for len in 1..20 {
-                for at in 0..len {
-                    let mut value = vec![b'a'; len];
-                    value[at] = byte;
-                    assert_eq!(
-                        needs_escape(&value),
-                        naive(&value),
-                        "{byte:#x} at {at} of {len}"
-                    );
-                }
-            }
-        }
-        // Neighbouring bytes that could borrow into each other.
-        for pair in [
-            [0x20u8, 0x1f],
-            [0x21, 0x00],
-            [0x80, 0x22],
-            [0xff, 0x5c],
-            [0x5d, 0x21],
-        ] {
-            let value: Vec<u8> = pair.iter().copied().cycle().take(16).collect();
-            assert_eq!(needs_escape(&value), naive(&value), "{pair:?}");
-        }
-        assert!(!needs_escape(b""));
-    }
-
-    #[test]
-    fn the_batch_writer_loses_nothing_and_flushes_when_dropped() {
-        let sink = Sink::default();
-        let (writer, guard) = BatchWriter::spawn(sink.clone());
-        let threads: Vec<_> = (0..4)
-            .map(|t| {
-                let writer = writer.clone();
-                std::thread::spawn(move || {
-                    for i in 0..20_000 {
-                        let line = format!("{t}-{i}\n");
-                        writer.make_writer().write_all(line.as_bytes()).unwrap();
-                    }
-                })
-            })
-            .collect();
-        for thread in threads {
-            thread.join().unwrap();
-        }
-        drop(guard);
-        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
-        assert_eq!(text.lines().count(), 80_000);
-        assert!(text.lines().any(|l| l == "3-19999"));
     }
 }

@@ -1,0 +1,136 @@
+//! The request a task serves, kept in a task-local: what every log line of
+//! the request names, what its handlers read, and the trace context its
+//! vendor call carries.
+
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::trace_context::{TraceParent, record_trace_ids};
+use super::{exporting, request_spans};
+
+tokio::task_local! {
+    /// The request the current task serves.
+    pub(super) static REQUEST: RequestContext;
+}
+
+/// What every log line of a request names (route, request id, trace,
+/// caller), its handlers read and its vendor call carries, kept by the
+/// request's task for as long as it is
+/// served. Without trace export this replaces a `tracing` span: a request
+/// then makes no span, and the JSON log layer writes these fields as the
+/// `request` entry of an event's `spans`, in the shape the span would have.
+pub struct RequestContext {
+    /// `{method} {route}`, as OpenTelemetry names the server span.
+    name: &'static str,
+    route: &'static str,
+    request_id: axum::http::HeaderValue,
+    /// The W3C trace context; `None` when exporting (OpenTelemetry has it).
+    pub(super) trace: Option<TraceParent>,
+    /// The authenticated caller, once known.
+    client: std::cell::OnceCell<std::sync::Arc<str>>,
+}
+
+impl RequestContext {
+    pub fn new(
+        name: &'static str,
+        route: &'static str,
+        request_id: axum::http::HeaderValue,
+        trace: Option<TraceParent>,
+    ) -> Self {
+        Self {
+            name,
+            route,
+            request_id,
+            trace,
+            client: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// Runs `future` (a request being served) with this context current.
+    pub async fn scope<F: std::future::Future>(self, future: F) -> F::Output {
+        REQUEST.scope(self, future).await
+    }
+
+    /// The current request's id, if the task serves a request.
+    pub fn current_id() -> Option<axum::http::HeaderValue> {
+        REQUEST.try_with(|r| r.request_id.clone()).ok()
+    }
+
+    /// The current request's authenticated caller, once known.
+    pub fn client() -> Option<std::sync::Arc<str>> {
+        REQUEST.try_with(|r| r.client.get().cloned()).ok().flatten()
+    }
+
+    /// Names the authenticated caller of the current request, for its log
+    /// lines and metrics.
+    pub fn record_client(client: &std::sync::Arc<str>) {
+        let _ = REQUEST.try_with(|r| {
+            let _ = r.client.set(client.clone());
+            if request_spans() {
+                tracing::Span::current().record("client", &**client);
+            }
+        });
+    }
+
+    /// Calls `write` with the current request, when the log lines take its
+    /// fields from here rather than from a span (`request_spans`).
+    pub(crate) fn for_log_lines<R>(write: impl FnOnce(&Self) -> R) -> Option<R> {
+        if request_spans() {
+            return None;
+        }
+        REQUEST.try_with(write).ok()
+    }
+
+    /// The request's `tracing` span, for when requests make one
+    /// (`request_spans`), with the fields `fields` writes; when exporting, a
+    /// child of the caller's trace (from `headers`) with the HTTP attributes
+    /// of the OpenTelemetry conventions. `method` as those name it.
+    pub fn span(&self, headers: &axum::http::HeaderMap, method: &'static str) -> tracing::Span {
+        // Empty when exporting: `record_trace_ids` fills them.
+        let trace_id = self.trace.as_ref().map(|t| t.trace_id.as_str());
+        let span_id = self.trace.as_ref().map(|t| t.span_id.as_str());
+        let span = tracing::info_span!(
+            "request",
+            otel.name = self.name,
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            route = self.route,
+            request_id = self.request_id.to_str().unwrap_or_default(),
+            client = tracing::field::Empty,
+            trace_id,
+            span_id,
+        );
+        if exporting() {
+            let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+                propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
+            });
+            let _ = span.set_parent(parent);
+            // Semantic-convention attributes go to the trace only, keeping log lines short.
+            span.set_attribute("http.request.method", method);
+            span.set_attribute("http.route", self.route);
+            span.set_attribute("url.scheme", "http");
+            record_trace_ids(&span);
+        }
+        span
+    }
+
+    /// Calls `field` with each field, as the request span's would be
+    /// written: `otel.name`, `otel.kind`, `route`, `request_id`, `trace_id`,
+    /// `span_id`, `client` (those known, in that order). The keys need no
+    /// JSON escaping.
+    pub(crate) fn fields(&self, mut field: impl FnMut(&'static str, &str)) {
+        field("otel.name", self.name);
+        field("otel.kind", "server");
+        field("route", self.route);
+        // Built by `observe` from visible ASCII; read without a second check.
+        if let Ok(id) = std::str::from_utf8(self.request_id.as_bytes()) {
+            field("request_id", id);
+        }
+        if let Some(trace) = &self.trace {
+            field("trace_id", trace.trace_id.as_str());
+            field("span_id", trace.span_id.as_str());
+        }
+        if let Some(client) = self.client.get() {
+            field("client", client);
+        }
+    }
+}
