@@ -1,11 +1,15 @@
-//! The audit trail: one structured event per token handed out and per
-//! invalidation, on the `audit` tracing target so operators can route it.
+//! The audit trail: one structured event for every request on a token route
+//! from a known caller, whatever it came to (issued, invalidated, denied,
+//! rate limited, failed), on the `audit` tracing target so operators can
+//! route it. It is that request's only log line.
 //!
-//! Events name the caller, the identity kind and type, the cache result and
-//! the request id, and carry `subject`, an HMAC-SHA256 of the email or user id
-//! under a key every replica shares, instead of the value itself. Never a token.
+//! Events name the caller, the identity kind and type, the status, duration,
+//! cache result, request id and trace id, and carry `subject`, an HMAC-SHA256
+//! of the email or user id under a key every replica shares, instead of the
+//! value itself. Never a token.
 
 use std::path::Path;
+use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
@@ -13,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{AuditSettings, ConfigError};
 use crate::domain::{Identity, Subject};
+use crate::telemetry::writer::take_audit_refusal;
 
 /// The tracing target of audit events.
 pub const TARGET: &str = "audit";
@@ -87,74 +92,103 @@ impl Auditor {
         Subject::from_hash(subject)
     }
 
-    /// A token was handed out. `subject` is `self.subject(identity)`, which
-    /// the caller may have kept from an earlier event (one per cache entry).
-    pub fn issued(
-        &self,
-        actor: &Actor<'_>,
-        identity: &Identity,
-        subject: Subject,
-        cache: &str,
-        active: bool,
-    ) {
-        Self::event(
-            EventKind::Issued,
-            actor,
-            identity,
-            subject,
-            Some((cache, active)),
-        );
+    /// Whose token a request asked for, as its audit event names them.
+    pub fn identity(&self, identity: &Identity) -> AuditedIdentity {
+        AuditedIdentity::with_subject(identity, self.subject(identity))
     }
 
-    /// A cached token was dropped on request.
-    pub fn invalidated(&self, actor: &Actor<'_>, identity: &Identity) {
-        Self::event(
-            EventKind::Invalidated,
-            actor,
-            identity,
-            self.subject(identity),
-            None,
-        );
-    }
-
-    fn event(
-        outcome: EventKind,
-        actor: &Actor<'_>,
-        identity: &Identity,
-        subject: Subject,
-        token: Option<(&str, bool)>,
-    ) {
+    /// Writes the audit event of one token-route request. `Err` when the log
+    /// output could not take it: the request must then fail, since no
+    /// token leaves without its audit event.
+    pub fn record(&self, record: &Record<'_>) -> Result<(), AuditUnavailable> {
         let mut hex = [0; 32];
+        let identity = record.identity.as_ref();
         // `message` as a plain field: written as it is, no formatting.
         tracing::info!(
             target: TARGET,
-            message = outcome.message(),
-            outcome = outcome.as_str(),
-            caller = actor.caller,
-            service_account = actor.service_account,
-            identity = identity.kind(),
-            user_type = user_type(identity),
-            subject = subject.hex(&mut hex),
-            cache = token.map(|(cache, _)| cache),
-            active = token.map(|(_, active)| active),
-            request_id = actor.request_id,
+            message = record.event.message(),
+            outcome = record.event.as_str(),
+            status = record.status,
+            rule = record.rule,
+            caller = record.caller,
+            service_account = record.service_account,
+            identity = identity.map(|i| i.kind),
+            user_type = identity.and_then(|i| i.user_type),
+            subject = identity.map(|i| i.subject.hex(&mut hex)),
+            cache = record.cache,
+            active = record.active,
+            duration_us = u64::try_from(record.duration.as_micros()).unwrap_or(u64::MAX),
+            route = record.route,
+            request_id = record.request_id,
+            trace_id = record.trace_id,
         );
+        if take_audit_refusal() {
+            Err(AuditUnavailable)
+        } else {
+            Ok(())
+        }
     }
 }
 
-/// Who acted, as an audit event names them.
-pub struct Actor<'a> {
+/// The log output did not take an audit event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditUnavailable;
+
+/// Whose token a request asked for: the kind of identity, the type, and the
+/// keyed hash of the email or user id, never the value.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditedIdentity {
+    kind: &'static str,
+    user_type: Option<&'static str>,
+    subject: Subject,
+}
+
+impl AuditedIdentity {
+    /// `subject` is the auditor's `subject(identity)`, which a cache entry
+    /// may have kept from an earlier event.
+    pub fn with_subject(identity: &Identity, subject: Subject) -> Self {
+        Self {
+            kind: identity.kind(),
+            user_type: user_type(identity),
+            subject,
+        }
+    }
+}
+
+/// The audit event of one request on a token route from a known caller:
+/// what it came to and everything its log line says.
+pub struct Record<'a> {
+    pub event: EventKind,
+    pub status: u16,
+    /// The rule that refused a `Denied` request.
+    pub rule: Option<&'static str>,
     /// The configured client name.
     pub caller: &'a str,
     /// `namespace:name`, when the caller presented a service-account token.
     pub service_account: Option<&'a str>,
+    /// Whose token, once the query named someone.
+    pub identity: Option<AuditedIdentity>,
+    pub cache: Option<&'static str>,
+    pub active: Option<bool>,
+    pub duration: Duration,
+    pub route: &'a str,
     pub request_id: &'a str,
+    pub trace_id: Option<&'a str>,
 }
 
-#[derive(Clone, Copy)]
-enum EventKind {
+/// What a token-route request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A token was handed out.
     Issued,
+    /// A cached token was dropped on request.
     Invalidated,
+    /// A 403: the caller may not do this.
+    Denied,
+    /// A 429: the caller is over its rate limit.
+    RateLimited,
+    /// Any other refusal or failure (400, 404, 409, 5xx).
+    Failed,
 }
 
 impl EventKind {
@@ -162,6 +196,9 @@ impl EventKind {
         match self {
             EventKind::Issued => "issued",
             EventKind::Invalidated => "invalidated",
+            EventKind::Denied => "denied",
+            EventKind::RateLimited => "rate_limited",
+            EventKind::Failed => "failed",
         }
     }
 
@@ -169,6 +206,9 @@ impl EventKind {
         match self {
             EventKind::Issued => "token issued",
             EventKind::Invalidated => "token invalidated",
+            EventKind::Denied => "request denied",
+            EventKind::RateLimited => "request rate limited",
+            EventKind::Failed => "request failed",
         }
     }
 }

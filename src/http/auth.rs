@@ -21,6 +21,7 @@ use crate::config::{ANONYMOUS, ClientSettings, Scope, ServiceAccount};
 use crate::domain::{Identity, UserType};
 use crate::http::AppState;
 use crate::http::error::{ApiError, whole_seconds};
+use crate::http::outcome::Rule;
 use crate::service_accounts::Verifier;
 use crate::shared::{NoSharedTier, SharedTier};
 
@@ -81,10 +82,10 @@ impl Caller {
         if self.policy.scopes.contains(&scope) {
             Ok(())
         } else {
-            Err(ApiError::Forbidden(format!(
-                "this caller lacks the scope {}",
-                scope.as_str()
-            )))
+            Err(ApiError::Forbidden {
+                rule: Rule::Scope,
+                detail: format!("this caller lacks the scope {}", scope.as_str()),
+            })
         }
     }
 
@@ -103,16 +104,18 @@ impl Caller {
         if let Some(types) = &self.policy.allowed_types
             && !types.contains(user_type)
         {
-            return Err(ApiError::Forbidden(format!(
-                "this caller may not use tokens of type {user_type}"
-            )));
+            return Err(ApiError::Forbidden {
+                rule: Rule::Type,
+                detail: format!("this caller may not use tokens of type {user_type}"),
+            });
         }
         if let Some(domains) = &self.policy.allowed_domains
             && !domains.iter().any(|d| domain_admits(d, email.domain()))
         {
-            return Err(ApiError::Forbidden(
-                "this caller may not use tokens for this email domain".into(),
-            ));
+            return Err(ApiError::Forbidden {
+                rule: Rule::EmailDomain,
+                detail: "this caller may not use tokens for this email domain".into(),
+            });
         }
         Ok(())
     }
@@ -236,8 +239,9 @@ impl Callers {
             .by_account
             .get(&**account)
             .or_else(|| self.by_namespace.get(namespace))
-            .ok_or_else(|| {
-                ApiError::Forbidden("this service account is not a caller of this service".into())
+            .ok_or_else(|| ApiError::Forbidden {
+                rule: Rule::ServiceAccount,
+                detail: "this service account is not a caller of this service".into(),
             })?;
         Ok(Caller {
             policy: policy.clone(),
@@ -311,7 +315,10 @@ impl FromRequestParts<AppState> for Caller {
             .authenticate(header)
             .await
             .map_err(IntoResponse::into_response)?;
-        crate::telemetry::RequestContext::record_client(caller.name());
+        crate::telemetry::RequestContext::record_client(
+            caller.name(),
+            caller.service_account.as_ref(),
+        );
         match state.callers.admit(&caller).await {
             Ok(()) => Ok(caller),
             Err(refusal) => Err(refusal.into_response()),

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::broker::BrokerError;
 use crate::domain::InvalidInput;
-use crate::http::outcome::Outcome;
+use crate::http::outcome::{Outcome, Rule};
 use crate::telemetry::metrics::ClientResult;
 
 /// Seconds a caller is told to wait after the vendor was unavailable.
@@ -22,8 +22,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("missing or unknown caller key")]
     Unauthorized,
-    #[error("forbidden: {0}")]
-    Forbidden(String),
+    #[error("forbidden: {detail}")]
+    Forbidden { rule: Rule, detail: String },
     #[error("the vendor has no such user")]
     UserNotFound,
     #[error("the token is inactive")]
@@ -38,6 +38,8 @@ pub enum ApiError {
     RateLimited { retry_after_secs: u64 },
     #[error("the invalidation did not reach the shared cache")]
     InvalidationNotShared,
+    #[error("the audit event could not be written")]
+    AuditUnavailable,
     #[error("request URI too long")]
     UriTooLong,
     #[error("request headers too large")]
@@ -57,7 +59,7 @@ impl ApiError {
     pub fn client_result(&self) -> ClientResult {
         match self {
             ApiError::BadRequest(_) | ApiError::BodyNotAllowed => ClientResult::BadRequest,
-            ApiError::Forbidden(_) => ClientResult::Forbidden,
+            ApiError::Forbidden { .. } => ClientResult::Forbidden,
             ApiError::UserNotFound => ClientResult::NotFound,
             ApiError::TokenInactive => ClientResult::Inactive,
             ApiError::RateLimited { .. } => ClientResult::RateLimited,
@@ -70,7 +72,8 @@ impl ApiError {
             | ApiError::UriTooLong
             | ApiError::HeadersTooLarge
             | ApiError::RouteNotFound
-            | ApiError::MethodNotAllowed => ClientResult::Refused,
+            | ApiError::MethodNotAllowed
+            | ApiError::AuditUnavailable => ClientResult::Refused,
         }
     }
 }
@@ -104,7 +107,7 @@ impl ApiError {
                 "Unauthorized",
                 "present a known caller key as 'Authorization: Bearer <key>'",
             ),
-            ApiError::Forbidden(detail) => {
+            ApiError::Forbidden { detail, .. } => {
                 (StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
             }
             ApiError::UserNotFound => (
@@ -148,6 +151,12 @@ impl ApiError {
                 "invalidation-not-shared",
                 "Invalidation not shared",
                 "this replica dropped the token, but the shared cache did not confirm the invalidation for the other replicas; retry until 204",
+            ),
+            ApiError::AuditUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit-unavailable",
+                "Audit unavailable",
+                "the audit event of this request could not be written (the log output is not keeping up), so no token was handed out; retry later",
             ),
             ApiError::UriTooLong => (
                 StatusCode::URI_TOO_LONG,
@@ -211,10 +220,11 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        response.extensions_mut().insert(Outcome {
-            cache: None,
-            result: self.client_result(),
-        });
+        let mut outcome = Outcome::new(self.client_result());
+        if let ApiError::Forbidden { rule, .. } = &self {
+            outcome.denied = Some(*rule);
+        }
+        response.extensions_mut().insert(outcome);
         let headers = response.headers_mut();
         match self {
             ApiError::Unauthorized => {
@@ -227,7 +237,7 @@ impl IntoResponse for ApiError {
                     HeaderValue::from(retry_after_secs.min(MAX_RETRY_AFTER_SECS)),
                 );
             }
-            ApiError::InvalidationNotShared => {
+            ApiError::InvalidationNotShared | ApiError::AuditUnavailable => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(1));
             }
             _ => {}

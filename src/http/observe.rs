@@ -10,9 +10,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
-use axum::extract::FromRequestParts;
 use axum::extract::Request;
-use axum::http::request::Parts;
 use axum::http::{self, HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
@@ -20,10 +18,11 @@ use tower::Service;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::audit::{EventKind, Record};
 use crate::broker::CacheResult;
 use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::http::outcome::Outcome;
+use crate::http::outcome::{Outcome, Rule};
 use crate::http::routes::{self, SPAN_NAMES, TOKENS_ROUTE, VENDOR_ROUTE};
 use crate::telemetry;
 use crate::telemetry::RequestContext;
@@ -34,28 +33,6 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 const MAX_REQUEST_ID_LEN: usize = 128;
-
-/// The request id, for handlers (audit events): an extractor reading the
-/// request's `RequestContext`.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub HeaderValue);
-
-impl RequestId {
-    pub fn as_str(&self) -> &str {
-        self.0.to_str().unwrap_or_default()
-    }
-}
-
-impl<S: Sync> FromRequestParts<S> for RequestId {
-    type Rejection = Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
-        // Outside `Api` (a router called on its own) there is no context: a new id.
-        Ok(RequestId(
-            RequestContext::current_id().unwrap_or_else(|| request_id(&parts.headers)),
-        ))
-    }
-}
 
 /// `{method} {route}` for the known routes, else the method alone (OTel HTTP conventions).
 fn span_name(method: &Method, route: &'static str) -> &'static str {
@@ -222,7 +199,7 @@ where
     }
 }
 
-/// The log line and the metrics of one answered request.
+/// The audit event or log line, and the metrics, of one answered request.
 fn finish(
     state: &AppState,
     route: &'static str,
@@ -230,8 +207,56 @@ fn finish(
     response: &mut Response,
     exporting: bool,
 ) {
-    let status = response.status().as_u16();
     let elapsed = started.elapsed();
+    let outcome = response.extensions_mut().remove::<Outcome>();
+    let mut result = outcome.as_ref().map_or(ClientResult::Ok, |o| o.result);
+    // A token route's request from a known caller is told by its audit
+    // event alone; a token that cannot be audited is not handed out.
+    let audited = matches!(route, TOKENS_ROUTE | VENDOR_ROUTE)
+        && RequestContext::current(|request| {
+            let (caller, service_account) = request.caller()?;
+            let trace_id = request.trace_id();
+            let status = response.status().as_u16();
+            let record = Record {
+                event: event_of(outcome.as_ref(), status),
+                status,
+                rule: outcome.as_ref().and_then(|o| o.denied).map(Rule::as_str),
+                caller,
+                service_account,
+                identity: outcome.as_ref().and_then(|o| o.identity),
+                cache: outcome
+                    .as_ref()
+                    .and_then(|o| o.cache)
+                    .map(CacheResult::as_str),
+                active: outcome.as_ref().and_then(|o| o.active),
+                duration: elapsed,
+                route,
+                request_id: request.request_id(),
+                trace_id: trace_id.as_ref().map(|id| id.as_str()),
+            };
+            Some(state.auditor.record(&record))
+        })
+        .flatten()
+        .map(|written| {
+            if written.is_err() {
+                *response = ApiError::AuditUnavailable.into_response();
+                result = ClientResult::Refused;
+            }
+        })
+        .is_some();
+    let status = response.status().as_u16();
+    if !audited {
+        // `message` as a plain field: written as it is, no formatting.
+        tracing::info!(
+            message = "request completed",
+            status,
+            duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            cache = outcome
+                .as_ref()
+                .and_then(|o| o.cache)
+                .map(CacheResult::as_str),
+        );
+    }
     if exporting {
         let span = tracing::Span::current();
         span.set_attribute("http.response.status_code", i64::from(status));
@@ -240,19 +265,20 @@ fn finish(
         }
     }
     state.metrics.http_request(route, status, elapsed);
-    let outcome = response.extensions_mut().remove::<Outcome>();
-    let outcome = outcome.as_ref();
     if let Some(client) = RequestContext::client() {
-        let result = outcome.map_or(ClientResult::Ok, |o| o.result);
         state.metrics.client_request(&client, result);
     }
-    // `message` as a plain field: written as it is, no formatting.
-    tracing::info!(
-        message = "request completed",
-        status,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        cache = outcome.and_then(|o| o.cache).map(CacheResult::as_str),
-    );
+}
+
+/// What a token-route request came to, as its audit event says.
+fn event_of(outcome: Option<&Outcome>, status: u16) -> EventKind {
+    match (outcome.map(|o| o.result), status) {
+        (Some(ClientResult::Ok), 204) => EventKind::Invalidated,
+        (Some(ClientResult::Ok), _) => EventKind::Issued,
+        (Some(ClientResult::Forbidden), _) => EventKind::Denied,
+        (Some(ClientResult::RateLimited), _) => EventKind::RateLimited,
+        _ => EventKind::Failed,
+    }
 }
 
 #[cfg(test)]

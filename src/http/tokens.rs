@@ -13,13 +13,12 @@ use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
-use crate::audit::Actor;
+use crate::audit::AuditedIdentity;
 use crate::broker::{BrokerError, Issued};
 use crate::domain::Identity;
 use crate::http::AppState;
 use crate::http::auth::{Action, Caller};
 use crate::http::error::{ApiError, Problem};
-use crate::http::observe::RequestId;
 use crate::http::openapi::params::{CallerErrors, VendorErrors};
 use crate::http::outcome::Outcome;
 use crate::http::query;
@@ -122,15 +121,17 @@ pub async fn get_token(
     State(state): State<AppState>,
     caller: Caller,
     revalidate: Revalidate,
-    request_id: RequestId,
     RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
-    let identity = query::identity(raw.as_deref(), query::V1)?;
-    let issued = lookup(&state, &caller, &identity, revalidate).await?;
-    if !issued.active {
-        return Err(ApiError::TokenInactive);
-    }
-    audit_issued(&state, &caller, &identity, &issued, &request_id);
+) -> Response {
+    let identity = match query::identity(raw.as_deref(), query::V1) {
+        Ok(identity) => identity,
+        Err(invalid) => return invalid.into_response(),
+    };
+    let issued = match lookup(&state, &caller, &identity, revalidate).await {
+        Ok(issued) if issued.active => issued,
+        Ok(_) => return refused(&state, &identity, ApiError::TokenInactive),
+        Err(error) => return refused(&state, &identity, error),
+    };
     let (email, user_type, user_id) = match &identity {
         Identity::TeamMember { email, user_type } => {
             (Some(email.as_str()), Some(user_type.as_str()), None)
@@ -144,7 +145,7 @@ pub async fn get_token(
         token: issued.token.expose(),
         active: issued.active,
     };
-    Ok(with_token_headers(Json(body).into_response(), &issued))
+    handed_out(&state, &identity, Json(body).into_response(), &issued)
 }
 
 /// `GET /ext/get-user-token`: the vendor's path, parameters and body.
@@ -171,12 +172,16 @@ pub async fn get_vendor_token(
     State(state): State<AppState>,
     caller: Caller,
     revalidate: Revalidate,
-    request_id: RequestId,
     RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
-    let identity = query::identity(raw.as_deref(), query::VENDOR)?;
-    let issued = lookup(&state, &caller, &identity, revalidate).await?;
-    audit_issued(&state, &caller, &identity, &issued, &request_id);
+) -> Response {
+    let identity = match query::identity(raw.as_deref(), query::VENDOR) {
+        Ok(identity) => identity,
+        Err(invalid) => return invalid.into_response(),
+    };
+    let issued = match lookup(&state, &caller, &identity, revalidate).await {
+        Ok(issued) => issued,
+        Err(error) => return refused(&state, &identity, error),
+    };
     let body = VendorBody {
         success: true,
         message: "",
@@ -188,7 +193,7 @@ pub async fn get_vendor_token(
         },
         code: 200,
     };
-    Ok(with_token_headers(Json(body).into_response(), &issued))
+    handed_out(&state, &identity, Json(body).into_response(), &issued)
 }
 
 /// `DELETE /v1/tokens`
@@ -208,47 +213,35 @@ pub async fn get_vendor_token(
 pub async fn delete_token(
     State(state): State<AppState>,
     caller: Caller,
-    request_id: RequestId,
     RawQuery(raw): RawQuery,
-) -> Result<StatusCode, ApiError> {
-    let identity = query::identity(raw.as_deref(), query::V1)?;
-    caller.authorize(Action::Invalidate, &identity)?;
-    let shared = state.broker.invalidate(&identity).await;
-    if shared.is_err() {
+) -> Response {
+    let identity = match query::identity(raw.as_deref(), query::V1) {
+        Ok(identity) => identity,
+        Err(invalid) => return invalid.into_response(),
+    };
+    if let Err(denied) = caller.authorize(Action::Invalidate, &identity) {
+        return refused(&state, &identity, denied);
+    }
+    if let Err(not_shared) = state.broker.invalidate(&identity).await {
         tracing::warn!(
             "the shared cache did not confirm an invalidation; answered 503 so the caller retries"
         );
+        return refused(&state, &identity, not_shared.into());
     }
-    shared?;
-    state
-        .auditor
-        .invalidated(&actor(&caller, &request_id), &identity);
-    Ok(StatusCode::NO_CONTENT)
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let mut outcome = Outcome::new(ClientResult::Ok);
+    outcome.identity = Some(state.auditor.identity(&identity));
+    response.extensions_mut().insert(outcome);
+    response
 }
 
-fn audit_issued(
-    state: &AppState,
-    caller: &Caller,
-    identity: &Identity,
-    issued: &Issued,
-    request_id: &RequestId,
-) {
-    let auditor = &state.auditor;
-    auditor.issued(
-        &actor(caller, request_id),
-        identity,
-        issued.audit_subject(|| auditor.subject(identity)),
-        issued.cache.as_str(),
-        issued.active,
-    );
-}
-
-fn actor<'a>(caller: &'a Caller, request_id: &'a RequestId) -> Actor<'a> {
-    Actor {
-        caller: caller.name(),
-        service_account: caller.service_account(),
-        request_id: request_id.as_str(),
+/// An error's answer, naming whose token was asked for in its audit event.
+fn refused(state: &AppState, identity: &Identity, error: ApiError) -> Response {
+    let mut response = error.into_response();
+    if let Some(outcome) = response.extensions_mut().get_mut::<Outcome>() {
+        outcome.identity = Some(state.auditor.identity(identity));
     }
+    response
 }
 
 async fn lookup(
@@ -284,11 +277,20 @@ async fn lookup(
     })
 }
 
-fn with_token_headers(mut response: Response, issued: &Issued) -> Response {
-    response.extensions_mut().insert(Outcome {
-        cache: Some(issued.cache),
-        result: ClientResult::Ok,
-    });
+/// A token's answer: its headers, and what its audit event says (the
+/// subject's hash computed once per cache entry).
+fn handed_out(
+    state: &AppState,
+    identity: &Identity,
+    mut response: Response,
+    issued: &Issued,
+) -> Response {
+    let subject = issued.audit_subject(|| state.auditor.subject(identity));
+    let mut outcome = Outcome::new(ClientResult::Ok);
+    outcome.cache = Some(issued.cache);
+    outcome.active = Some(issued.active);
+    outcome.identity = Some(AuditedIdentity::with_subject(identity, subject));
+    response.extensions_mut().insert(outcome);
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(X_CACHE, HeaderValue::from_static(issued.cache.as_str()));

@@ -27,6 +27,8 @@ pub struct RequestContext {
     pub(super) trace: Option<TraceParent>,
     /// The authenticated caller, once known.
     client: std::cell::OnceCell<std::sync::Arc<str>>,
+    /// The service account the caller presented, if it did.
+    service_account: std::cell::OnceCell<std::sync::Arc<str>>,
 }
 
 impl RequestContext {
@@ -42,7 +44,43 @@ impl RequestContext {
             request_id,
             trace,
             client: std::cell::OnceCell::new(),
+            service_account: std::cell::OnceCell::new(),
         }
+    }
+
+    /// Calls `read` with the current request, if the task serves one.
+    pub fn current<R>(read: impl FnOnce(&Self) -> R) -> Option<R> {
+        REQUEST.try_with(read).ok()
+    }
+
+    /// The route label, such as `/v1/tokens`.
+    pub fn route(&self) -> &'static str {
+        self.route
+    }
+
+    /// The request id (visible ASCII, built by `observe`).
+    pub fn request_id(&self) -> &str {
+        std::str::from_utf8(self.request_id.as_bytes()).unwrap_or_default()
+    }
+
+    /// The authenticated caller and the service account it presented.
+    pub fn caller(&self) -> Option<(&std::sync::Arc<str>, Option<&str>)> {
+        let client = self.client.get()?;
+        Some((client, self.service_account.get().map(|a| &**a)))
+    }
+
+    /// The request's trace id: the W3C context's, or when exporting the
+    /// current span's.
+    pub fn trace_id(&self) -> Option<super::HexId<32>> {
+        if let Some(trace) = &self.trace {
+            return Some(trace.trace_id);
+        }
+        use opentelemetry::trace::TraceContextExt;
+        let context = tracing::Span::current().context();
+        let span = context.span();
+        let ids = span.span_context();
+        ids.is_valid()
+            .then(|| super::HexId::from_bits(u128::from_be_bytes(ids.trace_id().to_bytes())))
     }
 
     /// Runs `future` (a request being served) with this context current.
@@ -60,11 +98,17 @@ impl RequestContext {
         REQUEST.try_with(|r| r.client.get().cloned()).ok().flatten()
     }
 
-    /// Names the authenticated caller of the current request, for its log
-    /// lines and metrics.
-    pub fn record_client(client: &std::sync::Arc<str>) {
+    /// Names the authenticated caller of the current request (and the
+    /// service account it presented), for its log lines and metrics.
+    pub fn record_client(
+        client: &std::sync::Arc<str>,
+        service_account: Option<&std::sync::Arc<str>>,
+    ) {
         let _ = REQUEST.try_with(|r| {
             let _ = r.client.set(client.clone());
+            if let Some(account) = service_account {
+                let _ = r.service_account.set(account.clone());
+            }
             if request_spans() {
                 tracing::Span::current().record("client", &**client);
             }

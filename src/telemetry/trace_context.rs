@@ -33,7 +33,7 @@ impl<const N: usize> HexId<N> {
     }
 
     /// The low `4 * N` bits of `value`.
-    fn from_bits(mut value: u128) -> Self {
+    pub(super) fn from_bits(mut value: u128) -> Self {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut text = [b'0'; N];
         for digit in text.iter_mut().rev() {

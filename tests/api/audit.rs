@@ -1,5 +1,5 @@
-//! Audit events: written whatever `log.level` says, one per token handed out
-//! and per invalidation, none for `HEAD`.
+//! Audit events: one for every token-route request from a known caller,
+//! whatever it came to, written whatever `log.level` says; none for `HEAD`.
 
 use crate::helpers::process::*;
 use crate::helpers::*;
@@ -52,28 +52,34 @@ async fn audit_events_are_written_whatever_the_log_level_and_head_writes_none() 
 }
 
 #[tokio::test]
-async fn every_issued_token_and_invalidation_writes_one_audit_event() {
-    let (_sim, upstream) = upstream().await;
+async fn every_token_request_from_a_known_caller_writes_one_audit_event_whatever_its_outcome() {
+    use token_broker::simulator::Fault;
+    let (sim, upstream) = upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Running::serve(&dir, upstream).await;
+    let mut command = command();
+    command
+        .arg("--config")
+        .arg(config_file(&dir, upstream, &limited_client()));
+    let mut broker = Running::start(command).await;
     let client = reqwest::Client::new();
     let base = format!("http://{}", broker.api);
     let alice = member_query(ALICE, "AGENT");
+    let get = reqwest::Method::GET;
     let requests = [
         (
-            reqwest::Method::GET,
+            get.clone(),
             format!("/v1/tokens?{alice}"),
             READER_KEY,
             "audit-1",
         ),
         (
-            reqwest::Method::GET,
+            get.clone(),
             format!("/v1/tokens?{alice}"),
             READER_KEY,
             "audit-2",
         ),
         (
-            reqwest::Method::GET,
+            get.clone(),
             format!("/ext/get-user-token?userId={CUSTOMER_ID}"),
             READER_KEY,
             "audit-3",
@@ -85,76 +91,192 @@ async fn every_issued_token_and_invalidation_writes_one_audit_event() {
             "audit-4",
         ),
         (
-            reqwest::Method::GET,
+            get.clone(),
             format!("/v1/tokens?{}", member_query(INACTIVE, "AGENT")),
             READER_KEY,
-            "refused-1",
+            "audit-5",
         ),
         (
-            reqwest::Method::GET,
+            get.clone(),
             format!("/v1/tokens?user_id={CUSTOMER_ID}"),
             TEAM_ONLY_KEY,
-            "refused-2",
+            "audit-6",
+        ),
+        (
+            get.clone(),
+            format!("/v1/tokens?{}", member_query("ghost@example.com", "AGENT")),
+            READER_KEY,
+            "audit-7",
+        ),
+        (
+            get.clone(),
+            format!("/v1/tokens?email={ALICE}"),
+            READER_KEY,
+            "audit-8",
+        ),
+        (
+            get.clone(),
+            format!("/v1/tokens?{alice}"),
+            LIMITED_KEY,
+            "audit-9",
+        ),
+        (
+            get.clone(),
+            format!("/v1/tokens?{alice}"),
+            LIMITED_KEY,
+            "audit-10",
+        ),
+        (
+            get.clone(),
+            format!("/v1/tokens?{alice}"),
+            "wrong-key",
+            "unknown-1",
         ),
     ];
+    let mut statuses = Vec::new();
     for (method, path, key, id) in requests {
-        client
+        let response = client
             .request(method, format!("{base}{path}"))
             .bearer_auth(key)
             .header("x-request-id", id)
             .send()
             .await
             .unwrap();
+        statuses.push(response.status().as_u16());
     }
+    sim.set_fault(Fault::Status(503));
+    let down = client
+        .get(format!(
+            "{base}/v1/tokens?{}",
+            member_query(ALICE, "CUSTOM_USER")
+        ))
+        .bearer_auth(READER_KEY)
+        .header("x-request-id", "audit-11")
+        .send()
+        .await
+        .unwrap();
+    statuses.push(down.status().as_u16());
     broker.stop().await;
 
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 204, 409, 403, 404, 400, 200, 429, 401, 503]
+    );
     let output = broker.output();
-    let audit: Vec<_> = events(&output)
-        .into_iter()
-        .filter(|e| e["target"] == "audit")
-        .collect();
+    let audit = audit_events(&output);
     let ids: Vec<_> = audit
         .iter()
         .map(|e| e["request_id"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        ids,
-        ["audit-1", "audit-2", "audit-3", "audit-4"],
-        "{output}"
-    );
+    let expected_ids: Vec<String> = (1..=11).map(|i| format!("audit-{i}")).collect();
+    assert_eq!(ids, expected_ids, "{output}");
+    // (outcome, status, caller, identity, user_type, cache, rule)
     let expect = [
         (
             "issued",
+            200,
             "reader",
-            "team_member",
+            Some("team_member"),
             Some("AGENT"),
             Some("miss"),
+            None,
         ),
         (
             "issued",
+            200,
             "reader",
-            "team_member",
+            Some("team_member"),
             Some("AGENT"),
             Some("hit"),
+            None,
         ),
-        ("issued", "reader", "customer", None, Some("miss")),
+        (
+            "issued",
+            200,
+            "reader",
+            Some("customer"),
+            None,
+            Some("miss"),
+            None,
+        ),
         (
             "invalidated",
+            204,
             "invalidator",
-            "team_member",
+            Some("team_member"),
             Some("AGENT"),
+            None,
+            None,
+        ),
+        (
+            "failed",
+            409,
+            "reader",
+            Some("team_member"),
+            Some("AGENT"),
+            None,
+            None,
+        ),
+        (
+            "denied",
+            403,
+            "team-only",
+            Some("customer"),
+            None,
+            None,
+            Some("scope"),
+        ),
+        (
+            "failed",
+            404,
+            "reader",
+            Some("team_member"),
+            Some("AGENT"),
+            None,
+            None,
+        ),
+        ("failed", 400, "reader", None, None, None, None),
+        (
+            "issued",
+            200,
+            "limited",
+            Some("team_member"),
+            Some("AGENT"),
+            Some("miss"),
+            None,
+        ),
+        ("rate_limited", 429, "limited", None, None, None, None),
+        (
+            "failed",
+            503,
+            "reader",
+            Some("team_member"),
+            Some("CUSTOM_USER"),
+            None,
             None,
         ),
     ];
-    for (event, (outcome, caller, kind, user_type, cache)) in audit.iter().zip(expect) {
-        assert_eq!(event["outcome"], outcome);
-        assert_eq!(event["caller"], caller);
-        assert_eq!(event["identity"], kind);
-        assert_eq!(event["user_type"].as_str(), user_type);
-        assert_eq!(event["cache"].as_str(), cache);
-        let subject = event["subject"].as_str().unwrap();
-        assert_eq!(subject.len(), 32);
-        assert!(subject.bytes().all(|b| b.is_ascii_hexdigit()));
+    for (event, (outcome, status, caller, kind, user_type, cache, rule)) in audit.iter().zip(expect)
+    {
+        let id = &event["request_id"];
+        assert_eq!(event["outcome"], outcome, "{id}");
+        assert_eq!(event["status"], status, "{id}");
+        assert_eq!(event["caller"], caller, "{id}");
+        assert_eq!(event["identity"].as_str(), kind, "{id}");
+        assert_eq!(event["user_type"].as_str(), user_type, "{id}");
+        assert_eq!(event["cache"].as_str(), cache, "{id}");
+        assert_eq!(event["rule"].as_str(), rule, "{id}");
+        assert!(event["duration_us"].is_u64(), "{event}");
+        assert!(event["route"].as_str().unwrap().starts_with('/'), "{event}");
+        let trace = event["trace_id"].as_str().unwrap();
+        assert!(trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()));
+        if kind.is_some() {
+            let subject = event["subject"].as_str().unwrap();
+            assert_eq!(subject.len(), 32);
+            assert!(subject.bytes().all(|b| b.is_ascii_hexdigit()));
+        } else {
+            assert!(event.get("subject").is_none(), "{event}");
+        }
     }
     assert_eq!(
         audit[0]["subject"], audit[1]["subject"],
@@ -162,8 +284,25 @@ async fn every_issued_token_and_invalidation_writes_one_audit_event() {
     );
     assert_eq!(audit[0]["subject"], audit[3]["subject"]);
     assert_ne!(audit[0]["subject"], audit[2]["subject"]);
+    let unknown: Vec<_> = events(&output)
+        .into_iter()
+        .filter(|e| e["spans"][0]["request_id"] == "unknown-1")
+        .collect();
+    assert_eq!(
+        unknown.len(),
+        1,
+        "an unknown caller's request line: {output}"
+    );
+    assert_eq!(unknown[0]["message"], "request completed");
+    assert_eq!(unknown[0]["status"], 401);
     for line in output.lines().filter(|l| l.contains("\"audit\"")) {
-        for secret in [ALICE, ALICE_AGENT_TOKEN, CUSTOMER_ID, CUSTOMER_TOKEN] {
+        for secret in [
+            ALICE,
+            ALICE_AGENT_TOKEN,
+            CUSTOMER_ID,
+            CUSTOMER_TOKEN,
+            "example.com",
+        ] {
             assert!(!line.contains(secret), "audit event holds {secret}: {line}");
         }
     }

@@ -105,6 +105,7 @@ async fn no_secret_or_email_appears_in_the_logs_of_a_full_scenario() {
     assert_eq!(deleted.status(), 204);
     let logs = broker.output();
     assert!(logs.contains("request completed"), "{logs}");
+    assert!(logs.contains("\"target\":\"audit\""), "{logs}");
     for secret in [
         PARTNER_KEY,
         ROTATED_KEY,
@@ -127,66 +128,98 @@ async fn no_secret_or_email_appears_in_the_logs_of_a_full_scenario() {
 }
 
 #[tokio::test]
-async fn each_request_logs_one_line_and_its_events_carry_the_request() {
+async fn a_token_request_writes_one_line_its_audit_event_and_other_requests_a_request_line() {
     use token_broker::simulator::Fault;
     let (sim, upstream) = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Running::serve(&dir, upstream).await;
     let client = reqwest::Client::new();
     let base = format!("http://{}", broker.api);
-    let fetch = |query: String, id: &'static str| {
+    let fetch = |path: String, key: &'static str, id: &'static str| {
         client
-            .get(format!("{base}/v1/tokens?{query}"))
-            .bearer_auth(READER_KEY)
+            .get(format!("{base}{path}"))
+            .bearer_auth(key)
             .header("x-request-id", id)
             .send()
     };
+    let alice = member_query(ALICE, "AGENT");
 
-    let served = fetch(member_query(ALICE, "AGENT"), "ctx-1").await.unwrap();
-    sim.set_fault(Fault::Malformed);
-    let failed = fetch(member_query(ALICE, "CUSTOM_USER"), "ctx-2")
+    let miss = fetch(format!("/v1/tokens?{alice}"), READER_KEY, "ctx-1")
         .await
         .unwrap();
+    let hit = fetch(format!("/v1/tokens?{alice}"), READER_KEY, "ctx-2")
+        .await
+        .unwrap();
+    let unknown = fetch(format!("/v1/tokens?{alice}"), "not-a-caller", "ctx-3")
+        .await
+        .unwrap();
+    let other = fetch("/openapi.json".into(), READER_KEY, "ctx-4")
+        .await
+        .unwrap();
+    sim.set_fault(Fault::Malformed);
+    let failed = fetch(
+        format!("/v1/tokens?{}", member_query(ALICE, "CUSTOM_USER")),
+        READER_KEY,
+        "ctx-5",
+    )
+    .await
+    .unwrap();
     broker.stop().await;
 
-    assert_eq!(
-        (served.status().as_u16(), failed.status().as_u16()),
-        (200, 502)
-    );
+    let statuses = [&miss, &hit, &unknown, &other, &failed].map(|r| r.status().as_u16());
+    assert_eq!(statuses, [200, 200, 401, 200, 502]);
     let output = broker.output();
     let events = events(&output);
-    let completed: Vec<_> = events
-        .iter()
-        .filter(|e| e["message"] == "request completed")
-        .collect();
-    assert_eq!(completed.len(), 2, "{output}");
-    let line = completed[0];
+    let of = |id: &str| -> Vec<&serde_json::Value> {
+        events
+            .iter()
+            .filter(|e| e["request_id"] == id || e["spans"][0]["request_id"] == id)
+            .collect()
+    };
+    for id in ["ctx-1", "ctx-2"] {
+        let lines = of(id);
+        assert_eq!(lines.len(), 1, "one line for {id}: {output}");
+        assert_eq!(lines[0]["target"], "audit");
+        assert_eq!(lines[0]["outcome"], "issued");
+    }
+    let line = of("ctx-1")[0];
     assert_eq!(line["level"], "INFO");
     assert_eq!(line["status"], 200);
     assert_eq!(line["cache"], "miss");
-    assert!(line["duration_ms"].as_f64().unwrap() >= 0.0);
-    assert_eq!(line["target"], "token_broker::http::observe");
-    let request = &line["spans"][0];
-    assert_eq!(request["name"], "request");
-    assert_eq!(request["otel.name"], "GET /v1/tokens");
-    assert_eq!(request["route"], "/v1/tokens");
-    assert_eq!(request["request_id"], "ctx-1");
-    assert_eq!(request["client"], "reader");
-    assert_eq!(request["trace_id"].as_str().unwrap().len(), 32);
-    assert_eq!(request["span_id"].as_str().unwrap().len(), 16);
-    assert_eq!(completed[1]["status"], 502);
-    assert_eq!(completed[1]["spans"][0]["request_id"], "ctx-2");
+    assert_eq!(line["route"], "/v1/tokens");
+    assert!(line["duration_us"].is_u64(), "{line}");
+    assert_eq!(line["trace_id"].as_str().unwrap().len(), 32);
+    assert_eq!(of("ctx-2")[0]["cache"], "hit");
 
+    for (id, status) in [("ctx-3", 401), ("ctx-4", 200)] {
+        let lines = of(id);
+        assert_eq!(lines.len(), 1, "one line for {id}: {output}");
+        let line = lines[0];
+        assert_eq!(line["message"], "request completed");
+        assert_eq!(line["status"], status);
+        assert!(line["duration_us"].is_u64(), "{line}");
+        assert_eq!(line["target"], "token_broker::http::observe");
+        let request = &line["spans"][0];
+        assert_eq!(request["name"], "request");
+        assert_eq!(request["request_id"], id);
+        assert_eq!(request["trace_id"].as_str().unwrap().len(), 32);
+        assert_eq!(request["span_id"].as_str().unwrap().len(), 16);
+    }
+    assert_eq!(of("ctx-4")[0]["spans"][0]["otel.name"], "GET /openapi.json");
+
+    let audit = of("ctx-5")
+        .into_iter()
+        .find(|e| e["target"] == "audit")
+        .expect("the failed request's audit event");
+    assert_eq!(audit["outcome"], "failed");
+    assert_eq!(audit["status"], 502);
     let warning = events
         .iter()
         .find(|e| e["level"] == "WARN" && e["message"].as_str().unwrap().starts_with("no token"))
         .expect("the handler's warning");
-    assert_eq!(warning["spans"][0]["request_id"], "ctx-2");
+    assert_eq!(warning["spans"][0]["request_id"], "ctx-5");
     assert_eq!(warning["spans"][0]["client"], "reader");
-    assert_eq!(
-        warning["spans"][0]["trace_id"],
-        completed[1]["spans"][0]["trace_id"]
-    );
+    assert_eq!(warning["spans"][0]["trace_id"], audit["trace_id"]);
     for audit in audit_events(&output) {
         assert!(audit.get("spans").is_none(), "{audit}");
     }

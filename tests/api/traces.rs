@@ -265,12 +265,15 @@ async fn spans_of_one_request_reach_an_otlp_http_collector_as_one_trace() {
     let (logs, sim) = traced_request(Some(("http/protobuf", &format!("http://{collector}")))).await;
 
     assert_one_trace(&received, &sim).await;
-    let request_lines: Vec<_> = logs
+    let audit = logs
         .lines()
-        .filter(|l| l.contains("\"spans\":[{"))
-        .collect();
-    assert!(!request_lines.is_empty());
-    for line in request_lines {
+        .find(|l| l.contains("\"target\":\"audit\""))
+        .expect("the request's audit event");
+    assert!(
+        audit.contains(&format!("\"trace_id\":\"{CALLER_TRACE}\"")),
+        "{audit}"
+    );
+    for line in logs.lines().filter(|l| l.contains("\"spans\":[{")) {
         assert!(
             line.contains(&format!("\"trace_id\":\"{CALLER_TRACE}\"")),
             "{line}"
@@ -303,8 +306,8 @@ async fn without_an_endpoint_logs_and_the_vendor_still_see_the_callers_trace_id(
     );
     let completed = logs
         .lines()
-        .find(|l| l.contains("request completed"))
-        .expect("a request log line");
+        .find(|l| l.contains("\"target\":\"audit\""))
+        .expect("the request's audit event");
     assert!(
         completed.contains(&format!("\"trace_id\":\"{CALLER_TRACE}\"")),
         "{completed}"
