@@ -224,3 +224,121 @@ async fn a_token_request_writes_one_line_its_audit_event_and_other_requests_a_re
         assert!(audit.get("spans").is_none(), "{audit}");
     }
 }
+
+/// A broker with a small log queue whose stdout nobody reads yet, and
+/// requests for alice (request ids `blocked-N`) until one is refused for
+/// want of its audit event. Checks the admin listener as it goes. Returns
+/// the ids answered 200.
+async fn fill_the_log_output(broker: &Running) -> Vec<String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let url = format!(
+        "http://{}/v1/tokens?{}",
+        broker.api,
+        member_query(ALICE, "AGENT")
+    );
+    let mut issued = Vec::new();
+    for i in 0..20_000 {
+        let id = format!("blocked-{i}");
+        let response = client
+            .get(&url)
+            .bearer_auth(READER_KEY)
+            .header("x-request-id", &id)
+            .send()
+            .await
+            .expect("the API answers while stdout is blocked");
+        match response.status().as_u16() {
+            200 => issued.push(id),
+            503 => {
+                let problem: serde_json::Value = response.json().await.unwrap();
+                assert_eq!(
+                    problem["type"],
+                    "urn:token-broker:problem:audit-unavailable"
+                );
+                return issued;
+            }
+            other => panic!("unexpected {other}"),
+        }
+        if i % 50 == 0 {
+            let health = client
+                .get(format!("http://{}/healthz", broker.admin))
+                .send()
+                .await
+                .expect("/healthz answers while stdout is blocked");
+            assert_eq!(health.status(), 200);
+        }
+    }
+    panic!("20000 audit events fit in a 64 KiB queue and a blocked pipe");
+}
+
+/// The smallest log queue there is, so a few hundred requests fill it.
+const SMALL_QUEUE: &str = "[log]\nqueue_bytes = 65536\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_stdout_stops_no_probe_and_no_token_leaves_without_its_audit_event() {
+    let (_sim, upstream) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = command();
+    command
+        .arg("--config")
+        .arg(config_file(&dir, upstream, SMALL_QUEUE));
+    let (mut broker, stdout) = Running::start_stalled(command).await;
+
+    let issued = fill_the_log_output(&broker).await;
+    let ready = reqwest::get(format!("http://{}/readyz", broker.admin))
+        .await
+        .unwrap()
+        .status();
+    let refused = broker
+        .metric(r#"token_broker_log_lines_dropped_total{reason="audit_refused"}"#)
+        .await
+        .unwrap();
+    broker.read_stdout(stdout);
+    broker.stop().await;
+
+    assert_eq!(ready, 200);
+    assert!(refused >= 1.0, "{refused}");
+    assert!(issued.len() > 10, "{}", issued.len());
+    let output = broker.output();
+    let audited: std::collections::HashSet<String> = audit_events(&output)
+        .iter()
+        .filter(|e| e["outcome"] == "issued")
+        .map(|e| e["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    let unaudited: Vec<_> = issued.iter().filter(|id| !audited.contains(*id)).collect();
+    assert!(
+        unaudited.is_empty(),
+        "answered 200 without an audit event: {unaudited:?}"
+    );
+    assert!(
+        output.contains("log lines dropped while running"),
+        "the exit says what was lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_within_the_grace_while_stdout_stays_blocked() {
+    let (_sim, upstream) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = command();
+    command
+        .arg("--config")
+        .arg(config_file(&dir, upstream, SMALL_QUEUE))
+        .env("TOKEN_BROKER__SERVER__SHUTDOWN_GRACE", "2s");
+    let (mut broker, _unread) = Running::start_stalled(command).await;
+    fill_the_log_output(&broker).await;
+
+    let signalled = tokio::time::Instant::now();
+    broker.terminate();
+    let code = broker.wait().await;
+    let took = signalled.elapsed();
+
+    assert_eq!(code, 0);
+    // The grace (2 s) plus room for a busy machine; a blocked process would
+    // never exit (`wait` gives up after 15 s).
+    assert!(took < Duration::from_secs(12), "{took:?}");
+    let output = broker.output();
+    assert!(output.contains("not written at exit"), "{output}");
+}

@@ -29,19 +29,23 @@ pub fn command() -> Command {
 /// Collects the child's stdout and stderr, line by line.
 fn capture(child: &mut Child) -> Arc<Mutex<Vec<String>>> {
     let output = Arc::new(Mutex::new(Vec::new()));
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let output = output.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stream).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                output.lock().unwrap().push(line);
-            }
-        });
-    }
+    collect(child.stdout.take().unwrap(), &output);
+    collect(child.stderr.take().unwrap(), &output);
     output
+}
+
+/// Appends each line of `stream` to `output` until it ends.
+fn collect(
+    stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    output: &Arc<Mutex<Vec<String>>>,
+) {
+    let output = output.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            output.lock().unwrap().push(line);
+        }
+    });
 }
 
 /// A running `token-broker` whose output is captured line by line.
@@ -131,6 +135,53 @@ impl Running {
             api,
             admin,
         }
+    }
+
+    /// Starts `command` with a stdout nobody reads (a stalled log
+    /// collector: once the pipe is full every write blocks) until
+    /// `read_stdout`; stderr is captured. Waits for `/healthz`.
+    pub async fn start_stalled(mut command: Command) -> (Running, tokio::process::ChildStdout) {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (api, admin) = (free(), free());
+        command
+            .env("TOKEN_BROKER__SERVER__LISTEN", api.to_string())
+            .env("TOKEN_BROKER__SERVER__ADMIN_LISTEN", admin.to_string());
+        let mut child = command.spawn().expect("binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let output = Arc::new(Mutex::new(Vec::new()));
+        collect(child.stderr.take().unwrap(), &output);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let http = reqwest::Client::new();
+        while http
+            .get(format!("http://{admin}/healthz"))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "broker did not start: {:?}",
+                output.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let running = Running {
+            child,
+            output,
+            api,
+            admin,
+        };
+        (running, stdout)
+    }
+
+    /// Starts reading the stdout `start_stalled` left unread.
+    pub fn read_stdout(&self, stdout: tokio::process::ChildStdout) {
+        collect(stdout, &self.output);
     }
 
     /// The value of `sample` on its `/metrics`; `None` when it is not there.
