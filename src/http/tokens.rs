@@ -206,7 +206,7 @@ pub async fn get_vendor_token(
     params(crate::http::openapi::params::V1Query),
     responses(
         (status = 204, description = "The cached token, if any, is gone here and (with Redis) recorded for every replica"),
-        (status = 503, description = "Dropped here, but the shared cache did not confirm it (`invalidation-not-shared`, `Retry-After: 1`): retry until 204", body = crate::http::error::Problem<'static>, content_type = "application/problem+json"),
+        (status = 503, description = "Dropped here, but the shared cache did not confirm it (`invalidation-not-shared`, `Retry-After: 1`): retry until 204; or the audit event could not be written (`audit-unavailable`)", body = crate::http::error::Problem<'static>, content_type = "application/problem+json"),
         CallerErrors,
     )
 )]

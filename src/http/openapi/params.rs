@@ -78,7 +78,8 @@ pub enum VendorErrors {
     /// The vendor answered with something unusable
     #[response(status = 502, content_type = "application/problem+json")]
     BadGateway(Problem<'static>),
-    /// The vendor is unavailable (`Retry-After`)
+    /// The vendor is unavailable (`upstream-unavailable`), or the audit event
+    /// could not be written (`audit-unavailable`); `Retry-After` either way
     #[response(status = 503, content_type = "application/problem+json")]
     Unavailable(Problem<'static>),
     /// The vendor did not answer in time
