@@ -342,3 +342,34 @@ async fn sigterm_exits_within_the_grace_while_stdout_stays_blocked() {
     let output = broker.output();
     assert!(output.contains("not written at exit"), "{output}");
 }
+
+#[tokio::test]
+async fn pretty_logs_write_no_colour_codes_into_a_pipe() {
+    let (_sim, upstream) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = command();
+    command
+        .arg("--config")
+        .arg(config_file(&dir, upstream, "[log]\nformat = \"pretty\"\n"));
+    let mut broker = Running::start_quiet(command).await;
+    let answered = get(
+        &reqwest::Client::new(),
+        format!(
+            "http://{}/v1/tokens?{}",
+            broker.api,
+            member_query(ALICE, "AGENT")
+        ),
+        READER_KEY,
+    )
+    .await
+    .status();
+    broker.stop().await;
+
+    assert_eq!(answered, 200);
+    let output = broker.output();
+    assert!(output.contains("token issued"), "{output}");
+    assert!(
+        !output.contains('\u{1b}'),
+        "escape codes in a pipe: {output:?}"
+    );
+}
