@@ -55,6 +55,7 @@ fn defaults_match_the_documented_values() {
     assert_eq!(s.upstream.circuit_failures, 5);
     assert_eq!(s.upstream.circuit_cooldown, Duration::from_secs(10));
     assert_eq!(s.log.format, LogFormat::Json);
+    assert_eq!(s.log.queue_bytes, 16 * 1024 * 1024);
     assert!(!s.auth.allow_anonymous);
     assert!(s.clients.is_empty());
 }
@@ -103,6 +104,10 @@ fn bad_values_name_their_key() {
         "log.format"
     );
     assert_eq!(error_key(load("[log]\nlevel = \"=[\"\n", &[])), "log.level");
+    assert_eq!(
+        error_key(load("[log]\nqueue_bytes = 4096\n", &[])),
+        "log.queue_bytes"
+    );
     assert_eq!(
         error_key(load("[upstream]\nbase_url = \"ftp://x\"\n", &[])),
         "upstream.base_url"
