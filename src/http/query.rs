@@ -1,5 +1,5 @@
-//! Turns a raw query string into an `Identity`, with the exact rules of
-//! Exactly one identity form, no repeated or unknown parameters.
+//! Turns a raw query string into an `Identity`: exactly one identity form,
+//! no repeated or unknown parameters.
 //!
 //! Values are percent-decoded only; a literal `+` stays `+`, because it is
 //! common in e-mail local parts and a space is never valid in any parameter.
