@@ -17,10 +17,9 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{AuditSettings, ConfigError};
 use crate::domain::{Identity, Subject};
+use crate::telemetry::AUDIT_TARGET;
 use crate::telemetry::writer::take_audit_refusal;
 
-/// The tracing target of audit events.
-pub const TARGET: &str = "audit";
 /// Shortest accepted `audit.hash_key_file` content.
 const MIN_KEY_BYTES: usize = 16;
 
@@ -105,7 +104,7 @@ impl Auditor {
         let identity = record.identity.as_ref();
         // `message` as a plain field: written as it is, no formatting.
         tracing::info!(
-            target: TARGET,
+            target: AUDIT_TARGET,
             message = record.event.message(),
             outcome = record.event.as_str(),
             status = record.status,

@@ -21,8 +21,8 @@ mod trace_context;
 pub mod writer;
 
 pub use json::JsonLogs;
-pub use request::RequestContext;
-pub use trace_context::{HexId, TraceParent, inject_current, record_trace_ids};
+pub use request::{RequestContext, inject_current};
+pub use trace_context::{HexId, TraceParent, record_trace_ids};
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -36,6 +36,10 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogFormat, LogSettings};
 use otlp::{exporting_provider, protocol_name, silent_provider};
+
+/// The tracing target of the audit trail: its events have a log layer and a
+/// queue entrance of their own, and `log.level` does not filter them.
+pub const AUDIT_TARGET: &str = "audit";
 
 /// The service name when `OTEL_SERVICE_NAME` does not give one.
 pub const SERVICE_NAME: &str = "token-broker";
@@ -150,12 +154,12 @@ where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     let general = level_filter(level).add_directive(
-        format!("{}=off", crate::audit::TARGET)
+        format!("{}=off", AUDIT_TARGET)
             .parse()
             .unwrap_or_else(|_| unreachable!("a valid directive")),
     );
     // A static filter: whether a callsite is an audit event is decided once.
-    let audit_only = Targets::new().with_target(crate::audit::TARGET, LevelFilter::TRACE);
+    let audit_only = Targets::new().with_target(AUDIT_TARGET, LevelFilter::TRACE);
     log_layer(format, ordinary, true)
         .with_filter(general)
         .and_then(log_layer(format, audit, false).with_filter(audit_only))
@@ -231,7 +235,7 @@ mod tests {
             let span = tracing::info_span!("request", request_id = "r-1");
             assert!(span.is_disabled());
             assert!(!tracing::warn_span!("failing").is_disabled());
-            span.in_scope(|| tracing::info!(target: crate::audit::TARGET, "token issued"));
+            span.in_scope(|| tracing::info!(target: AUDIT_TARGET, "token issued"));
         });
         let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         assert!(text.contains(r#""message":"token issued""#), "{text}");

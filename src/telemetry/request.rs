@@ -9,7 +9,7 @@ use super::{exporting, request_spans};
 
 tokio::task_local! {
     /// The request the current task serves.
-    pub(super) static REQUEST: RequestContext;
+    static REQUEST: RequestContext;
 }
 
 /// What every log line of a request names (route, request id, trace,
@@ -24,7 +24,7 @@ pub struct RequestContext {
     route: &'static str,
     request_id: axum::http::HeaderValue,
     /// The W3C trace context; `None` when exporting (OpenTelemetry has it).
-    pub(super) trace: Option<TraceParent>,
+    trace: Option<TraceParent>,
     /// The authenticated caller, once known.
     client: std::cell::OnceCell<std::sync::Arc<str>>,
     /// The service account the caller presented, if it did.
@@ -176,5 +176,94 @@ impl RequestContext {
         if let Some(client) = self.client.get() {
             field("client", client);
         }
+    }
+}
+
+/// Adds `traceparent` (and `tracestate`) for an outgoing request: from the
+/// current span when exporting, else from the request's `TraceParent` with a
+/// new span id for the call. Never `baggage`.
+pub fn inject_current(headers: &mut reqwest::header::HeaderMap) {
+    if exporting() {
+        opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.inject_context(
+                &tracing::Span::current().context(),
+                &mut opentelemetry_http::HeaderInjector(headers),
+            );
+        });
+        return;
+    }
+    let _ = REQUEST.try_with(|request| {
+        if let Some(parent) = &request.trace {
+            parent.inject_child(headers);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderMap, HeaderValue};
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    axum::http::HeaderName::from_static(k),
+                    HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_callers_trace_is_continued_and_anything_else_starts_a_new_one() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let given = headers(&[
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("tracestate", "vendor=x"),
+            ("baggage", "secret=1"),
+        ]);
+        let parent = TraceParent::from_headers(&given);
+        assert_eq!(parent.trace_id, trace);
+        assert_ne!(parent.span_id, "00f067aa0ba902b7");
+        let mut out = reqwest::header::HeaderMap::new();
+        let request = RequestContext::new(
+            "GET /v1/tokens",
+            "/v1/tokens",
+            HeaderValue::from_static("r-1"),
+            Some(parent),
+        );
+        request.scope(async { inject_current(&mut out) }).await;
+        let sent = out["traceparent"].to_str().unwrap();
+        assert!(
+            sent.starts_with(&format!("00-{trace}-")) && sent.ends_with("-01"),
+            "{sent}"
+        );
+        assert_eq!(out["tracestate"], "vendor=x");
+        assert!(!out.contains_key("baggage"));
+
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            "garbage",
+        ] {
+            let mut map = HeaderMap::new();
+            map.insert("traceparent", HeaderValue::from_static(bad));
+            let fresh = TraceParent::from_headers(&map);
+            assert_ne!(fresh.trace_id, trace, "{bad}");
+            let id = fresh.trace_id.as_str();
+            assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert_ne!(fresh.trace_id, "00000000000000000000000000000000");
+        }
+        let mut none = reqwest::header::HeaderMap::new();
+        inject_current(&mut none);
+        assert!(none.is_empty(), "outside a request nothing is invented");
     }
 }

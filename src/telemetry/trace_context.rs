@@ -5,7 +5,6 @@ use opentelemetry::trace::TraceContextExt;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::exporting;
-use super::request::REQUEST;
 
 /// A W3C trace context (`traceparent`, and `tracestate` passed through), as
 /// carried without OpenTelemetry: the caller's trace id, or a new one.
@@ -14,8 +13,8 @@ pub struct TraceParent {
     pub trace_id: HexId<32>,
     /// This service's span.
     pub span_id: HexId<16>,
-    pub(super) flags: HexId<2>,
-    pub(super) state: Option<axum::http::HeaderValue>,
+    flags: HexId<2>,
+    state: Option<axum::http::HeaderValue>,
 }
 
 /// An id as `N` lower-case hex digits, kept inline: a request makes a few.
@@ -110,36 +109,23 @@ impl TraceParent {
     }
 }
 
-/// Adds `traceparent` (and `tracestate`) for an outgoing request: from the
-/// current span when exporting, else from the request's `TraceParent` with a
-/// new span id for the call. Never `baggage`.
-pub fn inject_current(headers: &mut reqwest::header::HeaderMap) {
-    if exporting() {
-        opentelemetry::global::get_text_map_propagator(|propagator| {
-            propagator.inject_context(
-                &tracing::Span::current().context(),
-                &mut opentelemetry_http::HeaderInjector(headers),
-            );
-        });
-        return;
-    }
-    let _ = REQUEST.try_with(|request| {
-        let Some(parent) = &request.trace else {
-            return;
-        };
+impl TraceParent {
+    /// Adds `traceparent`, for a child of this context with a new span id,
+    /// and `tracestate` as the caller sent it. Never `baggage`.
+    pub fn inject_child(&self, headers: &mut reqwest::header::HeaderMap) {
         let value = format!(
             "00-{}-{}-{}",
-            parent.trace_id,
+            self.trace_id,
             HexId::<16>::random(),
-            parent.flags
+            self.flags
         );
         if let Ok(value) = reqwest::header::HeaderValue::from_str(&value) {
             headers.insert("traceparent", value);
         }
-        if let Some(state) = &parent.state {
+        if let Some(state) = &self.state {
             headers.insert("tracestate", state.clone());
         }
-    });
+    }
 }
 
 /// Copies the OpenTelemetry ids of `span` into its `trace_id` and `span_id`
@@ -161,20 +147,6 @@ pub fn record_trace_ids(span: &tracing::Span) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::RequestContext;
-    use axum::http::{HeaderMap, HeaderValue};
-
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(k, v)| {
-                (
-                    axum::http::HeaderName::from_static(k),
-                    HeaderValue::from_static(v),
-                )
-            })
-            .collect()
-    }
 
     #[test]
     fn hex_ids_are_fixed_width_lower_case() {
@@ -183,56 +155,5 @@ mod tests {
         assert_eq!(HexId::<4>::parse("0a1f"), Some(HexId(*b"0a1f")));
         assert_eq!(HexId::<4>::parse("0A1F"), None);
         assert_eq!(HexId::<4>::parse("0a1"), None);
-    }
-
-    #[tokio::test]
-    async fn a_callers_trace_is_continued_and_anything_else_starts_a_new_one() {
-        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-        let given = headers(&[
-            (
-                "traceparent",
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            ),
-            ("tracestate", "vendor=x"),
-            ("baggage", "secret=1"),
-        ]);
-        let parent = TraceParent::from_headers(&given);
-        assert_eq!(parent.trace_id, trace);
-        assert_ne!(parent.span_id, "00f067aa0ba902b7");
-        let mut out = reqwest::header::HeaderMap::new();
-        let request = RequestContext::new(
-            "GET /v1/tokens",
-            "/v1/tokens",
-            HeaderValue::from_static("r-1"),
-            Some(parent),
-        );
-        request.scope(async { inject_current(&mut out) }).await;
-        let sent = out["traceparent"].to_str().unwrap();
-        assert!(
-            sent.starts_with(&format!("00-{trace}-")) && sent.ends_with("-01"),
-            "{sent}"
-        );
-        assert_eq!(out["tracestate"], "vendor=x");
-        assert!(!out.contains_key("baggage"));
-
-        for bad in [
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
-            "garbage",
-        ] {
-            let mut map = HeaderMap::new();
-            map.insert("traceparent", HeaderValue::from_static(bad));
-            let fresh = TraceParent::from_headers(&map);
-            assert_ne!(fresh.trace_id, trace, "{bad}");
-            let id = fresh.trace_id.as_str();
-            assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()));
-            assert!(!fresh.trace_id.is_zero());
-        }
-        let mut none = reqwest::header::HeaderMap::new();
-        inject_current(&mut none);
-        assert!(none.is_empty(), "outside a request nothing is invented");
     }
 }
