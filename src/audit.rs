@@ -116,7 +116,7 @@ impl Auditor {
             subject = identity.map(|i| i.subject.hex(&mut hex)),
             cache = record.cache,
             active = record.active,
-            duration_us = u64::try_from(record.duration.as_micros()).unwrap_or(u64::MAX),
+            duration_us = crate::telemetry::whole_micros(record.duration),
             route = record.route,
             request_id = record.request_id,
             trace_id = record.trace_id,

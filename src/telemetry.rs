@@ -41,6 +41,11 @@ use otlp::{exporting_provider, protocol_name, silent_provider};
 /// queue entrance of their own, and `log.level` does not filter them.
 pub const AUDIT_TARGET: &str = "audit";
 
+/// `duration` in whole microseconds, as log lines give durations.
+pub fn whole_micros(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// The service name when `OTEL_SERVICE_NAME` does not give one.
 pub const SERVICE_NAME: &str = "token-broker";
 

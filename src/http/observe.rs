@@ -210,11 +210,17 @@ fn finish(
     let elapsed = started.elapsed();
     let outcome = response.extensions_mut().remove::<Outcome>();
     let mut result = outcome.as_ref().map_or(ClientResult::Ok, |o| o.result);
-    // A token route's request from a known caller is told by its audit
-    // event alone; a token that cannot be audited is not handed out.
-    let audited = matches!(route, TOKENS_ROUTE | VENDOR_ROUTE)
-        && RequestContext::current(|request| {
-            let (caller, service_account) = request.caller()?;
+    let cache = outcome
+        .as_ref()
+        .and_then(|o| o.cache)
+        .map(CacheResult::as_str);
+    let token_route = matches!(route, TOKENS_ROUTE | VENDOR_ROUTE);
+    // The context is read once: the caller, for the metrics, and on a token
+    // route the request's audit event, its only line. A token that cannot be
+    // audited is not handed out.
+    let client = RequestContext::current(|request| {
+        let (caller, service_account) = request.caller()?;
+        if token_route {
             let trace_id = request.trace_id();
             let status = response.status().as_u16();
             let record = Record {
@@ -224,37 +230,30 @@ fn finish(
                 caller,
                 service_account,
                 identity: outcome.as_ref().and_then(|o| o.identity),
-                cache: outcome
-                    .as_ref()
-                    .and_then(|o| o.cache)
-                    .map(CacheResult::as_str),
+                cache,
                 active: outcome.as_ref().and_then(|o| o.active),
                 duration: elapsed,
                 route,
                 request_id: request.request_id(),
                 trace_id: trace_id.as_ref().map(|id| id.as_str()),
             };
-            Some(state.auditor.record(&record))
-        })
-        .flatten()
-        .map(|written| {
-            if written.is_err() {
+            if state.auditor.record(&record).is_err() {
                 *response = ApiError::AuditUnavailable.into_response();
                 result = ClientResult::Refused;
             }
-        })
-        .is_some();
+        }
+        Some(caller.clone())
+    })
+    .flatten();
+    let audited = token_route && client.is_some();
     let status = response.status().as_u16();
     if !audited {
         // `message` as a plain field: written as it is, no formatting.
         tracing::info!(
             message = "request completed",
             status,
-            duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            cache = outcome
-                .as_ref()
-                .and_then(|o| o.cache)
-                .map(CacheResult::as_str),
+            duration_us = telemetry::whole_micros(elapsed),
+            cache,
         );
     }
     if exporting {
@@ -265,7 +264,7 @@ fn finish(
         }
     }
     state.metrics.http_request(route, status, elapsed);
-    if let Some(client) = RequestContext::client() {
+    if let Some(client) = client {
         state.metrics.client_request(&client, result);
     }
 }

@@ -512,8 +512,7 @@ impl Metrics {
             let handles = clients
                 .iter()
                 .find(|c| Arc::ptr_eq(&c.name, client) || c.name == *client)?;
-            let i = ClientResult::ALL.iter().position(|r| *r == result)?;
-            Some(&handles.results[i])
+            Some(&handles.results[result.index()])
         });
         match resolved {
             Some(counter) => {

@@ -88,16 +88,6 @@ impl RequestContext {
         REQUEST.scope(self, future).await
     }
 
-    /// The current request's id, if the task serves a request.
-    pub fn current_id() -> Option<axum::http::HeaderValue> {
-        REQUEST.try_with(|r| r.request_id.clone()).ok()
-    }
-
-    /// The current request's authenticated caller, once known.
-    pub fn client() -> Option<std::sync::Arc<str>> {
-        REQUEST.try_with(|r| r.client.get().cloned()).ok().flatten()
-    }
-
     /// Names the authenticated caller of the current request (and the
     /// service account it presented), for its log lines and metrics.
     pub fn record_client(

@@ -15,6 +15,11 @@ macro_rules! label_values {
             /// Every value, in the order exported.
             pub const ALL: [$name; [$($text),+].len()] = [$($name::$variant),+];
 
+            /// Its place in `ALL`.
+            pub fn index(self) -> usize {
+                self as usize
+            }
+
             pub fn as_str(self) -> &'static str {
                 match self {
                     $($name::$variant => $text,)+
@@ -125,5 +130,17 @@ label_values! {
         AuditRefused => "audit_refused",
         /// Writing to stdout failed (closed or broken).
         WriteFailed => "write_failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_value_sits_at_its_index_in_all() {
+        for (i, result) in ClientResult::ALL.into_iter().enumerate() {
+            assert_eq!(result.index(), i, "{result:?}");
+        }
     }
 }
