@@ -122,16 +122,16 @@ pub async fn get_token(
     caller: Caller,
     revalidate: Revalidate,
     RawQuery(raw): RawQuery,
-) -> Response {
-    let identity = match query::identity(raw.as_deref(), query::V1) {
-        Ok(identity) => identity,
-        Err(invalid) => return invalid.into_response(),
-    };
-    let issued = match lookup(&state, &caller, &identity, revalidate).await {
-        Ok(issued) if issued.active => issued,
-        Ok(_) => return refused(&state, &identity, ApiError::TokenInactive),
-        Err(error) => return refused(&state, &identity, error),
-    };
+) -> Result<Response, Response> {
+    let identity =
+        query::identity(raw.as_deref(), query::V1).map_err(IntoResponse::into_response)?;
+    let refused = |error| refused(&state, &identity, error);
+    let issued = lookup(&state, &caller, &identity, revalidate)
+        .await
+        .map_err(refused)?;
+    if !issued.active {
+        return Err(refused(ApiError::TokenInactive));
+    }
     let (email, user_type, user_id) = match &identity {
         Identity::TeamMember { email, user_type } => {
             (Some(email.as_str()), Some(user_type.as_str()), None)
@@ -145,7 +145,12 @@ pub async fn get_token(
         token: issued.token.expose(),
         active: issued.active,
     };
-    handed_out(&state, &identity, Json(body).into_response(), &issued)
+    Ok(handed_out(
+        &state,
+        &identity,
+        Json(body).into_response(),
+        &issued,
+    ))
 }
 
 /// `GET /ext/get-user-token`: the vendor's path, parameters and body.
@@ -173,15 +178,12 @@ pub async fn get_vendor_token(
     caller: Caller,
     revalidate: Revalidate,
     RawQuery(raw): RawQuery,
-) -> Response {
-    let identity = match query::identity(raw.as_deref(), query::VENDOR) {
-        Ok(identity) => identity,
-        Err(invalid) => return invalid.into_response(),
-    };
-    let issued = match lookup(&state, &caller, &identity, revalidate).await {
-        Ok(issued) => issued,
-        Err(error) => return refused(&state, &identity, error),
-    };
+) -> Result<Response, Response> {
+    let identity =
+        query::identity(raw.as_deref(), query::VENDOR).map_err(IntoResponse::into_response)?;
+    let issued = lookup(&state, &caller, &identity, revalidate)
+        .await
+        .map_err(|error| refused(&state, &identity, error))?;
     let body = VendorBody {
         success: true,
         message: "",
@@ -193,7 +195,12 @@ pub async fn get_vendor_token(
         },
         code: 200,
     };
-    handed_out(&state, &identity, Json(body).into_response(), &issued)
+    Ok(handed_out(
+        &state,
+        &identity,
+        Json(body).into_response(),
+        &issued,
+    ))
 }
 
 /// `DELETE /v1/tokens`
@@ -214,25 +221,24 @@ pub async fn delete_token(
     State(state): State<AppState>,
     caller: Caller,
     RawQuery(raw): RawQuery,
-) -> Response {
-    let identity = match query::identity(raw.as_deref(), query::V1) {
-        Ok(identity) => identity,
-        Err(invalid) => return invalid.into_response(),
-    };
-    if let Err(denied) = caller.authorize(Action::Invalidate, &identity) {
-        return refused(&state, &identity, denied);
-    }
-    if let Err(not_shared) = state.broker.invalidate(&identity).await {
+) -> Result<Response, Response> {
+    let identity =
+        query::identity(raw.as_deref(), query::V1).map_err(IntoResponse::into_response)?;
+    let refused = |error| refused(&state, &identity, error);
+    caller
+        .authorize(Action::Invalidate, &identity)
+        .map_err(refused)?;
+    state.broker.invalidate(&identity).await.map_err(|not_shared| {
         tracing::warn!(
             "the shared cache did not confirm an invalidation; answered 503 so the caller retries"
         );
-        return refused(&state, &identity, not_shared.into());
-    }
+        refused(not_shared.into())
+    })?;
     let mut response = StatusCode::NO_CONTENT.into_response();
     let mut outcome = Outcome::new(ClientResult::Ok);
     outcome.identity = Some(state.auditor.identity(&identity));
     response.extensions_mut().insert(outcome);
-    response
+    Ok(response)
 }
 
 /// An error's answer, naming whose token was asked for in its audit event.
