@@ -51,9 +51,10 @@ impl Scope {
 pub struct KeyDigest([u8; 32]);
 
 impl KeyDigest {
-    /// The digest of `key`, as `hash-key` prints it.
-    pub fn of_key(key: &str) -> Self {
-        Self(Sha256::digest(key.as_bytes()).into())
+    /// The digest of `key`, as `hash-key` prints it and a request's key is
+    /// compared.
+    pub fn of_key(key: impl AsRef<[u8]>) -> Self {
+        Self(Sha256::digest(key.as_ref()).into())
     }
 
     /// 64 hex characters.

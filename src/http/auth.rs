@@ -14,10 +14,9 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use crate::config::{ANONYMOUS, ClientSettings, Scope, ServiceAccount};
+use crate::config::{ANONYMOUS, ClientSettings, KeyDigest, Scope, ServiceAccount};
 use crate::domain::{Identity, UserType};
 use crate::http::AppState;
 use crate::http::error::{ApiError, whole_seconds};
@@ -131,7 +130,7 @@ fn domain_admits(allowed: &str, domain: &str) -> bool {
 
 /// The configured callers.
 pub struct Callers {
-    keyed: Vec<(Arc<Policy>, [u8; 32])>,
+    keyed: Vec<(Arc<Policy>, KeyDigest)>,
     /// `namespace:name` → client.
     by_account: HashMap<String, Arc<Policy>>,
     /// `namespace` → the client naming `namespace:*`.
@@ -168,7 +167,7 @@ impl Callers {
                     .map(|limit| (limit, per_minute(limit))),
             });
             if let Some(digest) = client.key_sha256 {
-                callers.keyed.push((policy.clone(), *digest.as_bytes()));
+                callers.keyed.push((policy.clone(), digest));
             }
             for account in &client.service_accounts {
                 match account {
@@ -250,12 +249,12 @@ impl Callers {
     }
 
     fn by_key(&self, key: &[u8]) -> Result<Caller, ApiError> {
-        let presented: [u8; 32] = Sha256::digest(key).into();
+        let presented = KeyDigest::of_key(key);
         // Every digest is compared, so timing does not tell which (or whether) one matched.
         let mut found = subtle::Choice::from(0);
         let mut index = 0u32;
         for (i, (_, digest)) in self.keyed.iter().enumerate() {
-            let matches = digest.ct_eq(&presented);
+            let matches = digest.as_bytes().ct_eq(presented.as_bytes());
             index.conditional_assign(&(i as u32), matches);
             found |= matches;
         }
@@ -329,7 +328,6 @@ impl FromRequestParts<AppState> for Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::KeyDigest;
     use crate::domain::{Email, UserId};
 
     fn client(name: &str, key: &str, scopes: Vec<Scope>) -> ClientSettings {
