@@ -17,11 +17,7 @@ async fn audit_events_are_written_whatever_the_log_level_and_head_writes_none() 
         ));
         let mut broker = Running::start_quiet(cmd).await;
         let http = reqwest::Client::new();
-        let url = format!(
-            "http://{}/v1/tokens?{}",
-            broker.api,
-            member_query(ALICE, "AGENT")
-        );
+        let url = broker.tokens_url(&member_query(ALICE, "AGENT"));
         let got = http.get(&url).bearer_auth(READER_KEY).send().await.unwrap();
         assert_eq!(got.status(), 200);
         let head = http

@@ -120,16 +120,9 @@ async fn the_binary_runs_unprivileged_read_only_with_only_its_mounted_files() {
         .send()
         .await
         .unwrap();
-    let token = client
-        .get(format!(
-            "http://{}/v1/tokens?{}",
-            broker.api,
-            member_query(ALICE, "AGENT")
-        ))
-        .bearer_auth(READER_KEY)
-        .send()
-        .await
-        .unwrap();
+    let token = broker
+        .get_token(&member_query(ALICE, "AGENT"), READER_KEY)
+        .await;
 
     assert_eq!(ready.status(), 200);
     assert_eq!(token.status(), 200);

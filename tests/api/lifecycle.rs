@@ -15,11 +15,7 @@ async fn sigterm_drains_an_in_flight_slow_request_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Running::serve(&dir, upstream).await;
     let client = reqwest::Client::new();
-    let url = format!(
-        "http://{}/v1/tokens?{}",
-        broker.api,
-        member_query(ALICE, "AGENT")
-    );
+    let url = broker.tokens_url(&member_query(ALICE, "AGENT"));
 
     let in_flight = tokio::spawn({
         let client = client.clone();
@@ -62,11 +58,7 @@ async fn sighup_rereads_a_key_file_the_watcher_cannot_see() {
     command.arg("--config").arg(config);
     let mut broker = Running::start(command).await;
     let client = reqwest::Client::new();
-    let url = format!(
-        "http://{}/v1/tokens?{}",
-        broker.api,
-        member_query(ALICE, "AGENT")
-    );
+    let url = broker.tokens_url(&member_query(ALICE, "AGENT"));
     let last_bearer = || sim.requests().pop().and_then(|r| r.authorization).unwrap();
 
     assert_eq!(get(&client, url.clone(), READER_KEY).await.status(), 200);
@@ -143,16 +135,9 @@ async fn sighup_with_an_inline_key_does_not_stop_the_service() {
         .status()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let response = get(
-        &reqwest::Client::new(),
-        format!(
-            "http://{}/v1/tokens?{}",
-            broker.api,
-            member_query(ALICE, "AGENT")
-        ),
-        READER_KEY,
-    )
-    .await;
+    let response = broker
+        .get_token(&member_query(ALICE, "AGENT"), READER_KEY)
+        .await;
 
     assert!(sent.success());
     assert_eq!(response.status(), 200, "still serving after SIGHUP");
@@ -171,11 +156,7 @@ async fn a_request_hanging_past_the_grace_is_cut_and_the_process_exits_on_time()
         .env("TOKEN_BROKER__SERVER__SHUTDOWN_GRACE", "1s")
         .env("TOKEN_BROKER__UPSTREAM__TIMEOUT", "60s");
     let mut broker = Running::start(cmd).await;
-    let url = format!(
-        "http://{}/v1/tokens?{}",
-        broker.api,
-        member_query(ALICE, "AGENT")
-    );
+    let url = broker.tokens_url(&member_query(ALICE, "AGENT"));
     let hanging = tokio::spawn(async move {
         reqwest::Client::new()
             .get(url)

@@ -234,11 +234,7 @@ async fn fill_the_log_output(broker: &Running) -> Vec<String> {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let url = format!(
-        "http://{}/v1/tokens?{}",
-        broker.api,
-        member_query(ALICE, "AGENT")
-    );
+    let url = broker.tokens_url(&member_query(ALICE, "AGENT"));
     let mut issued = Vec::new();
     for i in 0..20_000 {
         let id = format!("blocked-{i}");
@@ -352,17 +348,10 @@ async fn pretty_logs_write_no_colour_codes_into_a_pipe() {
         .arg("--config")
         .arg(config_file(&dir, upstream, "[log]\nformat = \"pretty\"\n"));
     let mut broker = Running::start_quiet(command).await;
-    let answered = get(
-        &reqwest::Client::new(),
-        format!(
-            "http://{}/v1/tokens?{}",
-            broker.api,
-            member_query(ALICE, "AGENT")
-        ),
-        READER_KEY,
-    )
-    .await
-    .status();
+    let answered = broker
+        .get_token(&member_query(ALICE, "AGENT"), READER_KEY)
+        .await
+        .status();
     broker.stop().await;
 
     assert_eq!(answered, 200);

@@ -197,12 +197,7 @@ async fn the_audit_event_names_the_client_and_the_service_account() {
     cmd.arg("--config").arg(config_file(&dir, upstream, &extra));
     let mut broker = Running::start(cmd).await;
     let token = sign(ec(), &claims("inbox:embedder"));
-    let response = reqwest::Client::new()
-        .get(format!("http://{}/v1/tokens?{}", broker.api, alice()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = broker.get_token(&alice(), &token).await;
     assert_eq!(response.status(), 200);
     broker.stop().await;
 

@@ -144,11 +144,7 @@ async fn traced_request(
     };
     let mut broker = Running::start(command).await;
     let response = reqwest::Client::new()
-        .get(format!(
-            "http://{}/v1/tokens?{}",
-            broker.api,
-            member_query(ALICE, "AGENT")
-        ))
+        .get(broker.tokens_url(&member_query(ALICE, "AGENT")))
         .bearer_auth(READER_KEY)
         .header("traceparent", format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01"))
         .header("baggage", "tenant=caller-private")

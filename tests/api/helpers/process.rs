@@ -101,46 +101,22 @@ impl Running {
 
     /// Starts `command` on free ports it is given, and waits for `/healthz`:
     /// for log levels that do not print the `listening` line.
-    pub async fn start_quiet(mut command: Command) -> Running {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-        };
-        let (api, admin) = (free(), free());
-        command
-            .env("TOKEN_BROKER__SERVER__LISTEN", api.to_string())
-            .env("TOKEN_BROKER__SERVER__ADMIN_LISTEN", admin.to_string());
-        let mut child = command.spawn().expect("binary starts");
-        let output = capture(&mut child);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let http = reqwest::Client::new();
-        while http
-            .get(format!("http://{admin}/healthz"))
-            .send()
-            .await
-            .is_err()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "broker did not start: {:?}",
-                output.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Running {
-            child,
-            output,
-            api,
-            admin,
-        }
+    pub async fn start_quiet(command: Command) -> Running {
+        let (running, stdout) = Running::start_on_free_ports(command).await;
+        running.read_stdout(stdout);
+        running
     }
 
     /// Starts `command` with a stdout nobody reads (a stalled log
     /// collector: once the pipe is full every write blocks) until
     /// `read_stdout`; stderr is captured. Waits for `/healthz`.
-    pub async fn start_stalled(mut command: Command) -> (Running, tokio::process::ChildStdout) {
+    pub async fn start_stalled(command: Command) -> (Running, tokio::process::ChildStdout) {
+        Running::start_on_free_ports(command).await
+    }
+
+    /// Starts `command` on free ports, capturing stderr, and waits for
+    /// `/healthz`; stdout is handed back unread.
+    async fn start_on_free_ports(mut command: Command) -> (Running, tokio::process::ChildStdout) {
         let free = || {
             std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -177,6 +153,16 @@ impl Running {
             admin,
         };
         (running, stdout)
+    }
+
+    /// `GET /v1/tokens?{query}` on this broker's API.
+    pub fn tokens_url(&self, query: &str) -> String {
+        format!("http://{}/v1/tokens?{query}", self.api)
+    }
+
+    /// `GET /v1/tokens?{query}` as the caller with `key`.
+    pub async fn get_token(&self, query: &str, key: &str) -> reqwest::Response {
+        get(&reqwest::Client::new(), self.tokens_url(query), key).await
     }
 
     /// Starts reading the stdout `start_stalled` left unread.
