@@ -141,21 +141,10 @@ async fn run_service(
     })?;
     tracing::info!(api = %app.api_addr(), admin = %app.admin_addr(), "listening");
     on_ready(&app);
-    // The grace runs from the signal: whatever is left of it after the
-    // connections closed is the log output's to drain.
-    let signalled = std::sync::OnceLock::new();
-    app.run_until(async {
-        shutdown_signal().await;
-        let _ = signalled.set(std::time::Instant::now());
-    })
-    .await;
-    let since = signalled
-        .get()
-        .copied()
-        .unwrap_or_else(std::time::Instant::now);
-    telemetry
-        .shutdown(since + settings.server.shutdown_grace)
-        .await;
+    // What is left of the grace after the connections closed is the log
+    // output's to drain.
+    let grace_ends = app.run_until(shutdown_signal()).await;
+    telemetry.shutdown(grace_ends).await;
     Ok(())
 }
 

@@ -135,7 +135,8 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then drains: readiness turns 503,
     /// new connections are refused, in-flight requests get `shutdown_grace`.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+    /// Returns when the grace ends, for what drains after (the log output).
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> std::time::Instant {
         let (stop_api, api_stopped) = watch::channel(false);
         let (stop_admin, admin_stopped) = watch::channel(false);
         let close_api = CancellationToken::new();
@@ -162,6 +163,7 @@ impl Application {
         tracing::info!("token-broker is ready");
 
         shutdown.await;
+        let grace_ends = std::time::Instant::now() + self.grace;
         self.readiness.set(false);
         tracing::info!(grace = ?self.grace, "shutdown signal received, draining");
         let _ = stop_api.send(true);
@@ -184,6 +186,7 @@ impl Application {
         }
         drop(self.reloaders);
         drop(self.jwks_watch);
+        grace_ends
     }
 }
 
