@@ -15,9 +15,9 @@ use tracing_subscriber::layer::SubscriberExt;
 
 use token_broker::audit::Auditor;
 use token_broker::broker::{Broker, FetchFuture, TokenSource};
+use token_broker::callers::Callers;
 use token_broker::config::{ClientSettings, KeyDigest, LogFormat, Scope, Settings, Sources};
 use token_broker::domain::{Identity, Token};
-use token_broker::http::auth::Callers;
 use token_broker::http::{AppParts, AppState, router};
 use token_broker::telemetry::log_layers;
 use token_broker::telemetry::metrics::Metrics;
@@ -75,7 +75,7 @@ fn hit_path(c: &mut Criterion) {
             metrics.clone(),
         )),
         auditor: Auditor::with_key(b"bench-audit-key-0123456789".to_vec()),
-        callers: Callers::new(&clients, false),
+        callers: Callers::new(&clients, false, None),
         metrics,
     }));
     let warm = runtime.block_on(app.clone().oneshot(request())).unwrap();

@@ -16,7 +16,7 @@ use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::{Digest, Sha256};
 
 use crate::config::{AuditSettings, ConfigError};
-use crate::domain::{Identity, Subject};
+use crate::domain::{Identity, Proof, Subject};
 use crate::telemetry::AUDIT_TARGET;
 use crate::telemetry::writer::take_audit_refusal;
 
@@ -110,7 +110,9 @@ impl Auditor {
             status = record.status,
             rule = record.rule,
             caller = record.caller,
-            service_account = record.service_account,
+            proof = record.proof.method(),
+            service_account = record.proof.service_account(),
+            spiffe_id = record.proof.spiffe_id(),
             identity = identity.map(|i| i.kind),
             user_type = identity.and_then(|i| i.user_type),
             subject = identity.map(|i| i.subject.hex(&mut hex)),
@@ -163,8 +165,9 @@ pub struct Record<'a> {
     pub rule: Option<&'static str>,
     /// The configured client name.
     pub caller: &'a str,
-    /// `namespace:name`, when the caller presented a service-account token.
-    pub service_account: Option<&'a str>,
+    /// How the caller proved who it is: `key`, `service_account` (with its
+    /// `namespace:name`), `certificate` (with its SPIFFE ID) or `anonymous`.
+    pub proof: &'a Proof,
     /// Whose token, once the query named someone.
     pub identity: Option<AuditedIdentity>,
     pub cache: Option<&'static str>,

@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 
 use crate::audit::Auditor;
+use crate::callers::service_accounts::Verifier;
 use crate::config::{ClientSettings, ConfigError, KeyDigest, Scope, Settings, Sources};
-use crate::service_accounts::Verifier;
 use crate::simulator::{Simulator, random_hex};
 use crate::startup::{Application, StartupError, shutdown_signal};
 use crate::telemetry;
@@ -135,11 +135,22 @@ async fn run_service(
             "upstream.allow_insecure_http is on: the partner key is sent without TLS; never use it with the real vendor"
         );
     }
+    if settings.server.plaintext && !settings.server.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %settings.server.listen,
+            "server.plaintext is on: callers' keys and tokens cross the network without TLS; only behind a mesh or on a network that encrypts"
+        );
+    }
     let app = Application::build(settings).await.map_err(|e| match e {
         StartupError::Config(e) => Failure::Config(e),
         other => Failure::Other(other.to_string()),
     })?;
-    tracing::info!(api = %app.api_addr(), admin = %app.admin_addr(), "listening");
+    let scheme = if settings.server.tls().is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(api = %app.api_addr(), admin = %app.admin_addr(), scheme, "listening");
     on_ready(&app);
     // What is left of the grace after the connections closed is the log
     // output's to drain.
@@ -199,6 +210,10 @@ async fn demo(file: Option<PathBuf>) -> Result<(), Failure> {
         KeyDigest::of_key(&caller_key),
         Scope::ALL.to_vec(),
     ));
+    let (scheme, ca) = match &settings.server.tls_cert_file {
+        Some(_) => ("https", " --cacert <the CA of server.tls_cert_file>"),
+        None => ("http", ""),
+    };
     run_service(&settings, |app| {
         let api = reachable(app.api_addr());
         let reach = if app.api_addr().ip().is_loopback() && app.admin_addr().ip().is_loopback() {
@@ -210,7 +225,7 @@ async fn demo(file: Option<PathBuf>) -> Result<(), Failure> {
             "\ntoken-broker demo: a simulated BotPenguin runs at http://{upstream}; nothing real is contacted.\n{reach}\n\
              Simulated users:\n{users}\n\n\
              demo caller key: {caller_key}\n\n\
-             Try:\n  curl -s -H 'Authorization: Bearer {caller_key}' 'http://{api}/v1/tokens?email=alice%40example.com&type=AGENT'\n\n\
+             Try:\n  curl -s{ca} -H 'Authorization: Bearer {caller_key}' '{scheme}://{api}/v1/tokens?email=alice%40example.com&type=AGENT'\n\n\
              Metrics: http://{admin}/metrics   Stop: Ctrl-C\n",
             users = simulator.describe(),
             admin = reachable(app.admin_addr()),

@@ -20,10 +20,10 @@ use serde::{Deserialize, Serialize};
 
 pub use auth::{AuthSettings, KubernetesSettings};
 pub use cache::{CacheSettings, RedisForm, SharedRedis, parse_node};
-pub use clients::{ANONYMOUS, ClientSettings, KeyDigest, Scope, ServiceAccount};
+pub use clients::{ANONYMOUS, ClientSettings, KeyDigest, Scope, ServiceAccount, SpiffeId};
 pub use log::{AuditSettings, LogFormat, LogLevel, LogSettings};
 pub use secrets::{read_key_file, read_secret_file};
-pub use server::ServerSettings;
+pub use server::{ClientAuth, ServerSettings, TlsFiles};
 pub use upstream::{UpstreamSettings, is_loopback};
 
 use secrets::{describe_source_error, without_quoted_text};
@@ -180,6 +180,14 @@ impl Settings {
                 ));
             }
         }
+        if self.server.tls_client_ca_file.is_none()
+            && let Some(i) = self.clients.iter().position(|c| !c.spiffe_ids.is_empty())
+        {
+            return Err(ConfigError::invalid(
+                format!("clients[{i}].spiffe_ids"),
+                "needs server.tls_client_ca_file, the CA whose client certificates carry these IDs",
+            ));
+        }
         if self.auth.kubernetes.issuer.is_none()
             && self.clients.iter().any(|c| !c.service_accounts.is_empty())
         {
@@ -191,7 +199,8 @@ impl Settings {
         Ok(())
     }
 
-    /// What `serve` needs beyond a valid file: a partner key and someone allowed in.
+    /// What `serve` needs beyond a valid file: a partner key, someone
+    /// allowed in, and HTTPS off loopback unless plain HTTP is chosen.
     pub fn require_serving(&self) -> Result<(), ConfigError> {
         if self.upstream.partner_key.is_none() && self.upstream.partner_key_file.is_none() {
             return Err(ConfigError::invalid(
@@ -205,7 +214,7 @@ impl Settings {
                 "at least one [[clients]] entry is required unless auth.allow_anonymous = true",
             ));
         }
-        Ok(())
+        self.server.require_transport()
     }
 
     /// The effective configuration as TOML, every secret replaced by `[REDACTED]`.

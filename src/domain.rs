@@ -274,6 +274,47 @@ impl std::fmt::Display for Subject {
     }
 }
 
+/// How a caller proved who it is, as its audit event names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proof {
+    /// No credential: `auth.allow_anonymous`.
+    Anonymous,
+    /// A caller key (`Authorization: Bearer`).
+    Key,
+    /// A Kubernetes service-account token: `namespace:name`.
+    ServiceAccount(std::sync::Arc<str>),
+    /// A client certificate: the SPIFFE ID that matched.
+    Certificate(std::sync::Arc<str>),
+}
+
+impl Proof {
+    /// `anonymous`, `key`, `service_account` or `certificate`.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Proof::Anonymous => "anonymous",
+            Proof::Key => "key",
+            Proof::ServiceAccount(_) => "service_account",
+            Proof::Certificate(_) => "certificate",
+        }
+    }
+
+    /// The service account, when proved by one.
+    pub fn service_account(&self) -> Option<&str> {
+        match self {
+            Proof::ServiceAccount(account) => Some(account),
+            _ => None,
+        }
+    }
+
+    /// The SPIFFE ID, when proved by a certificate.
+    pub fn spiffe_id(&self) -> Option<&str> {
+        match self {
+            Proof::Certificate(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use axum::routing::get;
 
 use crate::audit::Auditor;
 use crate::broker::Broker;
-use crate::http::auth::Callers;
+use crate::callers::Callers;
 use crate::http::error::ApiError;
 use crate::telemetry::metrics::Metrics;
 

@@ -17,14 +17,16 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState, Readiness};
 use crate::audit::Auditor;
 use crate::broker::Broker;
+use crate::callers::Callers;
+use crate::callers::service_accounts::Verifier;
 use crate::config::{ConfigError, Settings};
-use crate::http::{self, AppState, auth::Callers};
-use crate::service_accounts::Verifier;
-use crate::telemetry::metrics::Metrics;
+use crate::http::{self, AppState};
+use crate::telemetry::metrics::{Features, Metrics};
+use crate::tls::Tls;
 use crate::upstream::UpstreamClient;
 use crate::upstream::partner_key::{PartnerKey, Reloaders};
 use crate::watch::FileWatch;
-use listener::Limits;
+use listener::{Limits, Serving};
 
 /// Why the service could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +40,7 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
-    #[error("cannot watch the partner key file or SIGHUP: {0}")]
+    #[error("cannot watch the partner key, JWKS or certificate files, or SIGHUP: {0}")]
     Watch(#[from] std::io::Error),
 }
 
@@ -55,6 +57,9 @@ pub struct Application {
     reloaders: Reloaders,
     /// Re-reads `auth.kubernetes.jwks_file` while serving.
     jwks_watch: Option<FileWatch>,
+    /// HTTPS on the API listener, and the watches that reload its files.
+    tls: Option<Arc<Tls>>,
+    tls_watches: Vec<FileWatch>,
     /// Cancelled when serving ends: stops background tasks.
     stop: CancellationToken,
     broker: Arc<Broker>,
@@ -63,7 +68,18 @@ pub struct Application {
 impl Application {
     /// Wires the service from validated settings; reads the partner key.
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
-        let metrics = Arc::new(Metrics::build(settings.cache.redis_form().is_some()));
+        let tls_files = settings.server.tls();
+        let metrics = Arc::new(Metrics::build(Features {
+            shared_cache: settings.cache.redis_form().is_some(),
+            tls: tls_files.is_some(),
+        }));
+        let tls = tls_files
+            .map(|files| Tls::load(files, metrics.clone()))
+            .transpose()?;
+        let tls_watches = match &tls {
+            Some(tls) => tls.spawn_watches()?,
+            None => Vec::new(),
+        };
         metrics.register_clients(settings.clients.iter().map(|c| c.name.as_str()));
         if settings.auth.allow_anonymous {
             metrics.register_clients([crate::config::ANONYMOUS]);
@@ -90,9 +106,8 @@ impl Application {
             Some(verifier) => verifier.spawn_refresh(stop.clone())?,
             None => None,
         };
-        let callers = Callers::new(&settings.clients, settings.auth.allow_anonymous)
-            .with_tier(tier)
-            .with_verifier(verifier);
+        let callers = Callers::new(&settings.clients, settings.auth.allow_anonymous, verifier)
+            .with_tier(tier);
         let readiness = Readiness::default();
         let api_router = http::router(AppState::new(http::AppParts {
             broker: broker.clone(),
@@ -120,6 +135,8 @@ impl Application {
             metrics,
             reloaders,
             jwks_watch,
+            tls,
+            tls_watches,
             stop,
             broker: broker_handle,
         })
@@ -144,8 +161,11 @@ impl Application {
         let mut api = tokio::spawn(listener::serve(
             self.api,
             self.api_router,
-            self.limits,
-            "api",
+            Serving {
+                name: "api",
+                limits: self.limits,
+                tls: self.tls,
+            },
             self.metrics.clone(),
             api_stopped,
             close_api.clone(),
@@ -153,8 +173,11 @@ impl Application {
         let mut admin = tokio::spawn(listener::serve(
             self.admin,
             self.admin_router,
-            self.limits,
-            "admin",
+            Serving {
+                name: "admin",
+                limits: self.limits,
+                tls: None,
+            },
             self.metrics,
             admin_stopped,
             close_admin.clone(),
@@ -186,6 +209,7 @@ impl Application {
         }
         drop(self.reloaders);
         drop(self.jwks_watch);
+        drop(self.tls_watches);
         grace_ends
     }
 }

@@ -149,6 +149,51 @@ impl Serialize for ServiceAccount {
     }
 }
 
+/// A SPIFFE ID a client names: a client certificate whose URI SAN equals it
+/// is that client. `spiffe://` then a trust domain and a path, matched exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpiffeId(String);
+
+impl SpiffeId {
+    /// `spiffe://trust-domain/path`: a lower-case trust domain of letters,
+    /// digits, `.`, `-` and `_`, and a non-empty path of printable ASCII.
+    pub fn parse(text: &str) -> Option<Self> {
+        let rest = text.strip_prefix("spiffe://")?;
+        let (domain, path) = rest.split_once('/')?;
+        let domain_ok = !domain.is_empty()
+            && domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+        let path_ok = !path.is_empty()
+            && !path.ends_with('/')
+            && path
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"?#".contains(&b));
+        (domain_ok && path_ok).then(|| Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for SpiffeId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::parse(&text).ok_or_else(|| {
+            de::Error::custom(
+                "must be a SPIFFE ID such as spiffe://cluster.local/ns/inbox/sa/embedder",
+            )
+        })
+    }
+}
+
+impl Serialize for SpiffeId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
 /// One `[[clients]]` entry: a caller allowed in.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -160,6 +205,9 @@ pub struct ClientSettings {
     /// Kubernetes service accounts that are this caller.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub service_accounts: Vec<ServiceAccount>,
+    /// Client-certificate identities (URI SANs) that are this caller.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spiffe_ids: Vec<SpiffeId>,
     pub scopes: Vec<Scope>,
     /// Team-member types this caller may read; all when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -179,6 +227,7 @@ impl ClientSettings {
             name: name.to_owned(),
             key_sha256: Some(key),
             service_accounts: Vec::new(),
+            spiffe_ids: Vec::new(),
             scopes,
             allowed_types: None,
             allowed_email_domains: None,
@@ -201,10 +250,13 @@ impl ClientSettings {
                 "\"anonymous\" is reserved",
             ));
         }
-        if self.key_sha256.is_none() && self.service_accounts.is_empty() {
+        if self.key_sha256.is_none()
+            && self.service_accounts.is_empty()
+            && self.spiffe_ids.is_empty()
+        {
             return Err(ConfigError::invalid(
                 key("key_sha256"),
-                "a client needs a key_sha256, service_accounts, or both",
+                "a client needs a key_sha256, service_accounts, spiffe_ids, or any of them",
             ));
         }
         if self.allowed_types.as_ref().is_some_and(Vec::is_empty) {
@@ -245,6 +297,7 @@ pub(super) fn validate(clients: &[ClientSettings]) -> Result<(), ConfigError> {
     let mut names = HashSet::new();
     let mut digests = HashSet::new();
     let mut accounts = HashSet::new();
+    let mut spiffe_ids = HashSet::new();
     for (i, client) in clients.iter().enumerate() {
         client.validate(i)?;
         if !names.insert(client.name.as_str()) {
@@ -265,6 +318,14 @@ pub(super) fn validate(clients: &[ClientSettings]) -> Result<(), ConfigError> {
             if !accounts.insert(account) {
                 return Err(ConfigError::invalid(
                     format!("clients[{i}].service_accounts[{j}]"),
+                    "is named by another client",
+                ));
+            }
+        }
+        for (j, id) in client.spiffe_ids.iter().enumerate() {
+            if !spiffe_ids.insert(id) {
+                return Err(ConfigError::invalid(
+                    format!("clients[{i}].spiffe_ids[{j}]"),
                     "is named by another client",
                 ));
             }
@@ -292,6 +353,28 @@ mod tests {
         let long_label = "a".repeat(64);
         assert_eq!(ServiceAccount::parse(&format!("{long_label}:x")), None);
         assert_eq!(ServiceAccount::parse(&format!("ns:{long_label}")), None);
+    }
+
+    #[test]
+    fn spiffe_ids_have_a_trust_domain_and_a_path() {
+        for good in [
+            "spiffe://cluster.local/ns/inbox/sa/embedder",
+            "spiffe://example.org/service",
+        ] {
+            assert_eq!(SpiffeId::parse(good).unwrap().as_str(), good);
+        }
+        for bad in [
+            "https://cluster.local/ns/a",
+            "spiffe://cluster.local",
+            "spiffe://cluster.local/",
+            "spiffe:///ns/a",
+            "spiffe://Cluster.local/ns/a",
+            "spiffe://cluster.local/ns/a/",
+            "spiffe://cluster.local/ns a",
+            "spiffe://cluster.local/ns?a",
+        ] {
+            assert_eq!(SpiffeId::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -311,7 +311,69 @@ fn serving_needs_a_partner_key_and_a_client() {
     )
     .unwrap();
     assert!(s.require_serving().is_ok());
-    assert!(load(CLIENT, &[]).unwrap().require_serving().is_ok());
+    let loopback = format!("{CLIENT}\n[server]\nlisten = \"127.0.0.1:8080\"\n");
+    assert!(load(&loopback, &[]).unwrap().require_serving().is_ok());
+}
+
+#[test]
+fn serving_off_loopback_needs_a_certificate_or_plaintext_said_out_loud() {
+    let s = load(CLIENT, &[]).unwrap();
+    let err = s.require_serving().unwrap_err().to_string();
+    assert!(err.starts_with("server.tls_cert_file: "), "{err}");
+    assert!(
+        err.contains("0.0.0.0:8080") && err.contains("server.plaintext"),
+        "{err}"
+    );
+    let plaintext = load(CLIENT, &[("TOKEN_BROKER__SERVER__PLAINTEXT", "true")]).unwrap();
+    assert!(plaintext.require_serving().is_ok());
+    let tls = load(
+        CLIENT,
+        &[
+            ("TOKEN_BROKER__SERVER__TLS_CERT_FILE", "/tls/tls.crt"),
+            ("TOKEN_BROKER__SERVER__TLS_KEY_FILE", "/tls/tls.key"),
+        ],
+    )
+    .unwrap();
+    assert!(tls.require_serving().is_ok());
+    assert_eq!(
+        tls.server.tls().unwrap().key,
+        std::path::Path::new("/tls/tls.key")
+    );
+}
+
+#[test]
+fn tls_settings_that_cannot_work_together_name_the_key() {
+    let cases: [(&str, &[(&str, &str)]); 5] = [
+        (
+            "server.tls_key_file",
+            &[("TOKEN_BROKER__SERVER__TLS_CERT_FILE", "/c")],
+        ),
+        (
+            "server.tls_cert_file",
+            &[("TOKEN_BROKER__SERVER__TLS_KEY_FILE", "/k")],
+        ),
+        (
+            "server.tls_client_ca_file",
+            &[("TOKEN_BROKER__SERVER__TLS_CLIENT_CA_FILE", "/ca")],
+        ),
+        (
+            "server.tls_client_auth",
+            &[("TOKEN_BROKER__SERVER__TLS_CLIENT_AUTH", "required")],
+        ),
+        (
+            "server.plaintext",
+            &[
+                ("TOKEN_BROKER__SERVER__TLS_CERT_FILE", "/c"),
+                ("TOKEN_BROKER__SERVER__TLS_KEY_FILE", "/k"),
+                ("TOKEN_BROKER__SERVER__PLAINTEXT", "true"),
+            ],
+        ),
+    ];
+    for (key, env) in cases {
+        assert_eq!(error_key(load(CLIENT, env)), key, "{env:?}");
+    }
+    let spiffe = format!("{CLIENT}spiffe_ids = [\"spiffe://cluster.local/ns/a/sa/b\"]\n");
+    assert_eq!(error_key(load(&spiffe, &[])), "clients[0].spiffe_ids");
 }
 
 #[test]

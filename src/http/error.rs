@@ -8,8 +8,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::broker::BrokerError;
+use crate::callers::{Refusal, Rule};
 use crate::domain::InvalidInput;
-use crate::http::outcome::{Outcome, Rule};
+use crate::http::outcome::Outcome;
 use crate::telemetry::metrics::ClientResult;
 
 /// Seconds a caller is told to wait after the vendor was unavailable.
@@ -253,6 +254,18 @@ pub const MAX_RETRY_AFTER_SECS: u64 = 60;
 /// `Retry-After` seconds for a wait: rounded up, at least 1.
 pub fn whole_seconds(wait: std::time::Duration) -> u64 {
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Unauthorized => ApiError::Unauthorized,
+            Refusal::Forbidden { rule, detail } => ApiError::Forbidden { rule, detail },
+            Refusal::RateLimited { wait } => ApiError::RateLimited {
+                retry_after_secs: whole_seconds(wait),
+            },
+        }
+    }
 }
 
 impl From<InvalidInput> for ApiError {

@@ -20,9 +20,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::audit::{EventKind, Record};
 use crate::broker::CacheResult;
+use crate::callers::Rule;
 use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::http::outcome::{Outcome, Rule};
+use crate::http::outcome::Outcome;
 use crate::http::routes::{self, SPAN_NAMES, TOKENS_ROUTE, VENDOR_ROUTE};
 use crate::telemetry;
 use crate::telemetry::RequestContext;
@@ -219,7 +220,7 @@ fn finish(
     // route the request's audit event, its only line. A token that cannot be
     // audited is not handed out.
     let client = RequestContext::current(|request| {
-        let (caller, service_account) = request.caller()?;
+        let (caller, proof) = request.caller()?;
         if token_route {
             let trace_id = request.trace_id();
             let status = response.status().as_u16();
@@ -228,7 +229,7 @@ fn finish(
                 status,
                 rule: outcome.as_ref().and_then(|o| o.denied).map(Rule::as_str),
                 caller,
-                service_account,
+                proof,
                 identity: outcome.as_ref().and_then(|o| o.identity),
                 cache,
                 active: outcome.as_ref().and_then(|o| o.active),
@@ -285,10 +286,10 @@ mod tests {
     use super::*;
     use crate::audit::Auditor;
     use crate::broker::{Broker, FetchFuture, TokenSource};
+    use crate::callers::Callers;
     use crate::config::{Settings, Sources};
     use crate::domain::Identity;
     use crate::http::AppParts;
-    use crate::http::auth::Callers;
     use crate::telemetry::metrics::Metrics;
     use crate::upstream::UpstreamError;
     use axum::routing::get;
@@ -313,7 +314,7 @@ mod tests {
                 metrics.clone(),
             )),
             auditor: Auditor::with_key(b"test-audit-key".to_vec()),
-            callers: Callers::new(&[], false),
+            callers: Callers::new(&[], false, None),
             metrics,
         })
     }

@@ -3,6 +3,7 @@
 
 use crate::audit::AuditedIdentity;
 use crate::broker::CacheResult;
+use crate::callers::Rule;
 use crate::telemetry::metrics::ClientResult;
 
 /// What a request came to, attached to its response by whoever answered it
@@ -32,31 +33,6 @@ impl Outcome {
             result,
             denied: None,
             identity: None,
-        }
-    }
-}
-
-/// The rule that refused a caller (a 403): named in the audit event, never
-/// with the caller's configured values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rule {
-    /// The caller lacks the scope the action needs.
-    Scope,
-    /// The caller may not read tokens of this team-member type.
-    Type,
-    /// The caller may not read tokens for this email domain.
-    EmailDomain,
-    /// A valid service-account token that no client names.
-    ServiceAccount,
-}
-
-impl Rule {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Rule::Scope => "scope",
-            Rule::Type => "type",
-            Rule::EmailDomain => "email_domain",
-            Rule::ServiceAccount => "service_account",
         }
     }
 }

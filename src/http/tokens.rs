@@ -15,9 +15,9 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::audit::AuditedIdentity;
 use crate::broker::{BrokerError, Issued};
+use crate::callers::{Action, Caller};
 use crate::domain::Identity;
 use crate::http::AppState;
-use crate::http::auth::{Action, Caller};
 use crate::http::error::{ApiError, Problem};
 use crate::http::openapi::params::{CallerErrors, VendorErrors};
 use crate::http::outcome::Outcome;
@@ -227,7 +227,7 @@ pub async fn delete_token(
     let refused = |error| refused(&state, &identity, error);
     caller
         .authorize(Action::Invalidate, &identity)
-        .map_err(refused)?;
+        .map_err(|refusal| refused(refusal.into()))?;
     state.broker.invalidate(&identity).await.map_err(|not_shared| {
         tracing::warn!(
             "the shared cache did not confirm an invalidation; answered 503 so the caller retries"

@@ -1,7 +1,10 @@
 //! Serving one listener with limits a hostile or broken client cannot get
-//! around: a header-read timeout (slow clients are cut off), a bound on open
-//! connections with load shedding (a 503 problem, then close), and a read
-//! buffer cap. Garbage bytes get hyper's 400 and a closed connection.
+//! around: a header-read timeout (slow clients are cut off; with TLS the
+//! handshake too), a bound on open connections with load shedding (a 503
+//! problem, then close), and a read buffer cap. Garbage bytes get hyper's 400
+//! and a closed connection. With TLS, the protocol is the one ALPN chose
+//! (HTTP/2 for `h2`, else HTTP/1.1), and a verified client certificate is
+//! attached to each of the connection's requests as a `PeerCertificate`.
 
 use std::convert::Infallible;
 use std::sync::{Arc, LazyLock};
@@ -10,17 +13,18 @@ use std::time::Duration;
 use axum::http::Request;
 use axum::response::Response;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tower::Service;
+use tower::{Service, ServiceExt};
 
 use crate::telemetry::metrics::{ListenerLabels, Metrics};
+use crate::tls::{PeerCertificate, Tls};
 
 /// Largest request head hyper buffers; heads over 8 KiB but under this get
 /// a problem+json 414/431 from `http::observe`, larger ones hyper's own 431.
@@ -49,25 +53,41 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
+/// One listener: its name (the `listener` label), limits, and TLS if it is HTTPS.
+#[derive(Clone)]
+pub struct Serving {
+    pub name: &'static str,
+    pub limits: Limits,
+    pub tls: Option<Arc<Tls>>,
+}
+
 /// Accepts connections until `stop` turns true, then lets open ones finish
 /// (idle keep-alive connections are closed at once); `close` cuts those still
 /// open. Returns once every connection has ended.
 pub async fn serve<S>(
     listener: TcpListener,
     service: S,
-    limits: Limits,
-    name: &'static str,
+    serving: Serving,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
     close: CancellationToken,
 ) where
-    S: Service<Request<Incoming>, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
     S::Future: Send,
 {
+    let Serving { name, limits, tls } = serving;
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_BUF_BYTES);
+    let protocols = Protocols {
+        http1: http,
+        http2: http2_builder(),
+    };
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let shedding = Arc::new(Semaphore::new(MAX_SHEDDING));
     let graceful = GracefulShutdown::new();
@@ -108,12 +128,33 @@ pub async fn serve<S>(
             }
             continue;
         };
-        let service = TowerToHyperService::new(service.clone());
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let Some(tls) = &tls else {
+            let service = TowerToHyperService::new(service.clone());
+            let connection = graceful.watch(
+                protocols
+                    .http1
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+            connections_open.spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "connection ended with an error");
+                }
+                drop(permit);
+            });
+            continue;
+        };
+        let handshake = Handshake {
+            acceptor: tls.acceptor(),
+            timeout: limits.header_read_timeout,
+            metrics: metrics.clone(),
+        };
+        let protocols = protocols.clone();
+        let service = service.clone();
+        let watcher = graceful.watcher();
         connections_open.spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
-            }
+            handshake
+                .then_serve(stream, service, &protocols, watcher)
+                .await;
             drop(permit);
         });
     }
@@ -124,6 +165,88 @@ pub async fn serve<S>(
         () = close.cancelled() => connections_open.abort_all(),
     }
     while connections_open.join_next().await.is_some() {}
+}
+
+/// The connection builders of one listener.
+#[derive(Clone)]
+struct Protocols {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_BUF_BYTES as u32)
+        .max_concurrent_streams(MAX_STREAMS);
+    http2
+}
+
+/// Concurrent requests on one HTTP/2 connection.
+const MAX_STREAMS: u32 = 256;
+
+/// A TLS handshake bounded like a request head, then the connection served.
+struct Handshake {
+    acceptor: tokio_rustls::TlsAcceptor,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Handshake {
+    async fn then_serve<S>(
+        self,
+        stream: TcpStream,
+        service: S,
+        protocols: &Protocols,
+        watcher: Watcher,
+    ) where
+        S: Service<Request<Incoming>, Response = Response, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send,
+    {
+        let accepted = tokio::time::timeout(self.timeout, self.acceptor.accept(stream)).await;
+        let stream = match accepted {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                self.metrics.tls.handshake(false);
+                tracing::debug!(%error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.tls.handshake(false);
+                tracing::debug!("TLS handshake not finished within server.header_read_timeout");
+                return;
+            }
+        };
+        self.metrics.tls.handshake(true);
+        let (_, connection) = stream.get_ref();
+        let h2 = connection.alpn_protocol() == Some(b"h2");
+        let peer = PeerCertificate::of(connection).map(Arc::new);
+        let service = service.map_request(move |mut request: Request<Incoming>| {
+            if let Some(peer) = &peer {
+                request.extensions_mut().insert(peer.clone());
+            }
+            request
+        });
+        let io = TokioIo::new(stream);
+        let service = TowerToHyperService::new(service);
+        let ended = if h2 {
+            watcher
+                .watch(protocols.http2.serve_connection(io, service))
+                .await
+        } else {
+            watcher
+                .watch(protocols.http1.serve_connection(io, service))
+                .await
+        };
+        if let Err(error) = ended {
+            tracing::debug!(%error, "connection ended with an error");
+        }
+    }
 }
 
 /// Answers 503 and closes, reading briefly so the client gets the answer.

@@ -339,7 +339,7 @@ pub(super) mod tests {
         request
             .scope(async {
                 tracing::info!("before the caller is known");
-                RequestContext::record_client(&Arc::from("app"), None);
+                RequestContext::record_client(&Arc::from("app"), &crate::domain::Proof::Key);
                 let lookup = tracing::info_span!("cache.lookup", cache.result = "miss");
                 lookup.in_scope(|| tracing::info!("inside"));
             })

@@ -21,9 +21,11 @@ use crate::telemetry::process::ProcessCollector;
 
 mod histogram;
 mod labels;
+mod tls;
 
 pub use histogram::LatencyHistogram;
 use histogram::latency_histogram;
+pub use tls::TlsMetrics;
 
 pub use labels::{
     ClientResult, LogDrop, Lookup, ServiceAccountResult, SharedCacheOp, SharedCacheResult,
@@ -136,6 +138,15 @@ struct ClientHandles {
     results: [Counter; ClientResult::ALL.len()],
 }
 
+/// Which optional series a replica exports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Features {
+    /// Redis is configured: the `shared_cache_*` series.
+    pub shared_cache: bool,
+    /// The API listener serves HTTPS: the `tls_*` series.
+    pub tls: bool,
+}
+
 /// Every metric the service exports.
 pub struct Metrics {
     registry: Registry,
@@ -157,6 +168,7 @@ pub struct Metrics {
     pub shared_cache_subscribed: Gauge,
     pub shared_cache_subscription_losses: Counter,
     pub shared_cache_values_refused: Family<ReasonLabels, Counter>,
+    pub tls: TlsMetrics,
     routes: OnceLock<Vec<RouteHandles>>,
     clients: OnceLock<Vec<ClientHandles>>,
 }
@@ -168,14 +180,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// The metrics of a replica without a shared cache.
+    /// The metrics of a replica without a shared cache or TLS.
     pub fn new() -> Self {
-        Self::build(false)
+        Self::build(Features::default())
     }
 
     /// All metrics; the `shared_cache_*` series only when Redis is configured,
-    /// so a replica without it never looks like one whose Redis is down.
-    pub fn build(shared_cache: bool) -> Self {
+    /// so a replica without it never looks like one whose Redis is down, and
+    /// the `tls_*` series only when the API listener serves HTTPS.
+    pub fn build(Features { shared_cache, tls }: Features) -> Self {
         let mut root = Registry::default();
         root.register_collector(Box::new(ProcessCollector));
         let registry = root.sub_registry_with_prefix("token_broker");
@@ -322,6 +335,10 @@ impl Metrics {
                 }
             }
         }
+        let tls_metrics = TlsMetrics::default();
+        if tls {
+            tls_metrics.register(registry);
+        }
         for result in ["changed", "unchanged", "failed"] {
             let _ = partner_key_reloads.get_or_create(&ResultLabels { result });
         }
@@ -360,6 +377,7 @@ impl Metrics {
             shared_cache_subscribed,
             shared_cache_subscription_losses,
             shared_cache_values_refused,
+            tls: tls_metrics,
             routes: OnceLock::new(),
             clients: OnceLock::new(),
         }

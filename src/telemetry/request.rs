@@ -6,6 +6,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::trace_context::{TraceParent, record_trace_ids};
 use super::{exporting, request_spans};
+use crate::domain::Proof;
 
 tokio::task_local! {
     /// The request the current task serves.
@@ -27,8 +28,8 @@ pub struct RequestContext {
     trace: Option<TraceParent>,
     /// The authenticated caller, once known.
     client: std::cell::OnceCell<std::sync::Arc<str>>,
-    /// The service account the caller presented, if it did.
-    service_account: std::cell::OnceCell<std::sync::Arc<str>>,
+    /// How the caller proved who it is.
+    proof: std::cell::OnceCell<Proof>,
 }
 
 impl RequestContext {
@@ -44,7 +45,7 @@ impl RequestContext {
             request_id,
             trace,
             client: std::cell::OnceCell::new(),
-            service_account: std::cell::OnceCell::new(),
+            proof: std::cell::OnceCell::new(),
         }
     }
 
@@ -63,10 +64,9 @@ impl RequestContext {
         std::str::from_utf8(self.request_id.as_bytes()).unwrap_or_default()
     }
 
-    /// The authenticated caller and the service account it presented.
-    pub fn caller(&self) -> Option<(&std::sync::Arc<str>, Option<&str>)> {
-        let client = self.client.get()?;
-        Some((client, self.service_account.get().map(|a| &**a)))
+    /// The authenticated caller and how it proved who it is.
+    pub fn caller(&self) -> Option<(&std::sync::Arc<str>, &Proof)> {
+        Some((self.client.get()?, self.proof.get()?))
     }
 
     /// The request's trace id: the W3C context's, or when exporting the
@@ -88,17 +88,12 @@ impl RequestContext {
         REQUEST.scope(self, future).await
     }
 
-    /// Names the authenticated caller of the current request (and the
-    /// service account it presented), for its log lines and metrics.
-    pub fn record_client(
-        client: &std::sync::Arc<str>,
-        service_account: Option<&std::sync::Arc<str>>,
-    ) {
+    /// Names the authenticated caller of the current request (and how it
+    /// proved who it is), for its log lines and metrics.
+    pub fn record_client(client: &std::sync::Arc<str>, proof: &Proof) {
         let _ = REQUEST.try_with(|r| {
             let _ = r.client.set(client.clone());
-            if let Some(account) = service_account {
-                let _ = r.service_account.set(account.clone());
-            }
+            let _ = r.proof.set(proof.clone());
             if request_spans() {
                 tracing::Span::current().record("client", &**client);
             }

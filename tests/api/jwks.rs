@@ -69,7 +69,7 @@ async fn a_jwks_file_larger_than_one_mebibyte_is_not_read() {
         ..Default::default()
     })
     .unwrap();
-    let refused = token_broker::service_accounts::Verifier::from_settings(
+    let refused = token_broker::callers::service_accounts::Verifier::from_settings(
         &settings.auth.kubernetes,
         std::sync::Arc::new(token_broker::telemetry::metrics::Metrics::new()),
     )

@@ -25,8 +25,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use crate::config::{ConfigError, KubernetesSettings};
-use crate::domain::{is_dns_label, is_dns_subdomain};
+use super::policy::{Policy, Rule};
+use super::{Caller, Identified, Method, Presented, Refusal as CallerRefusal};
+use crate::config::{ConfigError, KubernetesSettings, ServiceAccount};
+use crate::domain::{Proof, is_dns_label, is_dns_subdomain};
 use crate::telemetry::metrics::{Metrics, ServiceAccountResult};
 use crate::watch::{self, FileWatch};
 
@@ -53,7 +55,10 @@ pub struct Rejected {
 /// Why a token was refused, as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// Not a JWT, or an algorithm other than RS256 and ES256.
+    /// Not a JWT at all: some other credential (a wrong key, say). Not
+    /// counted as a service-account token.
+    NotAJwt,
+    /// An algorithm other than RS256 and ES256.
     Malformed,
     /// No key of the JWKS has its `kid` (or the key's algorithm differs).
     UnknownKey,
@@ -68,7 +73,7 @@ pub enum Refusal {
 impl From<Refusal> for ServiceAccountResult {
     fn from(refusal: Refusal) -> Self {
         match refusal {
-            Refusal::Malformed => Self::RejectedMalformed,
+            Refusal::NotAJwt | Refusal::Malformed => Self::RejectedMalformed,
             Refusal::UnknownKey => Self::RejectedUnknownKey,
             Refusal::Invalid => Self::RejectedInvalid,
             Refusal::TooLongLived => Self::RejectedLifetime,
@@ -209,22 +214,41 @@ impl Verifier {
     /// Checks `token`; a token seen before is answered from memory until its `exp`.
     pub async fn verify(&self, token: &str) -> Result<Arc<Verified>, Rejected> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(verified) = self.verified.get(&digest) {
-            // Still signed by a key of the JWKS, and not expired.
-            if verified.expires + LEEWAY > SystemTime::now()
-                && self.keys.load().contains_key(&verified.kid)
-            {
-                self.metrics
-                    .service_account_token(ServiceAccountResult::Cached);
-                return Ok(verified);
-            }
-            self.verified.invalidate(&digest);
+        match self.remembered(&digest) {
+            Some(verified) => Ok(verified),
+            None => self.verify_new(token, digest).await,
         }
+    }
+
+    /// The token whose SHA-256 is `digest`, if verified before, still signed
+    /// by a key of the JWKS and not expired: no signature check.
+    pub fn remembered(&self, digest: &[u8; 32]) -> Option<Arc<Verified>> {
+        let verified = self.verified.get(digest)?;
+        if verified.expires + LEEWAY > SystemTime::now()
+            && self.keys.load().contains_key(&verified.kid)
+        {
+            self.metrics
+                .service_account_token(ServiceAccountResult::Cached);
+            return Some(verified);
+        }
+        self.verified.invalidate(digest);
+        None
+    }
+
+    /// Verifies a token not remembered; `digest` is its SHA-256.
+    pub async fn verify_new(
+        &self,
+        token: &str,
+        digest: [u8; 32],
+    ) -> Result<Arc<Verified>, Rejected> {
         let result = self.verify_signed(token).await;
-        self.metrics.service_account_token(match &result {
-            Ok(_) => ServiceAccountResult::Verified,
-            Err(rejected) => rejected.reason.into(),
-        });
+        match &result {
+            Err(rejected) if rejected.reason == Refusal::NotAJwt => {}
+            Err(rejected) => self.metrics.service_account_token(rejected.reason.into()),
+            Ok(_) => self
+                .metrics
+                .service_account_token(ServiceAccountResult::Verified),
+        }
         let verified = Arc::new(result?);
         self.verified.insert(digest, verified.clone());
         Ok(verified)
@@ -236,7 +260,7 @@ impl Verifier {
             detail: detail.to_owned(),
         };
         let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| reject(Refusal::Malformed, "not a JWT"))?;
+            .map_err(|_| reject(Refusal::NotAJwt, "not a JWT"))?;
         if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
             return Err(reject(
                 Refusal::Malformed,
@@ -333,6 +357,87 @@ impl Verifier {
             self.verified.invalidate(&*digest);
         }
         Ok(count)
+    }
+}
+
+/// Callers by Kubernetes service-account token: a bearer credential that is
+/// no client's key is verified by the `Verifier` (a remembered token costs
+/// no signature check: its SHA-256 is the one the key check made) and its
+/// `namespace:name` looked up among the clients' `service_accounts`.
+pub(super) struct ServiceAccounts {
+    verifier: Arc<Verifier>,
+    /// `namespace:name` → client.
+    by_account: HashMap<String, Arc<Policy>>,
+    /// `namespace` → the client naming `namespace:*`.
+    by_namespace: HashMap<String, Arc<Policy>>,
+}
+
+impl ServiceAccounts {
+    pub(super) fn new<'a>(
+        verifier: Arc<Verifier>,
+        named: impl IntoIterator<Item = (&'a ServiceAccount, Arc<Policy>)>,
+    ) -> Self {
+        let mut accounts = Self {
+            verifier,
+            by_account: HashMap::new(),
+            by_namespace: HashMap::new(),
+        };
+        for (account, policy) in named {
+            match account {
+                ServiceAccount::AnyIn { namespace } => {
+                    accounts.by_namespace.insert(namespace.clone(), policy);
+                }
+                named => {
+                    accounts.by_account.insert(named.to_string(), policy);
+                }
+            }
+        }
+        accounts
+    }
+
+    /// The client naming `account` (`namespace:name`), exactly or by `namespace:*`.
+    fn caller(&self, account: &Arc<str>) -> Result<Option<Caller>, CallerRefusal> {
+        let namespace = account.split_once(':').map_or("", |(ns, _)| ns);
+        let policy = self
+            .by_account
+            .get(&**account)
+            .or_else(|| self.by_namespace.get(namespace))
+            .ok_or_else(|| CallerRefusal::Forbidden {
+                rule: Rule::ServiceAccount,
+                detail: "this service account is not a caller of this service".into(),
+            })?;
+        Ok(Some(Caller {
+            policy: policy.clone(),
+            proof: Proof::ServiceAccount(account.clone()),
+        }))
+    }
+}
+
+impl Method for ServiceAccounts {
+    fn identify<'a>(&'a self, presented: &'a Presented<'a>) -> Identified<'a> {
+        let Some(bearer) = &presented.bearer else {
+            return Identified::Now(Ok(None));
+        };
+        if let Some(verified) = self.verifier.remembered(bearer.digest.as_bytes()) {
+            return Identified::Now(self.caller(&verified.service_account));
+        }
+        Identified::Later(Box::pin(async move {
+            let Ok(token) = std::str::from_utf8(bearer.credential) else {
+                return Ok(None);
+            };
+            match self
+                .verifier
+                .verify_new(token, *bearer.digest.as_bytes())
+                .await
+            {
+                Ok(verified) => self.caller(&verified.service_account),
+                Err(rejected) if rejected.reason == Refusal::NotAJwt => Ok(None),
+                Err(rejected) => {
+                    tracing::debug!(%rejected, "service-account token refused");
+                    Err(CallerRefusal::Unauthorized)
+                }
+            }
+        }))
     }
 }
 
