@@ -2,6 +2,7 @@
 //! endpoint; `process`: the real binary; `service_accounts`: signed
 //! Kubernetes tokens and their JWKS.
 
+pub mod certs;
 pub mod process;
 pub mod service_accounts;
 

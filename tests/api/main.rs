@@ -24,6 +24,7 @@ mod redis_servers;
 mod resilience;
 mod rotation;
 mod service_accounts;
+mod tls;
 mod tokens;
 mod traces;
 mod upstream_failures;
