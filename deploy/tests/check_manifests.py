@@ -2,8 +2,10 @@
 """Checks the rendered Kubernetes manifests against what the binary does.
 
 Renders every overlay with `kubectl kustomize`, asserts the security, probe
-and drain settings of the production overlay, runs `token-broker check-config`
-on the ConfigMap, starts the binary with that configuration to prove the probe
+and drain settings of the production overlay (HTTPS from a cert-manager
+Certificate, the image pinned by digest; dev plain HTTP said out loud), runs
+`token-broker check-config` on the ConfigMap (and sees production refused
+without its certificate), starts the binary with that configuration to prove the probe
 paths and ports answer, and checks that every alert queries a metric the
 binary exports.
 
@@ -71,6 +73,11 @@ KUBERNETES_FILES = {
     "TOKEN_BROKER__AUTH__KUBERNETES__JWKS_TOKEN_FILE": "token",
 }
 
+TLS_FILES = {
+    "TOKEN_BROKER__SERVER__TLS_CERT_FILE": "tls.crt",
+    "TOKEN_BROKER__SERVER__TLS_KEY_FILE": "tls.key",
+}
+
 CACHE_FILES = {
     "TOKEN_BROKER__CACHE__ENCRYPTION_KEY_FILE": "encryption-key",
     "TOKEN_BROKER__CACHE__REDIS_PASSWORD_FILE": "redis-password",
@@ -90,6 +97,29 @@ def check_shared_cache(pod, container, env, where):
         check(path.name == key and volume.get("secret", {}).get("secretName") == "token-broker-cache"
               and mount.get("readOnly") is True,
               f"{where}: {variable} is the file {key} of the Secret token-broker-cache, mounted read-only")
+
+
+def check_tls(objects, pod, container, env, namespace):
+    """The tls component: a cert-manager Certificate for the Service, its Secret as files."""
+    certificate = one(objects, "Certificate", "token-broker-tls")
+    spec = certificate.get("spec", {})
+    secret = spec.get("secretName")
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for variable, key in TLS_FILES.items():
+        path = Path(env.get(variable) or "/missing/file")
+        mount = mounts.get(str(path.parent), {})
+        volume = volumes.get(mount.get("name"), {})
+        check(path.name == key and volume.get("secret", {}).get("secretName") == secret
+              and mount.get("readOnly") is True,
+              f"{variable} is the file {key} of the Certificate's Secret {secret}, mounted read-only")
+    names = set(spec.get("dnsNames", []))
+    check({f"token-broker.{namespace}.svc", f"token-broker.{namespace}.svc.cluster.local"} <= names,
+          f"the certificate names the token-broker Service in {namespace}")
+    check("server auth" in spec.get("usages", []), "the certificate is for server auth")
+    check(spec.get("issuerRef", {}).get("name"), "the certificate names its issuer")
+    renew, duration = duration_seconds(spec.get("renewBefore", "0h")), duration_seconds(spec.get("duration", "0h"))
+    check(7 * 24 * 3600 < renew < duration, "renewal starts before the 7-day expiry alert would fire")
 
 
 def duration_seconds(text):
@@ -118,6 +148,11 @@ def check_production(objects):
           and config["upstream"].get("base_url", "https://").startswith("https://"),
           "production talks to the vendor over https only")
     check_shared_cache(pod, container, env, "production")
+    check_tls(objects, pod, container, env, deployment["metadata"].get("namespace", "default"))
+    check(not config["server"].get("plaintext", False), "production does not serve plain HTTP")
+    image = container.get("image", "")
+    check(re.search(r"@sha256:[0-9a-f]{64}$", image) is not None,
+          f"the production image is pinned by digest, not a tag: {image}")
 
     check(deployment["spec"]["replicas"] >= 2, "production runs at least 2 replicas")
     hpa = one(objects, "HorizontalPodAutoscaler")
@@ -246,7 +281,8 @@ def check_production(objects):
     rules = one(objects, "PrometheusRule")
     alerts = {r["alert"]: r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]}
     for alert in ("TokenBrokerUpstreamErrors", "TokenBrokerCircuitOpen", "TokenBroker5xxRising",
-                  "TokenBrokerLowHitRatio", "TokenBrokerPodsNotReady", "TokenBrokerSharedCacheDown"):
+                  "TokenBrokerLowHitRatio", "TokenBrokerPodsNotReady", "TokenBrokerSharedCacheDown",
+                  "TokenBrokerCertificateExpiresSoon", "TokenBrokerCertificateReloadFailed"):
         check(alert in alerts, f"alert {alert} exists")
     # Service-account callers: the JWKS from the API server, with a projected
     # token and CA, and egress to the API server's address only.
@@ -291,6 +327,8 @@ def check_dev(objects):
     check(one(objects, "Service", "token-broker-simulator").get("spec", {}).get("ports", [{}])[0].get("port") == 8081,
           "the simulator Service listens on 8081")
     config = tomllib.loads(one(objects, "ConfigMap")["data"]["token-broker.toml"])
+    check(config["server"].get("plaintext") is True and not any(e.startswith("TOKEN_BROKER__SERVER__TLS") for e in env),
+          "dev serves plain HTTP, said out loud (no cert-manager on an empty cluster)")
     check(config["upstream"]["base_url"] == "http://token-broker-simulator:8081"
           and config["upstream"].get("allow_insecure_http") is True,
           "dev brokers ask the simulator, over http allowed in dev only")
@@ -327,6 +365,14 @@ def environment(tmp, config_text, container_env):
     for variable, key in CACHE_FILES.items():
         if variable in env:
             env[variable] = str(tmp / key)
+    if "TOKEN_BROKER__SERVER__TLS_CERT_FILE" in env:
+        # What cert-manager would put in the Secret: a key and its certificate.
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                        "-days", "1", "-keyout", str(tmp / "tls.key"), "-out", str(tmp / "tls.crt")],
+                       check=True, capture_output=True)
+        for variable, name in TLS_FILES.items():
+            env[variable] = str(tmp / name)
     if "TOKEN_BROKER__AUTH__KUBERNETES__JWKS_CA_FILE" in env:
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
                         "-nodes", "-subj", "/CN=check-manifests", "-days", "1",
@@ -336,6 +382,17 @@ def environment(tmp, config_text, container_env):
         for variable, name in KUBERNETES_FILES.items():
             env[variable] = str(tmp / name)
     return config_file, env
+
+
+def check_plain_http_refused(binary, config_text, container_env):
+    """Without the tls component, the production configuration does not start."""
+    plain = {k: v for k, v in container_env.items() if k not in TLS_FILES}
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file, env = environment(Path(tmp), config_text, plain)
+        result = subprocess.run([binary, "check-config", "--config", str(config_file)],
+                                env=env, capture_output=True, text=True, timeout=30)
+        check(result.returncode == 2 and "server.tls_cert_file" in result.stderr,
+              f"production without a certificate is refused naming server.tls_cert_file: {result.stderr.strip()}")
 
 
 def check_config_accepts(binary, overlay, config_text, container_env):
@@ -397,6 +454,7 @@ def main():
     dev_config, dev_env = check_dev(rendered["dev"])
     check_config_accepts(args.binary, "production", config_text, env)
     check_config_accepts(args.binary, "dev", dev_config, dev_env)
+    check_plain_http_refused(args.binary, config_text, env)
     # Redis is not reachable here: the broker must start and be ready anyway.
     check_against_binary(args.binary, config_text, env, probes, alerts)
     for failure in FAILURES:

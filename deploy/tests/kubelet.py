@@ -8,7 +8,9 @@ node would run and runs it:
   token-broker image; the official image's, for redis) combined with the
   container's `command` and `args` by Kubernetes' rules, `$(VAR)` expanded;
 - the environment: `value`s, and `valueFrom` the rendered Secrets and
-  ConfigMaps (a Secret the overlay expects to exist gets a placeholder);
+  ConfigMaps (a Secret the overlay expects to exist gets a placeholder; the
+  Secret of a cert-manager Certificate gets what cert-manager would put there:
+  a CA, and a key and certificate for the Certificate's DNS names);
 - the mounted ConfigMaps, Secrets, projected and emptyDir volumes, as files
   under a temporary root: absolute mount paths are rewritten under it;
 - the pod network on loopback: each container port gets a free port (the
@@ -21,7 +23,8 @@ its readiness probe. The dev overlay runs whole (two brokers, the Redis pod,
 the simulator) and must include its Namespace; the README's curl then goes
 through the token-broker Service and must get a token. The production
 overlay's broker runs against a Redis and an API server that are not here,
-which it must tolerate.
+which it must tolerate; its API port must speak HTTPS with the Certificate's
+names, checked through the token-broker Service.
 
     python3 deploy/tests/kubelet.py --binary target/release/token-broker
 
@@ -35,6 +38,7 @@ import json
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -80,6 +84,7 @@ def dockerfile_image():
 
 def image_of(name, binary):
     """(entrypoint, cmd, how to run argv[0]) of an image the overlays use."""
+    name = name.split("@")[0]
     if name.split(":")[0].rsplit("/", 1)[-1] == "token-broker":
         entrypoint, cmd = dockerfile_image()
         return entrypoint, cmd, {"/usr/local/bin/token-broker": binary, "token-broker": binary}
@@ -127,6 +132,8 @@ class Cluster:
         self.root = root
         self.secrets = {}
         self.config_maps = {}
+        # Secret name → the DNS names of the cert-manager Certificate that fills it.
+        self.certificates = {}
         for o in objects:
             name = o["metadata"]["name"]
             if o["kind"] == "Secret":
@@ -135,11 +142,15 @@ class Cluster:
                 self.secrets[name] = data
             elif o["kind"] == "ConfigMap":
                 self.config_maps[name] = dict(o.get("data", {}))
+            elif o["kind"] == "Certificate":
+                self.certificates[o["spec"]["secretName"]] = o["spec"].get("dnsNames", [])
         # Service name variants → forwarder port, per Service port.
         self.rewrites = []
         self.forwarders = []
 
     def secret(self, name, key):
+        if name in self.certificates and name not in self.secrets:
+            self.secrets[name] = self.issue(name, self.certificates[name])
         value = self.secrets.get(name, {}).get(key)
         # Production expects its Secrets to exist: stand-ins here.
         return value if value is not None else placeholder(name, key)
@@ -150,6 +161,20 @@ class Cluster:
             return self.cluster_ca()
         check(data is not None and key in data, f"ConfigMap {name} has {key}")
         return (data or {}).get(key, "")
+
+    def issue(self, name, dns_names):
+        """What cert-manager puts in a Certificate's Secret: ca.crt, tls.crt, tls.key."""
+        directory = self.root / f"issued-{name}"
+        directory.mkdir()
+        run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+        curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+        run("req", "-x509", *curve, "-subj", "/CN=kubelet-check issuer", "-days", "1",
+            "-keyout", "ca.key", "-out", "ca.crt")
+        run("req", *curve, "-subj", f"/CN={dns_names[0]}", "-keyout", "tls.key", "-out", "tls.csr")
+        (directory / "san.ext").write_text("subjectAltName=" + ",".join(f"DNS:{n}" for n in dns_names) + "\n")
+        run("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "1", "-extfile", "san.ext", "-out", "tls.crt")
+        return {key: (directory / key).read_text() for key in ("ca.crt", "tls.crt", "tls.key")}
 
     def cluster_ca(self):
         key, cert = self.root / "cluster-ca.key", self.root / "cluster-ca.crt"
@@ -435,6 +460,8 @@ def run_overlay(overlay, binary, whole):
                           f"{overlay}: {pod.name}/{container['name']} is still up after 2 s: {log.read_text()[-400:]!r}")
             if whole:
                 curl_through_the_service(cluster)
+            if cluster.certificates:
+                https_through_the_service(cluster, namespace)
             print(f"{overlay}: {sum(len(p.processes) for p in pods)} containers in {len(pods)} pods run "
                   f"as kubelet would run them, {len(cluster.forwarders)} Service ports wired")
         finally:
@@ -464,6 +491,26 @@ def curl_through_the_service(cluster):
                 check(False, f"the README's curl through the token-broker Service: {error}")
                 return
             time.sleep(0.5)
+
+
+def https_through_the_service(cluster, namespace):
+    """The API port speaks HTTPS with the Certificate's names, through the Service."""
+    port = next((f.port for name, number, f in cluster.forwarders
+                 if name == "token-broker" and number == 8080), None)
+    secret = next(iter(cluster.certificates))
+    if not check(port and secret in cluster.secrets, "the token-broker Service serves the Certificate's Secret"):
+        return
+    context = ssl.create_default_context(cadata=cluster.secrets[secret]["ca.crt"])
+    host = f"token-broker.{namespace}.svc"
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                tls.sendall(f"GET {DEV_QUERY} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                status = tls.recv(64).decode(errors="replace")
+                check(status.startswith("HTTP/1.1 401"),
+                      f"HTTPS as {host} answers a caller without a key with 401: {status!r}")
+    except (OSError, ssl.SSLError) as error:
+        check(False, f"HTTPS through the token-broker Service as {host}: {error}")
 
 
 def main():

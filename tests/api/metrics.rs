@@ -248,13 +248,18 @@ async fn the_dashboard_queries_only_metrics_the_service_exports() {
     );
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    // With a shared cache configured (unreachable is fine), so its series exist too.
+    // With a shared cache configured (unreachable is fine) and HTTPS, so
+    // their series exist too.
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("cache-key");
     std::fs::write(&key_file, "11".repeat(32)).unwrap();
+    let (cert, key) = crate::helpers::certs::Authority::new("CA")
+        .server("broker")
+        .write(dir.path());
     let app = TestApp::builder()
         .config(&format!(
-            "[cache]\nredis_url = \"redis://127.0.0.1:1\"\nencryption_key_file = {:?}\n",
+            "[cache]\nredis_url = \"redis://127.0.0.1:1\"\nencryption_key_file = {:?}\n\
+             [server]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n",
             key_file.display().to_string()
         ))
         .spawn()
@@ -283,6 +288,9 @@ async fn the_dashboard_queries_only_metrics_the_service_exports() {
         "token_broker_client_requests_total",
         "token_broker_shared_cache_up",
         "token_broker_shared_cache_operations_total",
+        "token_broker_tls_certificate_expiry_timestamp_seconds",
+        "token_broker_tls_handshakes_total",
+        "token_broker_tls_reloads_total",
     ] {
         assert!(
             used.contains(needed),

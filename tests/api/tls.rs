@@ -309,7 +309,12 @@ async fn a_client_certificate_naming_a_client_is_that_caller() {
     let stranger = https.ca.client(&["spiffe://cluster.local/ns/other/sa/x"]);
     let answer = https.ask(Some(&stranger), None).await.unwrap();
     assert_eq!(answer.status, 403, "{answer:?}");
-    assert!(answer.head.contains("content-type: application/problem+json"), "{answer:?}");
+    assert!(
+        answer
+            .head
+            .contains("content-type: application/problem+json"),
+        "{answer:?}"
+    );
     assert!(answer.body.contains("urn:token-broker:problem:forbidden"));
 
     // Optional: without a certificate, a key or nothing.
