@@ -1,5 +1,6 @@
 //! Load helpers for `bench/run`: warm every key, fire a cold herd, make a
-//! service-account token. Loopback only; every run is bounded in time.
+//! service-account token, open new TLS connections (full handshakes or
+//! resumed). Loopback only; every run is bounded in time.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,6 +26,31 @@ enum Command {
         keys: usize,
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// The CA that issued an https:// target's certificate.
+        #[arg(long)]
+        ca: Option<std::path::PathBuf>,
+    },
+    /// New TLS connections for `seconds`, `concurrency` at a time, each one
+    /// handshake and one GET of a warm key, then closed. Prints
+    /// "RESULT connections/s p50 p99 p99.9 errors" (ms).
+    Handshakes {
+        /// https://HOST:PORT
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value = "")]
+        bearer: String,
+        /// The CA that issued the server's certificate.
+        #[arg(long)]
+        ca: std::path::PathBuf,
+        /// Resume sessions (TLS 1.3 tickets, or session ids) instead of full handshakes.
+        #[arg(long)]
+        resume: bool,
+        #[arg(long)]
+        keys: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
     /// `concurrency` requests at once for one key nobody asked for yet.
     Herd {
@@ -72,7 +98,10 @@ async fn vendor_calls(http: &reqwest::Client, metrics: &str) -> f64 {
 
 /// Sends `request` and reads one whole response (by its `Content-Length`);
 /// its status.
-async fn exchange(connection: &mut tokio::net::TcpStream, request: &[u8]) -> std::io::Result<u16> {
+async fn exchange(
+    connection: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    request: &[u8],
+) -> std::io::Result<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     connection.write_all(request).await?;
     let mut received = Vec::with_capacity(1024);
@@ -106,22 +135,149 @@ async fn exchange(connection: &mut tokio::net::TcpStream, request: &[u8]) -> std
     }
 }
 
+/// A TLS client trusting only `ca`; sessions resumed or never.
+fn tls_connector(ca: &std::path::Path, resume: bool) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("--ca is PEM") {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// New connections to `address` until `until`: handshake, one request, close.
+async fn handshakes(
+    connector: tokio_rustls::TlsConnector,
+    address: String,
+    request: Arc<Vec<u8>>,
+    keys: usize,
+    until: Instant,
+) -> (Vec<Duration>, usize) {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    let mut i = rand_index(keys);
+    while Instant::now() < until {
+        i = (i + 7919) % keys;
+        let started = Instant::now();
+        let request = String::from_utf8_lossy(&request).replace("{i}", &i.to_string());
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect(&address).await?;
+            tcp.set_nodelay(true)?;
+            let mut tls = connector.connect(name.clone(), tcp).await?;
+            exchange(&mut tls, request.as_bytes()).await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok(200)) => latencies.push(started.elapsed()),
+            _ => errors += 1,
+        }
+    }
+    (latencies, errors)
+}
+
+/// A start that differs per task, so tasks do not ask for the same keys.
+fn rand_index(keys: usize) -> usize {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    nanos as usize % keys.max(1)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 #[tokio::main]
 async fn main() {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    let mut http = reqwest::Client::builder().timeout(Duration::from_secs(30));
+    if let Command::Warm { ca: Some(ca), .. } = &command {
+        let pem = std::fs::read(ca).expect("--ca is readable");
+        http = http.tls_certs_merge(reqwest::Certificate::from_pem_bundle(&pem).unwrap());
+    }
+    let http = http.build().unwrap();
+    match command {
+        Command::Handshakes {
+            url,
+            bearer,
+            ca,
+            resume,
+            keys,
+            concurrency,
+            seconds,
+        } => {
+            let address = url
+                .strip_prefix("https://")
+                .expect("--url is https://HOST:PORT")
+                .trim_end_matches('/')
+                .to_owned();
+            let auth = if bearer.is_empty() {
+                String::new()
+            } else {
+                format!("Authorization: Bearer {bearer}\r\n")
+            };
+            let request = Arc::new(
+                format!(
+                    "GET /ext/get-user-token?email=user{{i}}%40example.com&type=AGENT HTTP/1.1\r\n\
+                     Host: localhost\r\n{auth}Connection: close\r\n\r\n"
+                )
+                .into_bytes(),
+            );
+            let connector = tls_connector(&ca, resume);
+            let started = Instant::now();
+            let until = started + Duration::from_secs(seconds);
+            let tasks: Vec<_> = (0..concurrency)
+                .map(|_| {
+                    tokio::spawn(handshakes(
+                        connector.clone(),
+                        address.clone(),
+                        request.clone(),
+                        keys,
+                        until,
+                    ))
+                })
+                .collect();
+            let (mut latencies, mut errors) = (Vec::new(), 0);
+            for task in tasks {
+                let (done, failed) = task.await.unwrap();
+                latencies.extend(done);
+                errors += failed;
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            latencies.sort();
+            let ms = |p| {
+                if latencies.is_empty() {
+                    f64::NAN
+                } else {
+                    percentile(&latencies, p).as_secs_f64() * 1e3
+                }
+            };
+            println!(
+                "RESULT {:.0} {:.3} {:.3} {:.3} {errors}",
+                latencies.len() as f64 / elapsed,
+                ms(0.5),
+                ms(0.99),
+                ms(0.999)
+            );
+        }
         Command::Warm {
             url,
             bearer,
             keys,
             concurrency,
+            ca: _,
         } => {
             let started = Instant::now();
             let failed = futures::stream::iter(0..keys)
