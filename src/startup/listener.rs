@@ -53,6 +53,25 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
+/// What a listener serves: the whole router, as one infallible service.
+pub trait Served:
+    Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> Served for S where
+    S: Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// One listener: its name (the `listener` label), limits, and TLS if it is HTTPS.
 #[derive(Clone)]
 pub struct Serving {
@@ -72,12 +91,7 @@ pub async fn serve<S>(
     mut stop: watch::Receiver<bool>,
     close: CancellationToken,
 ) where
-    S: Service<Request<Incoming>, Response = Response, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send,
+    S: Served,
 {
     let Serving { name, limits, tls } = serving;
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -201,12 +215,7 @@ impl Handshake {
         protocols: &Protocols,
         watcher: Watcher,
     ) where
-        S: Service<Request<Incoming>, Response = Response, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send,
+        S: Served,
     {
         let accepted = tokio::time::timeout(self.timeout, self.acceptor.accept(stream)).await;
         let stream = match accepted {
