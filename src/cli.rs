@@ -11,7 +11,9 @@ use secrecy::SecretString;
 
 use crate::audit::Auditor;
 use crate::callers::service_accounts::Verifier;
-use crate::config::{ClientSettings, ConfigError, KeyDigest, Scope, Settings, Sources};
+use crate::config::{
+    CALLER_KEY_PREFIX, ClientSettings, ConfigError, KeyDigest, Scope, Settings, Sources,
+};
 use crate::simulator::{Simulator, random_hex};
 use crate::startup::{Application, StartupError, shutdown_signal};
 use crate::telemetry;
@@ -186,14 +188,24 @@ pub fn disable_core_dumps() {
 const DEMO_DEFAULTS: &str =
     "[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:9090\"\n";
 
-/// Where `demo` reads its settings: as `serve` does, on its own listen defaults.
-fn demo_sources(mut sources: Sources) -> Sources {
+/// `demo`'s log format on a terminal: a person reads it, so pretty lines
+/// rather than dense JSON (a pipe or a log collector keeps JSON).
+const DEMO_ON_A_TERMINAL: &str = "[log]\nformat = \"pretty\"\n";
+
+/// Where `demo` reads its settings: as `serve` does, on its own defaults
+/// (loopback; pretty logs when stdout is a terminal), which `log.format` or
+/// the listen settings given in a file or the environment still override.
+fn demo_sources(mut sources: Sources, terminal: bool) -> Sources {
     sources.defaults.push(DEMO_DEFAULTS.to_owned());
+    if terminal {
+        sources.defaults.push(DEMO_ON_A_TERMINAL.to_owned());
+    }
     sources
 }
 
 async fn demo(file: Option<PathBuf>) -> Result<(), Failure> {
-    let mut settings = Settings::load(&demo_sources(Sources::from_process(file)))?;
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut settings = Settings::load(&demo_sources(Sources::from_process(file), terminal))?;
     let partner_key = random_hex(24);
     let caller_key = random_hex(24);
     let simulator = Simulator::demo(&partner_key);
@@ -260,9 +272,24 @@ async fn check_config(file: Option<PathBuf>) -> Result<(), Failure> {
 /// Shortest caller key `hash-key` accepts: a key is a secret, not a password.
 const MIN_CALLER_KEY_CHARS: usize = 32;
 
+/// Base62 characters after the prefix: 43 of them carry 256 random bits.
+const GENERATED_KEY_CHARS: usize = 43;
+
+/// `tbk_` and 43 random base62 characters: a key never mistaken for a
+/// digest, and one a secret scanner can match (`tbk_[0-9A-Za-z]{43}`).
+fn new_caller_key() -> String {
+    use rand::Rng;
+    let random: String = rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(GENERATED_KEY_CHARS)
+        .map(char::from)
+        .collect();
+    format!("{CALLER_KEY_PREFIX}{random}")
+}
+
 fn hash_key(generate: bool) -> Result<(), Failure> {
     if generate {
-        let key = SecretString::from(random_hex(32));
+        let key = SecretString::from(new_caller_key());
         let key = secrecy::ExposeSecret::expose_secret(&key);
         println!("caller key (give it to the caller, store it as a secret): {key}");
         println!("key_sha256 = \"{}\"", KeyDigest::of_key(key));
@@ -334,21 +361,52 @@ mod tests {
     }
 
     #[test]
+    fn demo_logs_pretty_on_a_terminal_unless_log_format_is_given() {
+        use crate::config::LogFormat;
+        let on_a_terminal = Settings::load(&demo_sources(Sources::default(), true)).unwrap();
+        assert_eq!(on_a_terminal.log.format, LogFormat::Pretty);
+        let into_a_pipe = Settings::load(&demo_sources(Sources::default(), false)).unwrap();
+        assert_eq!(into_a_pipe.log.format, LogFormat::Json);
+        let given = Settings::load(&demo_sources(
+            Sources {
+                env: [("TOKEN_BROKER__LOG__FORMAT".into(), "json".into())].into(),
+                ..Sources::default()
+            },
+            true,
+        ))
+        .unwrap();
+        assert_eq!(given.log.format, LogFormat::Json, "a given log.format wins");
+    }
+
+    #[test]
+    fn generated_caller_keys_carry_the_prefix_and_256_random_bits() {
+        let key = new_caller_key();
+        let random = key.strip_prefix(CALLER_KEY_PREFIX).expect("prefixed");
+        assert_eq!(random.len(), 43);
+        assert!(random.bytes().all(|b| b.is_ascii_alphanumeric()), "{key}");
+        assert_ne!(new_caller_key(), key);
+    }
+
+    #[test]
     fn demo_listens_on_loopback_unless_the_listen_settings_say_otherwise() {
-        let defaults = Settings::load(&demo_sources(Sources::default())).unwrap();
+        let defaults = Settings::load(&demo_sources(Sources::default(), false)).unwrap();
         assert_eq!(defaults.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(defaults.server.admin_listen.to_string(), "127.0.0.1:9090");
 
-        let given = Settings::load(&demo_sources(Sources {
-            layers: vec!["[server]\nadmin_listen = \"0.0.0.0:9191\"\n".into()],
-            env: [("TOKEN_BROKER__SERVER__LISTEN".into(), "0.0.0.0:8181".into())].into(),
-            ..Sources::default()
-        }))
+        let given = Settings::load(&demo_sources(
+            Sources {
+                layers: vec!["[server]\nadmin_listen = \"0.0.0.0:9191\"\n".into()],
+                env: [("TOKEN_BROKER__SERVER__LISTEN".into(), "0.0.0.0:8181".into())].into(),
+                ..Sources::default()
+            },
+            false,
+        ))
         .unwrap();
         assert_eq!(given.server.listen.to_string(), "0.0.0.0:8181");
         assert_eq!(given.server.admin_listen.to_string(), "0.0.0.0:9191");
 
         let serve = Settings::load(&Sources::default()).unwrap();
+        assert_eq!(serve.log.format, crate::config::LogFormat::Json);
         assert_eq!(
             serve.server.listen.to_string(),
             "0.0.0.0:8080",

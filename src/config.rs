@@ -10,6 +10,7 @@ mod log;
 mod secrets;
 mod server;
 mod upstream;
+mod words;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,7 +21,9 @@ use serde::{Deserialize, Serialize};
 
 pub use auth::{AuthSettings, KubernetesSettings};
 pub use cache::{CacheSettings, RedisForm, SharedRedis, parse_node};
-pub use clients::{ANONYMOUS, ClientSettings, KeyDigest, Scope, ServiceAccount, SpiffeId};
+pub use clients::{
+    ANONYMOUS, CALLER_KEY_PREFIX, ClientSettings, KeyDigest, Scope, ServiceAccount, SpiffeId,
+};
 pub use log::{AuditSettings, LogFormat, LogLevel, LogSettings};
 pub use secrets::{read_key_file, read_secret_file};
 pub use server::{ClientAuth, ServerSettings, TlsFiles};
@@ -146,8 +149,8 @@ impl Settings {
             .build()
             .map_err(|e| ConfigError::Source(describe_source_error(&e)))?;
         let settings: Settings = serde_path_to_error::deserialize(config).map_err(|e| {
-            let key = e.path().to_string();
-            let message = without_quoted_text(&e.into_inner().to_string());
+            let key = words::key_path(e.path());
+            let message = without_quoted_text(&words::in_plain_words(&e.into_inner().to_string()));
             if key == "." || key.is_empty() {
                 ConfigError::Source(message)
             } else {

@@ -31,9 +31,7 @@ pub const MAX_EMAIL_BYTES: usize = 254;
 pub const MAX_USER_ID_CHARS: usize = 64;
 
 /// A team member's role as the vendor names it.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize, serde::Serialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum UserType {
     Agent,
@@ -60,6 +58,19 @@ impl UserType {
             UserType::CustomUser => "CUSTOM_USER",
             UserType::Customer => "CUSTOMER",
         }
+    }
+}
+
+/// The vendor's exact spelling; anything else is refused with the list.
+impl<'de> serde::Deserialize<'de> for UserType {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+        Self::ALL
+            .into_iter()
+            .find(|t| t.as_str() == text)
+            .ok_or_else(|| {
+                serde::de::Error::custom("must be one of `AGENT`, `CUSTOM_USER`, `CUSTOMER`")
+            })
     }
 }
 

@@ -38,10 +38,10 @@ pub struct KubernetesSettings {
     #[serde(default)]
     pub jwks_token_file: Option<PathBuf>,
     /// How often `jwks_url` is fetched again.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "super::words::duration")]
     pub jwks_refresh: Duration,
     /// Longest `exp - iat` a service-account token may have.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "super::words::duration")]
     pub max_token_lifetime: Duration,
 }
 

@@ -13,19 +13,19 @@ use super::{ConfigError, positive};
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheSettings {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "super::words::duration")]
     pub ttl: Duration,
     /// Fraction of `ttl` after which a hit starts one background refresh.
     pub refresh_ahead: f64,
     /// How long past `ttl` an entry may be served when the vendor fails.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "super::words::duration")]
     pub stale_if_error: Duration,
     /// How long a "no such user" answer is remembered; zero turns it off.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "super::words::duration")]
     pub negative_ttl: Duration,
     /// A caller's `Cache-Control: no-cache` asks the vendor only if the key's
     /// last vendor answer is older than this.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "super::words::duration")]
     pub revalidate_min_interval: Duration,
     pub max_entries: u64,
     /// The Redis shared by every replica (`redis://` or `rediss://`); none: memory only.
@@ -47,7 +47,7 @@ pub struct CacheSettings {
     #[serde(default)]
     pub redis_password_file: Option<PathBuf>,
     /// Bound on every Redis call; past it the replica acts as if Redis were down.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "super::words::duration")]
     pub redis_timeout: Duration,
     /// Redis replicas that must hold an invalidation before a `DELETE` is confirmed.
     #[serde(default)]

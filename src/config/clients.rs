@@ -17,17 +17,31 @@ use crate::domain::{UserType, is_dns_label, is_dns_subdomain};
 pub const ANONYMOUS: &str = "anonymous";
 
 /// What a caller may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
     /// Read team-member tokens (email + type).
-    #[serde(rename = "tokens:read")]
     TokensRead,
     /// Read customer API tokens (user id).
-    #[serde(rename = "customer_tokens:read")]
     CustomerTokensRead,
     /// Drop cached tokens.
-    #[serde(rename = "tokens:invalidate")]
     TokensInvalidate,
+}
+
+impl<'de> Deserialize<'de> for Scope {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        const CHOICES: &[(&str, Scope)] = &[
+            ("tokens:read", Scope::TokensRead),
+            ("customer_tokens:read", Scope::CustomerTokensRead),
+            ("tokens:invalidate", Scope::TokensInvalidate),
+        ];
+        super::words::one_of(deserializer, CHOICES)
+    }
+}
+
+impl Serialize for Scope {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 impl Scope {
@@ -45,6 +59,10 @@ impl Scope {
         }
     }
 }
+
+/// What every key `hash-key --generate` makes starts with, so a key is never
+/// mistaken for a digest and secret scanners can recognise one.
+pub const CALLER_KEY_PREFIX: &str = "tbk_";
 
 /// The SHA-256 of a caller key: what the configuration holds instead of the key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,6 +102,12 @@ impl fmt::Debug for KeyDigest {
 impl<'de> Deserialize<'de> for KeyDigest {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
+        if text.trim().starts_with(CALLER_KEY_PREFIX) {
+            return Err(de::Error::custom(
+                "holds a caller key, not its digest: the key itself must never be in the configuration; \
+                 pipe it into `token-broker hash-key` and paste the key_sha256 line it prints (then treat this key as leaked and make a new one)",
+            ));
+        }
         Self::parse(&text).ok_or_else(|| {
             de::Error::custom(
                 "must be 64 hex characters (the SHA-256 of the caller key; `token-broker hash-key` prints it)",

@@ -8,11 +8,19 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 use super::ConfigError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Json,
     Pretty,
+}
+
+impl<'de> Deserialize<'de> for LogFormat {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        const CHOICES: &[(&str, LogFormat)] =
+            &[("json", LogFormat::Json), ("pretty", LogFormat::Pretty)];
+        super::words::one_of(deserializer, CHOICES)
+    }
 }
 
 /// A `tracing` filter directive such as `info` or `token_broker=debug,warn`,

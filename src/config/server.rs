@@ -14,11 +14,11 @@ use super::{ConfigError, positive};
 pub struct ServerSettings {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "super::words::duration")]
     pub shutdown_grace: Duration,
     /// A connection that has not sent a whole request head (or finished its
     /// TLS handshake) within this is closed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "super::words::duration")]
     pub header_read_timeout: Duration,
     /// Open connections per listener; beyond it new connections get a 503 and are closed.
     pub max_connections: usize,
@@ -41,7 +41,7 @@ pub struct ServerSettings {
 }
 
 /// `server.tls_client_auth`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ClientAuth {
     /// A certificate is asked for; callers without one use a key or a service account.
@@ -49,6 +49,16 @@ pub enum ClientAuth {
     Optional,
     /// No handshake completes without a valid client certificate.
     Required,
+}
+
+impl<'de> Deserialize<'de> for ClientAuth {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        const CHOICES: &[(&str, ClientAuth)] = &[
+            ("optional", ClientAuth::Optional),
+            ("required", ClientAuth::Required),
+        ];
+        super::words::one_of(deserializer, CHOICES)
+    }
 }
 
 /// The files of an HTTPS listener, as configured.

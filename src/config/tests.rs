@@ -403,3 +403,163 @@ fn redacted_output_hides_the_partner_key() {
     assert!(text.contains("ttl = \"10m\""));
     assert!(!format!("{s:?}").contains("pk-secret"));
 }
+
+/// Words of the code that must never reach someone editing a config file.
+const INTERNAL_WORDS: [&str; 14] = [
+    "serde",
+    "struct",
+    "variant",
+    "enum ",
+    "u32",
+    "u64",
+    "usize",
+    "i64",
+    "sequence",
+    "invalid type",
+    "Option",
+    "Vec<",
+    "Duration",
+    "humantime",
+];
+
+fn assert_plain(message: &str) {
+    for word in INTERNAL_WORDS {
+        assert!(!message.contains(word), "{word:?} in {message:?}");
+    }
+}
+
+#[test]
+fn a_bad_duration_names_the_key_shows_the_value_and_the_format() {
+    let keys = [
+        "server.shutdown_grace",
+        "server.header_read_timeout",
+        "upstream.timeout",
+        "upstream.connect_timeout",
+        "upstream.circuit_cooldown",
+        "cache.ttl",
+        "cache.stale_if_error",
+        "cache.negative_ttl",
+        "cache.revalidate_min_interval",
+        "cache.redis_timeout",
+        "auth.kubernetes.jwks_refresh",
+        "auth.kubernetes.max_token_lifetime",
+    ];
+    for key in keys {
+        let (section, field) = key.rsplit_once('.').unwrap();
+        for (value, shown) in [("\"ten minutes\"", "`ten minutes`"), ("600", "`600`")] {
+            let err = load(&format!("[{section}]\n{field} = {value}\n"), &[]).unwrap_err();
+            let message = err.to_string();
+            assert!(message.starts_with(&format!("{key}: ")), "{message}");
+            assert!(message.contains(shown), "the value is shown: {message}");
+            assert!(
+                message.contains("`10m`") && message.contains("ms, s, m, h, d"),
+                "{message}"
+            );
+            assert_plain(&message);
+        }
+    }
+    let from_env = load("", &[("TOKEN_BROKER__CACHE__TTL", "10 mins please")]).unwrap_err();
+    assert!(
+        from_env.to_string().contains("`10 mins please`"),
+        "{from_env}"
+    );
+}
+
+#[test]
+fn a_bad_enum_value_names_a_well_formed_key_and_lists_the_allowed_values() {
+    let client = "[[clients]]\nname = \"app\"\nkey_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n";
+    let cases = [
+        (
+            format!("{client}scopes = [\"tokens:read\", \"token:sekret\"]\n"),
+            "clients[0].scopes[1]",
+            &[
+                "`tokens:read`",
+                "`customer_tokens:read`",
+                "`tokens:invalidate`",
+            ][..],
+        ),
+        (
+            format!("{client}scopes = [\"tokens:read\"]\nallowed_types = [\"token:sekret\"]\n"),
+            "clients[0].allowed_types[0]",
+            &["`AGENT`", "`CUSTOM_USER`", "`CUSTOMER`"][..],
+        ),
+        (
+            "[log]\nformat = \"token:sekret\"\n".to_owned(),
+            "log.format",
+            &["`json`", "`pretty`"][..],
+        ),
+        (
+            "[server]\ntls_client_auth = \"token:sekret\"\n".to_owned(),
+            "server.tls_client_auth",
+            &["`optional`", "`required`"][..],
+        ),
+    ];
+    for (toml, key, allowed) in cases {
+        let message = load(&toml, &[]).unwrap_err().to_string();
+        assert!(
+            message.starts_with(&format!("{key}: must be one of ")),
+            "{message}"
+        );
+        for value in allowed {
+            assert!(message.contains(value), "{value} in {message}");
+        }
+        assert!(
+            !message.contains("sekret"),
+            "the refused value is not shown: {message}"
+        );
+        assert_plain(&message);
+    }
+}
+
+#[test]
+fn other_mistakes_are_told_in_the_words_of_the_file() {
+    let cases = [
+        (
+            "[server]\nmax_connections = \"many\"\n",
+            "server.max_connections",
+            "a whole number",
+        ),
+        (
+            "[server]\nmax_connections = -1\n",
+            "server.max_connections",
+            "a whole number",
+        ),
+        (
+            "[upstream]\nmax_retries = \"two\"\n",
+            "upstream.max_retries",
+            "a whole number",
+        ),
+        (
+            "[auth]\nallow_anonymous = [\"yes\"]\n",
+            "auth.allow_anonymous",
+            "`true` or `false`",
+        ),
+        (
+            "[[clients]]\nname = \"a\"\nscopes = \"tokens:read\"\n",
+            "clients[0].scopes",
+            "a list",
+        ),
+        (
+            "[[clients]]\nscopes = [\"tokens:read\"]\n",
+            "clients[0]",
+            "needs the key `name`",
+        ),
+        (
+            "[cache]\nttll = \"1m\"\n",
+            "cache.ttll",
+            "is not a known key (unknown keys are refused, so a typo is caught); the keys here are `ttl`",
+        ),
+    ];
+    for (toml, key, says) in cases {
+        let message = match load(toml, &[]) {
+            Ok(_) => panic!("{toml} was accepted"),
+            Err(err) => err.to_string(),
+        };
+        assert!(
+            message.starts_with(&format!("{key}: ")),
+            "{toml}: {message}"
+        );
+        assert!(message.contains(says), "{toml}: {message}");
+        assert_plain(&message);
+    }
+}

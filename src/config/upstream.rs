@@ -21,9 +21,9 @@ pub struct UpstreamSettings {
     pub partner_key: Option<SecretString>,
     #[serde(default)]
     pub partner_key_file: Option<PathBuf>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "super::words::duration")]
     pub timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "super::words::duration")]
     pub connect_timeout: Duration,
     /// Concurrent requests to the vendor, all keys together.
     pub max_in_flight: usize,
@@ -32,7 +32,7 @@ pub struct UpstreamSettings {
     /// Consecutive failed fetches that open the circuit.
     pub circuit_failures: u32,
     /// How long the circuit stays open before one probe is let through.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "super::words::duration")]
     pub circuit_cooldown: Duration,
 }
 

@@ -291,8 +291,11 @@ async fn hash_key_refuses_a_short_key_and_generates_a_strong_one() {
         .lines()
         .find_map(|l| l.rsplit_once(": ").map(|(_, k)| k.to_owned()))
         .expect("the key is printed");
+    let random = key
+        .strip_prefix("tbk_")
+        .expect("a generated key carries the prefix");
     assert!(
-        key.len() >= 32 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+        random.len() == 43 && random.bytes().all(|b| b.is_ascii_alphanumeric()),
         "{key}"
     );
     assert!(text.contains(&format!(
@@ -305,6 +308,87 @@ async fn hash_key_refuses_a_short_key_and_generates_a_strong_one() {
         text,
         "random each time"
     );
+}
+
+#[tokio::test]
+async fn a_generated_key_pasted_as_its_digest_is_refused_saying_so() {
+    let generated = hash_key(&["--generate"], b"").await;
+    let text = String::from_utf8(generated.stdout).unwrap();
+    let key = text
+        .lines()
+        .find_map(|l| l.rsplit_once(": ").map(|(_, k)| k.to_owned()))
+        .unwrap();
+    // hash-key still takes any key of 32 characters or more, prefixed or not.
+    let digest = hash_key(&[], key.as_bytes()).await;
+    assert_eq!(digest.status.code(), Some(0));
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pasted.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[upstream]\npartner_key = \"{PARTNER_KEY}\"\n[server]\nlisten = \"127.0.0.1:8080\"\n\
+             [[clients]]\nname = \"app\"\nkey_sha256 = \"{key}\"\nscopes = [\"tokens:read\"]\n"
+        ),
+    )
+    .unwrap();
+    let output = command()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("clients[0].key_sha256"), "{stderr}");
+    assert!(stderr.contains("a caller key, not its digest"), "{stderr}");
+    assert!(
+        !stderr.contains(&key),
+        "the pasted key is never printed: {stderr}"
+    );
+}
+
+/// The first line `demo` logs, run under `script` so its stdout is a terminal.
+async fn demo_log_line_on_a_terminal(env: &[(&str, &str)]) -> String {
+    let binary = env!("CARGO_BIN_EXE_token-broker");
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qefc", &format!("{binary} demo"), "/dev/null"])
+        .env_remove("TOKEN_BROKER_CONFIG")
+        .env("TOKEN_BROKER__SERVER__LISTEN", "127.0.0.1:0")
+        .env("TOKEN_BROKER__SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("script runs");
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let line = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("listening") {
+                return line;
+            }
+        }
+        String::new()
+    })
+    .await
+    .expect("demo logs that it listens");
+    let _ = child.kill().await;
+    line
+}
+
+#[tokio::test]
+async fn demo_writes_pretty_logs_to_a_terminal_and_json_when_told() {
+    let pretty = demo_log_line_on_a_terminal(&[]).await;
+    assert!(!pretty.trim_start().starts_with('{'), "{pretty:?}");
+    assert!(pretty.contains("INFO"), "{pretty:?}");
+    let json = demo_log_line_on_a_terminal(&[("TOKEN_BROKER__LOG__FORMAT", "json")]).await;
+    let event: serde_json::Value =
+        serde_json::from_str(json.trim().trim_start_matches(|c: char| c != '{')).expect("JSON");
+    assert_eq!(event["message"], "listening");
 }
 
 #[tokio::test]
