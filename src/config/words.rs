@@ -130,20 +130,22 @@ pub(super) fn in_plain_words(message: &str) -> String {
         Some(at) if message.ends_with('`') => &message[..at],
         _ => message,
     };
-    if let Some(rest) = message.strip_prefix("invalid type: ") {
-        if let Some((found, expected)) = rest.split_once(", expected ") {
-            let found = if found.contains("`-") {
-                "a negative number".to_owned()
-            } else {
-                kind(found)
-            };
-            return format!("must be {}; got {found}", kind(expected));
-        }
+    if let Some((found, expected)) = message
+        .strip_prefix("invalid type: ")
+        .and_then(|rest| rest.split_once(", expected "))
+    {
+        let found = if found.contains("`-") {
+            "a negative number".to_owned()
+        } else {
+            kind(found)
+        };
+        return format!("must be {}; got {found}", kind(expected));
     }
-    if let Some(rest) = message.strip_prefix("invalid value: ") {
-        if let Some((_, expected)) = rest.split_once(", expected ") {
-            return format!("must be {}", kind(expected));
-        }
+    if let Some((_, expected)) = message
+        .strip_prefix("invalid value: ")
+        .and_then(|rest| rest.split_once(", expected "))
+    {
+        return format!("must be {}", kind(expected));
     }
     if let Some(quoted) = message.strip_prefix("missing configuration field \"") {
         let path = quoted.trim_end_matches('"');
