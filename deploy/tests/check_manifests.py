@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,13 +45,27 @@ def check(condition, message):
 
 
 def render(overlay):
+    return render_dir(KUSTOMIZE / "overlays" / overlay)
+
+
+def render_dir(path):
     out = subprocess.run(
-        ["kubectl", "kustomize", str(KUSTOMIZE / "overlays" / overlay)],
+        ["kubectl", "kustomize", str(path)],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def cluster_values(path):
+    """KEY=value lines of an overlay's cluster.env."""
+    values = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            values[key.strip()] = value.strip()
+    return values
 
 
 def one(objects, kind, name=None):
@@ -82,6 +97,8 @@ CACHE_FILES = {
     "TOKEN_BROKER__CACHE__ENCRYPTION_KEY_FILE": "encryption-key",
     "TOKEN_BROKER__CACHE__REDIS_PASSWORD_FILE": "redis-password",
 }
+# Without the redis-password component the Redis has no password.
+OPTIONAL_CACHE_FILES = {"TOKEN_BROKER__CACHE__REDIS_PASSWORD_FILE"}
 
 
 def check_shared_cache(pod, container, env, where):
@@ -91,6 +108,8 @@ def check_shared_cache(pod, container, env, where):
     mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     for variable, key in CACHE_FILES.items():
+        if variable in OPTIONAL_CACHE_FILES and variable not in env:
+            continue
         path = Path(env.get(variable) or "/missing/file")
         mount = mounts.get(str(path.parent), {})
         volume = volumes.get(mount.get("name"), {})
@@ -140,8 +159,34 @@ def port_of(container, name_or_number):
     return None
 
 
+def check_cluster_values(objects, values, where):
+    """Each value of cluster.env lands where it belongs."""
+    deployment, pod, container, env = broker(objects)
+    policy = one(objects, "NetworkPolicy", "token-broker")
+    admin_sources = policy.get("spec", {}).get("ingress", [{}, {}])[1].get("from", [])
+    check([s.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+           for s in admin_sources] == [values["MONITORING_NAMESPACE"]],
+          f"{where}: the admin port admits the monitoring namespace {values['MONITORING_NAMESPACE']}")
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        labels = one(objects, kind).get("metadata", {}).get("labels", {})
+        check(labels.get("release") == values["PROMETHEUS_RELEASE"],
+              f"{where}: the {kind} carries release={values['PROMETHEUS_RELEASE']}")
+    check(env.get("TOKEN_BROKER__AUTH__KUBERNETES__ISSUER") == values["KUBERNETES_ISSUER"],
+          f"{where}: the service-account issuer is KUBERNETES_ISSUER")
+    api = one(objects, "NetworkPolicy", "token-broker-kubernetes-api")
+    check(api.get("spec", {}).get("egress", [{}])[0].get("to", [{}])[0].get("ipBlock", {}).get("cidr")
+          == values["KUBERNETES_API_SERVER"], f"{where}: egress to the API server is KUBERNETES_API_SERVER")
+    check(env.get("TOKEN_BROKER__CACHE__REDIS_URL") == values["REDIS_URL"], f"{where}: the Redis is REDIS_URL")
+    check("set-by-cluster-env" not in yaml.safe_dump_all(objects), f"{where}: no placeholder is left")
+    return env
+
+
 def check_production(objects):
     deployment, pod, container, env = broker(objects)
+    values = cluster_values(KUSTOMIZE / "overlays" / "production" / "cluster.env")
+    check_cluster_values(objects, values, "production")
+    check(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == values["OTLP_ENDPOINT"],
+          "production exports traces to OTLP_ENDPOINT")
     config_map = one(objects, "ConfigMap")
     config = tomllib.loads(config_map["data"]["token-broker.toml"])
     check(not config["upstream"].get("allow_insecure_http", False)
@@ -251,7 +296,8 @@ def check_production(objects):
         check(bool(sources), "every ingress rule names its sources")
         if ports == {admin_port}:
             check(all(s.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
-                      == "monitoring" for s in sources), "the admin port admits only the monitoring namespace")
+                      == values["MONITORING_NAMESPACE"] for s in sources),
+                  "the admin port admits only the monitoring namespace")
         else:
             check(all("token-broker.io/client" in str(s) for s in sources), "the api port admits only labelled clients")
     egress_ports = {(p["port"], p.get("protocol", "TCP")) for rule in spec["egress"] for p in rule["ports"]}
@@ -341,6 +387,55 @@ def check_dev(objects):
               for r in o["spec"].get("egress", []) for p in r["ports"]}
     check({8081, 6379} <= egress, "dev brokers may reach the simulator and Redis")
     return one(objects, "ConfigMap")["data"]["token-broker.toml"], env
+
+
+VARIANT = {
+    "KUBERNETES_ISSUER": "https://oidc.eks.eu-west-1.amazonaws.com/id/EXAMPLED539D4633E53DE1B71EXAMPLE",
+    "KUBERNETES_API_SERVER": "172.20.0.1/32",
+    "REDIS_URL": "rediss://master.tokens.abc123.euw1.cache.amazonaws.com:6379",
+    "REDIS_CIDR": "10.40.0.0/16",
+    "MONITORING_NAMESPACE": "observability",
+    "PROMETHEUS_RELEASE": "prom",
+    "OTLP_ENDPOINT": "unused-without-the-otlp-component",
+}
+
+
+def render_variant():
+    """The production overlay as another cluster would set it: another issuer
+    and API server, no trace export, a managed Redis outside the cluster
+    without a password, another monitoring namespace and release label. Made
+    as the README says: cluster.env and the components list, nothing else."""
+    production = KUSTOMIZE / "overlays" / "production"
+    with tempfile.TemporaryDirectory() as tmp:
+        variant = Path(tmp) / "variant"
+        shutil.copytree(production, variant)
+        text = (variant / "kustomization.yaml").read_text()
+        # The copy lives elsewhere: the same base and components, found from there.
+        text = text.replace("../../", os.path.relpath(KUSTOMIZE, variant) + "/")
+        lines = []
+        for line in text.splitlines():
+            if re.fullmatch(r"\s*- \S*components/(otlp|redis-password)", line):
+                continue
+            lines.append(re.sub(r"^(\s*)# (- \S*components/redis-external)\b.*", r"\1\2", line))
+        (variant / "kustomization.yaml").write_text("\n".join(lines) + "\n")
+        (variant / "cluster.env").write_text("".join(f"{k}={v}\n" for k, v in VARIANT.items()))
+        return render_dir(variant)
+
+
+def check_variant(binary, objects):
+    deployment, pod, container, env = broker(objects)
+    check_cluster_values(objects, VARIANT, "variant")
+    check("OTEL_EXPORTER_OTLP_ENDPOINT" not in env and not [o for o in objects if o["metadata"]["name"] == "token-broker-otlp"],
+          "variant: without the otlp component, no trace export and no egress for it")
+    check("TOKEN_BROKER__CACHE__REDIS_PASSWORD_FILE" not in env,
+          "variant: without the redis-password component, no password file")
+    external = one(objects, "NetworkPolicy", "token-broker-redis-external")
+    rule = external.get("spec", {}).get("egress", [{}])[0]
+    check(rule.get("to", [{}])[0].get("ipBlock", {}).get("cidr") == VARIANT["REDIS_CIDR"]
+          and {p["port"] for p in rule.get("ports", [])} == {6379, 6380},
+          "variant: egress to the external Redis is REDIS_CIDR on 6379 and 6380")
+    config_text = one(objects, "ConfigMap")["data"]["token-broker.toml"]
+    check_config_accepts(binary, "variant", config_text, env)
 
 
 def free_port():
@@ -455,6 +550,7 @@ def main():
     check_config_accepts(args.binary, "production", config_text, env)
     check_config_accepts(args.binary, "dev", dev_config, dev_env)
     check_plain_http_refused(args.binary, config_text, env)
+    check_variant(args.binary, render_variant())
     # Redis is not reachable here: the broker must start and be ready anyway.
     check_against_binary(args.binary, config_text, env, probes, alerts)
     for failure in FAILURES:

@@ -124,8 +124,13 @@ pub struct Verifier {
     refresh: Duration,
     last_unknown_kid_reload: Mutex<Option<Instant>>,
     verified: moka::sync::Cache<[u8; 32], Arc<Verified>>,
+    /// Paces the warning about tokens the cluster signed for another issuer.
+    wrong_issuer_warning: governor::DefaultDirectRateLimiter,
     metrics: Arc<Metrics>,
 }
+
+/// At most one warning a minute about tokens with another issuer.
+const WRONG_ISSUER_WARNING: Duration = Duration::from_secs(60);
 
 impl Verifier {
     /// The verifier `settings` ask for, if any: a JWKS file must be readable
@@ -164,8 +169,17 @@ impl Verifier {
                 .max_capacity(VERIFIED_CAPACITY)
                 .time_to_live(Duration::from_secs(24 * 3600))
                 .build(),
+            wrong_issuer_warning: governor::RateLimiter::direct(
+                governor::Quota::with_period(WRONG_ISSUER_WARNING)
+                    .expect("a non-zero period")
+                    .allow_burst(std::num::NonZeroU32::MIN),
+            ),
             metrics,
         });
+        tracing::info!(
+            issuer = %verifier.issuer,
+            "service-account tokens are accepted from this issuer (auth.kubernetes.issuer)"
+        );
         if let Source::File(_) = verifier.source {
             verifier
                 .reload()
@@ -285,7 +299,12 @@ impl Verifier {
         validation.set_audience(&self.audiences);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
-            .map_err(|e| reject(Refusal::Invalid, &format!("{:?}", e.kind())))?
+            .map_err(|e| {
+                if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidIssuer) {
+                    self.warn_wrong_issuer(token);
+                }
+                reject(Refusal::Invalid, &format!("{:?}", e.kind()))
+            })?
             .claims;
         // A stolen token that lives for years is not a caller.
         let lifetime = claims.iat.and_then(|iat| claims.exp.checked_sub(iat));
@@ -307,6 +326,37 @@ impl Verifier {
             expires: UNIX_EPOCH + Duration::from_secs(claims.exp),
             kid,
         })
+    }
+
+    /// A token the cluster signed names another issuer: the configured one is
+    /// most likely wrong (EKS, GKE and AKS issuers differ from the default),
+    /// and every such caller gets a 401. Says so, naming both, once a minute.
+    fn warn_wrong_issuer(&self, token: &str) {
+        if self.wrong_issuer_warning.check().is_err() {
+            return;
+        }
+        let presented = token
+            .split('.')
+            .nth(1)
+            .and_then(|payload| {
+                use base64::Engine;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(payload)
+                    .ok()
+            })
+            .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
+            .and_then(|claims| {
+                let issuer = claims.get("iss")?.as_str()?;
+                Some(issuer.chars().take(256).collect::<String>())
+            })
+            .unwrap_or_default();
+        tracing::warn!(
+            expected = %self.issuer,
+            presented = %presented,
+            "a service-account token signed by the cluster names another issuer, so it is refused (401); \
+             if every service-account caller is refused, set auth.kubernetes.issuer to the cluster's: \
+             kubectl get --raw /.well-known/openid-configuration"
+        );
     }
 
     /// True for the first unknown `kid` in each `UNKNOWN_KID_RELOAD`.

@@ -24,9 +24,9 @@ pub fn identity(raw: Option<&str>, customer: CustomerParam) -> Result<Identity, 
     let mut values: [Option<Cow<'_, str>>; 3] = [None, None, None];
     for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let name = decode(name).map_err(|_| unknown(customer))?;
+        let name = decode(name).map_err(|_| unknown(customer, ""))?;
         let Some(slot) = allowed.iter().position(|a| *a == name) else {
-            return Err(unknown(customer));
+            return Err(unknown(customer, &name));
         };
         let value = decode(value).map_err(|_| {
             ApiError::BadRequest(format!(
@@ -73,9 +73,25 @@ fn decode(raw: &str) -> Result<Cow<'_, str>, std::str::Utf8Error> {
     percent_decode_str(raw).decode_utf8()
 }
 
-fn unknown(customer: CustomerParam) -> ApiError {
+/// Longest unknown parameter name a detail repeats.
+const NAMED_UNKNOWN_CHARS: usize = 32;
+
+/// Names the unknown parameter when it is a plain name (letters, digits,
+/// `_ . -`, up to 32), so a caller sees its typo; anything else is not
+/// echoed back.
+fn unknown(customer: CustomerParam, name: &str) -> ApiError {
+    let plain = !name.is_empty()
+        && name.len() <= NAMED_UNKNOWN_CHARS
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    let named = if plain {
+        format!("{name}: is not a known query parameter")
+    } else {
+        "unknown query parameter".to_owned()
+    };
     ApiError::BadRequest(format!(
-        "unknown query parameter; the allowed parameters are email, type and {}",
+        "{named}; the allowed parameters are email, type and {}",
         customer.0
     ))
 }
@@ -120,8 +136,15 @@ mod tests {
         assert!(detail("email=a@x.com&type=ADMIN").contains("AGENT, CUSTOM_USER, CUSTOMER"));
         assert!(detail("email=a@x.com&email=b@x.com&type=AGENT").starts_with("email:"));
         assert!(detail("email=a@x.com&type=AGENT&type=AGENT").starts_with("type:"));
-        assert!(detail("email=a@x.com&type=AGENT&foo=1").contains("unknown"));
-        assert!(detail("userId=abc").contains("unknown"));
+        assert!(detail("email=a@x.com&type=AGENT&foo=1").starts_with("foo: is not a known"));
+        assert!(detail("userId=abc").starts_with("userId: is not a known"));
+        let odd = detail("email=a@x.com&type=AGENT&%3Cscript%3E=1");
+        assert!(
+            odd.starts_with("unknown query parameter;") && !odd.contains("script"),
+            "{odd}"
+        );
+        let long = detail(&format!("{}=1", "x".repeat(33)));
+        assert!(long.starts_with("unknown query parameter;"), "{long}");
         assert!(detail("email=a@x.com&type=AGENT&user_id=abc").contains("not both"));
         assert!(detail("email=%FF@x.com&type=AGENT").starts_with("email:"));
         assert!(detail("email=a%0A@x.com&type=AGENT").starts_with("email:"));

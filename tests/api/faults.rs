@@ -13,7 +13,8 @@
 //! - no broker panics.
 //!
 //! Each run prints its seed; `TOKEN_BROKER_FAULT_SEED=<seed>` replays it, and
-//! `TOKEN_BROKER_FAULT_SECONDS=<n>` makes a longer soak (README, "Fault injection").
+//! `TOKEN_BROKER_FAULT_SECONDS=<n>` makes a longer soak (the commands are in
+//! `docs/SHARED_CACHE.md`, "Fault injection").
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -210,6 +210,60 @@ async fn the_audit_event_names_the_client_and_the_service_account() {
 }
 
 #[tokio::test]
+async fn a_wrong_issuer_is_named_at_start_and_in_one_warning_naming_both() {
+    use crate::helpers::process::{Running, command, config_file, events, upstream};
+    let (_sim, upstream) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_file = dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks(&[rsa(), ec()])).unwrap();
+    let extra = format!(
+        "[auth.kubernetes]\nissuer = \"{ISSUER}\"\njwks_file = {:?}\n\n[[clients]]\nname = \"embedder\"\nservice_accounts = [\"inbox:embedder\"]\nscopes = [\"tokens:read\"]\n",
+        jwks_file.display().to_string()
+    );
+    let mut cmd = command();
+    cmd.arg("--config").arg(config_file(&dir, upstream, &extra));
+    let mut broker = Running::start(cmd).await;
+    let eks = "https://oidc.eks.eu-west-1.amazonaws.com/id/EXAMPLE";
+    for _ in 0..3 {
+        let mut claims = claims("inbox:embedder");
+        claims["iss"] = json!(eks);
+        let response = broker.get_token(&alice(), &sign(ec(), &claims)).await;
+        assert_eq!(response.status(), 401);
+    }
+    broker.stop().await;
+
+    let events = events(&broker.output());
+    let started = events
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("accepted from this issuer")
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(started.len(), 1, "{events:?}");
+    assert_eq!(started[0]["issuer"], ISSUER);
+    let warnings = events
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("names another issuer")
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning for three tokens: {events:?}"
+    );
+    assert_eq!(warnings[0]["level"], "WARN");
+    assert_eq!(warnings[0]["expected"], ISSUER);
+    assert_eq!(warnings[0]["presented"], eks);
+}
+
+#[tokio::test]
 async fn long_lived_tokens_and_tokens_without_iat_are_refused() {
     let cluster = cluster().await;
     let lasting = |seconds: u64| {
