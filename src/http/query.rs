@@ -86,7 +86,7 @@ fn unknown(customer: CustomerParam, name: &str) -> ApiError {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
     let named = if plain {
-        format!("{name}: is not a known query parameter")
+        format!("{name}: is an unknown query parameter")
     } else {
         "unknown query parameter".to_owned()
     };
@@ -136,8 +136,11 @@ mod tests {
         assert!(detail("email=a@x.com&type=ADMIN").contains("AGENT, CUSTOM_USER, CUSTOMER"));
         assert!(detail("email=a@x.com&email=b@x.com&type=AGENT").starts_with("email:"));
         assert!(detail("email=a@x.com&type=AGENT&type=AGENT").starts_with("type:"));
-        assert!(detail("email=a@x.com&type=AGENT&foo=1").starts_with("foo: is not a known"));
-        assert!(detail("userId=abc").starts_with("userId: is not a known"));
+        assert!(
+            detail("email=a@x.com&type=AGENT&foo=1")
+                .starts_with("foo: is an unknown query parameter")
+        );
+        assert!(detail("userId=abc").starts_with("userId: is an unknown query parameter"));
         let odd = detail("email=a@x.com&type=AGENT&%3Cscript%3E=1");
         assert!(
             odd.starts_with("unknown query parameter;") && !odd.contains("script"),

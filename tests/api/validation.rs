@@ -35,10 +35,20 @@ async fn repeated_and_unknown_parameters_are_400s() {
     )
     .await;
     assert_bad_request(&app, &format!("/v1/tokens?{q}&type=AGENT"), "type").await;
-    assert_bad_request(&app, &format!("/v1/tokens?{q}&debug=1"), "unknown").await;
+    assert_bad_request(
+        &app,
+        &format!("/v1/tokens?{q}&debug=1"),
+        "debug: is an unknown query parameter",
+    )
+    .await;
     assert_bad_request(&app, "/v1/tokens?user_id=a&user_id=b", "user_id").await;
-    assert_bad_request(&app, "/v1/tokens?userId=abc", "unknown").await;
-    assert_bad_request(&app, "/ext/get-user-token?user_id=abc", "unknown").await;
+    assert_bad_request(&app, "/v1/tokens?userId=abc", "userId: is an unknown").await;
+    assert_bad_request(
+        &app,
+        "/ext/get-user-token?user_id=abc",
+        "user_id: is an unknown",
+    )
+    .await;
     assert_eq!(app.sim.calls(), 0);
 }
 
