@@ -42,6 +42,7 @@ impl TokenSource for Immediate {
 fn request() -> Request<Body> {
     Request::builder()
         .uri("/ext/get-user-token?email=alice%40example.com&type=AGENT")
+        .header("host", "localhost")
         .header("authorization", format!("Bearer {KEY}"))
         .body(Body::empty())
         .unwrap()

@@ -169,7 +169,7 @@ impl ApiError {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "headers-too-large",
                 "Request headers too large",
-                "the request headers must be at most 8 KiB",
+                "the request headers must be at most 8 KiB and 100 fields",
             ),
             ApiError::BodyNotAllowed => (
                 StatusCode::BAD_REQUEST,

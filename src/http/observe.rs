@@ -33,6 +33,9 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest accepted request target and header block: 8 KiB each.
 pub const MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+/// Most header fields a request may carry; more is a 431 problem (up to the
+/// listener's `MAX_PARSED_HEADERS`, past which hyper answers its own 431).
+pub const MAX_HEADER_FIELDS: usize = 100;
 const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// `{method} {route}` for the known routes, else the method alone (OTel HTTP conventions).
@@ -97,6 +100,31 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 fn check_request(request: &Request, route: &'static str) -> Result<(), ApiError> {
     if request.method() == Method::HEAD && matches!(route, TOKENS_ROUTE | VENDOR_ROUTE) {
         return Err(ApiError::MethodNotAllowed);
+    }
+    let headers = request.headers();
+    // RFC 9112 §3.2: an HTTP/1.1 request names exactly one Host. (HTTP/2
+    // carries `:authority` instead.)
+    if request.version() == http::Version::HTTP_11
+        && headers.get_all(header::HOST).iter().count() != 1
+    {
+        return Err(ApiError::BadRequest(
+            "Host: an HTTP/1.1 request needs exactly one Host header".into(),
+        ));
+    }
+    // Two credentials: a proxy reading the last and this service the first
+    // would disagree about who asked.
+    if headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(ApiError::BadRequest(
+            "Authorization: give one Authorization header, not several".into(),
+        ));
+    }
+    if headers.len() > MAX_HEADER_FIELDS {
+        return Err(ApiError::HeadersTooLarge);
     }
     let target = request
         .uri()
@@ -191,6 +219,13 @@ where
                 },
                 Err(refusal) => refusal.into_response(),
             };
+            if response.status() == http::StatusCode::METHOD_NOT_ALLOWED
+                && let Some(allowed) = routes::allowed_methods(route)
+            {
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allowed));
+            }
             finish(&state, route, started, &mut response, exporting);
             response.headers_mut().insert(X_REQUEST_ID, id);
             Ok(response)
@@ -337,6 +372,7 @@ mod tests {
         let request = |path: &str| {
             http::Request::builder()
                 .uri(path)
+                .header(header::HOST, "localhost")
                 .body(Body::empty())
                 .unwrap()
         };

@@ -20,6 +20,18 @@ pub const SPAN_NAMES: [(&str, &str, &str); 4] = [
     ("GET", OPENAPI_ROUTE, "GET /openapi.json"),
 ];
 
+/// The methods a known route serves, as its 405's `Allow` lists them: the
+/// token routes refuse `HEAD` (it would run a lookup and an audit for an
+/// answer nobody reads); the document is served to `HEAD` as well.
+pub fn allowed_methods(route: &str) -> Option<&'static str> {
+    match route {
+        TOKENS_ROUTE => Some("GET, DELETE"),
+        VENDOR_ROUTE => Some("GET"),
+        OPENAPI_ROUTE => Some("GET, HEAD"),
+        _ => None,
+    }
+}
+
 /// The `route` label of a path: a known route or `unmatched`, so labels stay
 /// a closed set.
 pub fn label(path: &str) -> &'static str {
@@ -39,6 +51,14 @@ mod tests {
         for (method, route, name) in SPAN_NAMES {
             assert!(ROUTES.contains(&route));
             assert_eq!(name, format!("{method} {route}"));
+        }
+        for route in ROUTES {
+            let allowed = allowed_methods(route).unwrap();
+            for (method, r, _) in SPAN_NAMES {
+                if r == route {
+                    assert!(allowed.contains(method), "{route} serves {method}");
+                }
+            }
         }
         assert_eq!(label("/v1/tokens"), TOKENS_ROUTE);
         assert_eq!(label("/v1/tokens/"), "unmatched");

@@ -29,6 +29,10 @@ use crate::tls::{PeerCertificate, Tls};
 /// Largest request head hyper buffers; heads over 8 KiB but under this get
 /// a problem+json 414/431 from `http::observe`, larger ones hyper's own 431.
 const MAX_BUF_BYTES: usize = 64 * 1024;
+/// Header fields hyper parses, so that a request with more than
+/// `http::observe::MAX_HEADER_FIELDS` gets a problem+json 431 rather than
+/// hyper's bare one (which only a head of more than this many fields gets).
+const MAX_PARSED_HEADERS: usize = 512;
 /// Shed connections handled at once; beyond it they are simply closed.
 const MAX_SHEDDING: usize = 256;
 /// How long a shed connection is read from after its 503, so the client
@@ -97,7 +101,8 @@ pub async fn serve<S>(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(MAX_BUF_BYTES);
+        .max_buf_size(MAX_BUF_BYTES)
+        .max_headers(MAX_PARSED_HEADERS);
     let protocols = Protocols {
         http1: http,
         http2: http2_builder(),
