@@ -131,6 +131,7 @@ impl Application {
             limits: Limits {
                 header_read_timeout: settings.server.header_read_timeout,
                 max_connections: settings.server.max_connections,
+                max_connections_per_peer: Some(settings.server.max_connections_per_peer),
             },
             metrics,
             reloaders,
@@ -175,7 +176,11 @@ impl Application {
             self.admin_router,
             Serving {
                 name: "admin",
-                limits: self.limits,
+                // Probes and scrapes come from few addresses, by design.
+                limits: Limits {
+                    max_connections_per_peer: None,
+                    ..self.limits
+                },
                 tls: None,
             },
             self.metrics,

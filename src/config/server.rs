@@ -22,6 +22,9 @@ pub struct ServerSettings {
     pub header_read_timeout: Duration,
     /// Open connections per listener; beyond it new connections get a 503 and are closed.
     pub max_connections: usize,
+    /// Open connections from one peer address on the API listener; beyond it
+    /// that peer's new connections get a 503 and are closed.
+    pub max_connections_per_peer: usize,
     /// PEM certificate chain: with `tls_key_file`, the API listener speaks HTTPS only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
@@ -78,6 +81,12 @@ impl ServerSettings {
             return Err(ConfigError::invalid(
                 "server.max_connections",
                 "must be at least 1",
+            ));
+        }
+        if self.max_connections_per_peer == 0 {
+            return Err(ConfigError::invalid(
+                "server.max_connections_per_peer",
+                "must be at least 1 (set it to server.max_connections for no bound per peer)",
             ));
         }
         match (&self.tls_cert_file, &self.tls_key_file) {

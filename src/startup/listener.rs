@@ -1,13 +1,16 @@
 //! Serving one listener with limits a hostile or broken client cannot get
 //! around: a header-read timeout (slow clients are cut off; with TLS the
 //! handshake too), a bound on open connections with load shedding (a 503
-//! problem, then close), and a read buffer cap. Garbage bytes get hyper's 400
+//! problem, then close), a bound per peer address (so one peer cannot hold
+//! every slot), and a read buffer cap. Garbage bytes get hyper's 400
 //! and a closed connection. With TLS, the protocol is the one ALPN chose
 //! (HTTP/2 for `h2`, else HTTP/1.1), and a verified client certificate is
 //! attached to each of the connection's requests as a `PeerCertificate`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, LazyLock};
+use std::net::IpAddr;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::http::Request;
@@ -40,21 +43,67 @@ const MAX_SHEDDING: usize = 256;
 const SHED_LINGER: Duration = Duration::from_millis(500);
 
 const SHED_BODY: &str = r#"{"type":"urn:token-broker:problem:overloaded","title":"Overloaded","status":503,"detail":"too many open connections; retry shortly"}"#;
+const PEER_BODY: &str = r#"{"type":"urn:token-broker:problem:overloaded","title":"Overloaded","status":503,"detail":"too many open connections from this address; close idle ones or retry shortly"}"#;
 
 /// The whole answer to a shed connection.
-static SHED_RESPONSE: LazyLock<String> = LazyLock::new(|| {
+static SHED_RESPONSE: LazyLock<String> = LazyLock::new(|| closing_503(SHED_BODY));
+/// The whole answer to a connection over its peer's bound.
+static PEER_RESPONSE: LazyLock<String> = LazyLock::new(|| closing_503(PEER_BODY));
+
+fn closing_503(body: &str) -> String {
     format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\n\
-         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{SHED_BODY}",
-        SHED_BODY.len()
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
     )
-});
+}
 
 /// Per-listener limits, from `server.*`.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// Open connections from one peer address; `None`: no bound per peer.
+    pub max_connections_per_peer: Option<usize>,
+}
+
+/// Open connections by peer address, for `max_connections_per_peer`.
+#[derive(Default)]
+struct Peers(Mutex<HashMap<IpAddr, usize>>);
+
+/// One open connection of a peer; dropping it when the connection ends
+/// gives the slot back.
+struct PeerSlot {
+    peers: Arc<Peers>,
+    address: IpAddr,
+}
+
+impl Peers {
+    /// A slot for `address`, unless it already holds `bound`.
+    fn take(self: &Arc<Self>, address: IpAddr, bound: usize) -> Option<PeerSlot> {
+        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(address).or_insert(0);
+        if *count >= bound {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.address);
+            }
+        }
+    }
 }
 
 /// What a listener serves: the whole router, as one infallible service.
@@ -108,6 +157,7 @@ pub async fn serve<S>(
         http2: http2_builder(),
     };
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let peers = Arc::new(Peers::default());
     let shedding = Arc::new(Semaphore::new(MAX_SHEDDING));
     let graceful = GracefulShutdown::new();
     // Every connection's task, so `close` can abort them. (A per-connection
@@ -122,8 +172,8 @@ pub async fn serve<S>(
             accepted = listener.accept() => accepted,
             () = &mut stopped => break,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors and the like: back off, never exit.
                 tracing::warn!(listener = name, %error, "accept failed");
@@ -134,6 +184,25 @@ pub async fn serve<S>(
         // Reap finished connections, so the set holds only open ones.
         while connections_open.try_join_next().is_some() {}
         let _ = stream.set_nodelay(true);
+        let peer_slot = match limits.max_connections_per_peer {
+            Some(bound) => match peers.take(peer.ip(), bound) {
+                Some(slot) => Some(slot),
+                None => {
+                    metrics
+                        .connections_refused_per_peer
+                        .get_or_create(&ListenerLabels { listener: name })
+                        .inc();
+                    if let Ok(permit) = shedding.clone().try_acquire_owned() {
+                        connections_open.spawn(async move {
+                            shed(stream, &PEER_RESPONSE).await;
+                            drop(permit);
+                        });
+                    }
+                    continue;
+                }
+            },
+            None => None,
+        };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             metrics
                 .connections_shed
@@ -141,12 +210,13 @@ pub async fn serve<S>(
                 .inc();
             if let Ok(permit) = shedding.clone().try_acquire_owned() {
                 connections_open.spawn(async move {
-                    shed(stream).await;
+                    shed(stream, &SHED_RESPONSE).await;
                     drop(permit);
                 });
             }
             continue;
         };
+        let permit = (permit, peer_slot);
         let Some(tls) = &tls else {
             let service = TowerToHyperService::new(service.clone());
             let connection = graceful.watch(
@@ -263,13 +333,13 @@ impl Handshake {
     }
 }
 
-/// Answers 503 and closes, reading briefly so the client gets the answer.
-async fn shed(mut stream: TcpStream) {
+/// Answers `response` (a 503) and closes, reading briefly so the client gets the answer.
+async fn shed(mut stream: TcpStream, response: &'static str) {
     let _ = tokio::time::timeout(SHED_LINGER, async {
         let mut buf = [0u8; 1024];
         // Read what the client sent so far, so closing does not reset the connection.
         let _ = tokio::time::timeout(Duration::from_millis(50), stream.read(&mut buf)).await;
-        stream.write_all(SHED_RESPONSE.as_bytes()).await?;
+        stream.write_all(response.as_bytes()).await?;
         stream.shutdown().await?;
         while stream.read(&mut buf).await? > 0 {}
         Ok::<_, std::io::Error>(())
@@ -282,11 +352,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_shed_response_is_a_complete_problem() {
-        let (head, body) = SHED_RESPONSE.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 503 "));
-        assert!(SHED_RESPONSE.contains(&format!("content-length: {}\r\n", body.len())));
-        let problem: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(problem["status"], 503);
+    fn the_shed_responses_are_complete_problems() {
+        for response in [&*SHED_RESPONSE, &*PEER_RESPONSE] {
+            let (head, body) = response.split_once("\r\n\r\n").unwrap();
+            assert!(head.starts_with("HTTP/1.1 503 "));
+            assert!(response.contains(&format!("content-length: {}\r\n", body.len())));
+            let problem: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(problem["status"], 503);
+        }
+    }
+
+    #[test]
+    fn a_peer_gets_its_bound_and_its_slots_back_when_connections_end() {
+        let peers = Arc::new(Peers::default());
+        let (one, two) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        let first = peers.take(one, 2).unwrap();
+        let _second = peers.take(one, 2).unwrap();
+        assert!(peers.take(one, 2).is_none(), "the third of one peer");
+        assert!(peers.take(two, 2).is_some(), "another peer is not affected");
+        drop(first);
+        assert!(
+            peers.take(one, 2).is_some(),
+            "a closed connection frees its slot"
+        );
     }
 }

@@ -162,6 +162,7 @@ pub struct Metrics {
     pub client_requests: Family<ClientLabels, Counter>,
     pub partner_key_reloads: Family<ResultLabels, Counter>,
     pub connections_shed: Family<ListenerLabels, Counter>,
+    pub connections_refused_per_peer: Family<ListenerLabels, Counter>,
     pub service_account_tokens: Family<ResultLabels, Counter>,
     pub shared_cache_up: Gauge,
     pub shared_cache_operations: Family<OperationLabels, Counter>,
@@ -279,6 +280,13 @@ impl Metrics {
             "Connections refused with 503 because server.max_connections were open",
             connections_shed.clone(),
         );
+        let connections_refused_per_peer = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "connections_refused_per_peer",
+            "Connections refused with 503 because their peer address held server.max_connections_per_peer",
+            connections_refused_per_peer.clone(),
+        );
+        let _ = connections_refused_per_peer.get_or_create(&ListenerLabels { listener: "api" });
         let service_account_tokens = Family::<ResultLabels, Counter>::default();
         registry.register(
             "service_account_tokens",
@@ -371,6 +379,7 @@ impl Metrics {
             client_requests,
             partner_key_reloads,
             connections_shed,
+            connections_refused_per_peer,
             service_account_tokens,
             shared_cache_up,
             shared_cache_operations,

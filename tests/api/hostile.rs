@@ -164,3 +164,67 @@ async fn garbage_bytes_get_a_400_and_a_closed_connection() {
     }
     still_serves(&app).await;
 }
+
+/// `GET` of Alice's token as the reader on `stream`; the whole answer.
+async fn ask_on(mut stream: TcpStream) -> String {
+    let request = format!(
+        "GET /v1/tokens?{} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {READER_KEY}\r\nconnection: close\r\n\r\n",
+        member_query(ALICE, "AGENT")
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    read_to_close(&mut stream).await.0
+}
+
+async fn connect_from(local: [u8; 4], to: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((local, 0).into()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_hold_every_connection_slot() {
+    let app = TestApp::builder()
+        .config("[server]\nmax_connections = 8\nmax_connections_per_peer = 3\n")
+        .spawn()
+        .await;
+    // Three idle connections hold 127.0.0.1's share.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(connect_from([127, 0, 0, 1], app.api).await);
+    }
+    let refused = ask_on(connect_from([127, 0, 0, 1], app.api).await).await;
+    assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
+    assert!(
+        refused.contains("urn:token-broker:problem:overloaded"),
+        "{refused}"
+    );
+    assert!(refused.contains("from this address"), "{refused}");
+
+    // Another address of this machine is another peer: served.
+    let other = ask_on(connect_from([127, 0, 0, 2], app.api).await).await;
+    assert!(other.starts_with("HTTP/1.1 200 "), "{other}");
+    assert!(other.contains(ALICE_AGENT_TOKEN));
+    assert_eq!(
+        app.metric(r#"token_broker_connections_refused_per_peer_total{listener="api"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        app.metric(r#"token_broker_connections_shed_total{listener="api"}"#)
+            .await,
+        0.0,
+        "the listener as a whole had room"
+    );
+
+    // A closed connection gives its slot back.
+    drop(idle.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = ask_on(connect_from([127, 0, 0, 1], app.api).await).await;
+        if answer.starts_with("HTTP/1.1 200 ") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{answer}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
