@@ -2,10 +2,12 @@
 //! around: a header-read timeout (slow clients are cut off; with TLS the
 //! handshake too), a bound on open connections with load shedding (a 503
 //! problem, then close), a bound per peer address (so one peer cannot hold
-//! every slot), and a read buffer cap. Garbage bytes get hyper's 400
-//! and a closed connection. With TLS, the protocol is the one ALPN chose
-//! (HTTP/2 for `h2`, else HTTP/1.1), and a verified client certificate is
-//! attached to each of the connection's requests as a `PeerCertificate`.
+//! every slot), and a read buffer cap. Garbage bytes get hyper's 400 and a
+//! closed connection. With TLS, the protocol is the one ALPN chose (HTTP/2
+//! for `h2`, else HTTP/1.1), and a verified client certificate is attached to
+//! each of the connection's requests as a `PeerCertificate`; without, a
+//! connection that opens with the HTTP/2 preface (prior knowledge, h2c) is
+//! served HTTP/2, any other HTTP/1.1.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -152,10 +154,10 @@ pub async fn serve<S>(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_BUF_BYTES)
         .max_headers(MAX_PARSED_HEADERS);
-    let protocols = Protocols {
+    let protocols = Arc::new(Protocols {
         http1: http,
         http2: http2_builder(),
-    };
+    });
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let peers = Arc::new(Peers::default());
     let shedding = Arc::new(Semaphore::new(MAX_SHEDDING));
@@ -218,15 +220,12 @@ pub async fn serve<S>(
         };
         let permit = (permit, peer_slot);
         let Some(tls) = &tls else {
-            let service = TowerToHyperService::new(service.clone());
-            let connection = graceful.watch(
-                protocols
-                    .http1
-                    .serve_connection(TokioIo::new(stream), service),
-            );
+            let (protocols, service) = (protocols.clone(), service.clone());
+            let (watcher, timeout) = (graceful.watcher(), limits.header_read_timeout);
             connections_open.spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, "connection ended with an error");
+                let preface = tokio::time::timeout(timeout, opens_with_h2_preface(&stream)).await;
+                if let Ok(Ok(h2)) = preface {
+                    serve_http(TokioIo::new(stream), h2, service, &protocols, watcher).await;
                 }
                 drop(permit);
             });
@@ -316,20 +315,59 @@ impl Handshake {
             }
             request
         });
-        let io = TokioIo::new(stream);
-        let service = TowerToHyperService::new(service);
-        let ended = if h2 {
-            watcher
-                .watch(protocols.http2.serve_connection(io, service))
-                .await
-        } else {
-            watcher
-                .watch(protocols.http1.serve_connection(io, service))
-                .await
-        };
-        if let Err(error) = ended {
-            tracing::debug!(%error, "connection ended with an error");
+        serve_http(TokioIo::new(stream), h2, service, protocols, watcher).await;
+    }
+}
+
+/// Serves one connection, HTTP/2 or HTTP/1.1, until it ends or shutdown
+/// closes it.
+async fn serve_http<I, S>(
+    io: TokioIo<I>,
+    h2: bool,
+    service: S,
+    protocols: &Protocols,
+    watcher: Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Served,
+{
+    let service = TowerToHyperService::new(service);
+    let ended = if h2 {
+        watcher
+            .watch(protocols.http2.serve_connection(io, service))
+            .await
+    } else {
+        watcher
+            .watch(protocols.http1.serve_connection(io, service))
+            .await
+    };
+    if let Err(error) = ended {
+        tracing::debug!(%error, "connection ended with an error");
+    }
+}
+
+/// What an HTTP/2 client with prior knowledge sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the connection opens with the HTTP/2 preface, read without
+/// taking it off the socket; decided at the first byte that differs (`G` of
+/// `GET` at once). An error when the peer closes first.
+async fn opens_with_h2_preface(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut seen = [0u8; H2_PREFACE.len()];
+    loop {
+        let read = stream.peek(&mut seen).await?;
+        if read == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
+        if seen[..read] != H2_PREFACE[..read] {
+            return Ok(false);
+        }
+        if read == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // Part of the preface so far: a peek would return at once with the
+        // same bytes, so wait a little for the rest (bounded by the caller).
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

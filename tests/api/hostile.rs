@@ -228,3 +228,22 @@ async fn one_peer_cannot_hold_every_connection_slot() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_or_half_a_preface_is_closed() {
+    let app = TestApp::builder()
+        .config("[server]\nheader_read_timeout = \"500ms\"\n")
+        .spawn()
+        .await;
+    for opening in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut stream = TcpStream::connect(app.api).await.unwrap();
+        stream.write_all(opening).await.unwrap();
+        let (_, closed) = read_to_close(&mut stream).await;
+        assert!(
+            closed,
+            "{:?}: closed by the server",
+            String::from_utf8_lossy(opening)
+        );
+    }
+    still_serves(&app).await;
+}

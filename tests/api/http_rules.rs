@@ -127,3 +127,37 @@ async fn a_head_of_400_fields_is_a_431_problem_and_a_browser_sized_one_passes() 
     assert!(head.starts_with("http/1.1 200 "), "{head}");
     assert!(body.contains(ALICE_AGENT_TOKEN));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_with_prior_knowledge_is_served_over_cleartext() {
+    let app = TestApp::spawn().await;
+    let stream = TcpStream::connect(app.api).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("an HTTP/2 connection");
+    tokio::spawn(connection);
+    let request = axum::http::Request::get(format!("http://localhost{}", alice_path()))
+        .header("authorization", format!("Bearer {READER_KEY}"))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.version(), axum::http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    assert!(response.headers().contains_key("x-request-id"));
+
+    // HTTP/1.1 on the same port, as before.
+    let (head, body) = exchange(
+        &app,
+        &format!(
+            "GET {} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {READER_KEY}",
+            alice_path()
+        ),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 200 "), "{head}");
+    assert!(body.contains(ALICE_AGENT_TOKEN));
+}
