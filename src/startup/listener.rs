@@ -28,6 +28,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
 use crate::telemetry::metrics::{ListenerLabels, Metrics};
 use crate::tls::{PeerCertificate, Tls};
 
@@ -186,36 +189,36 @@ pub async fn serve<S>(
         // Reap finished connections, so the set holds only open ones.
         while connections_open.try_join_next().is_some() {}
         let _ = stream.set_nodelay(true);
+        // Refused: counted, answered 503 and closed (when not too many are
+        // being answered already).
+        let mut refuse =
+            |stream: TcpStream, counter: &Family<ListenerLabels, Counter>, response| {
+                counter
+                    .get_or_create(&ListenerLabels { listener: name })
+                    .inc();
+                if let Ok(permit) = shedding.clone().try_acquire_owned() {
+                    connections_open.spawn(async move {
+                        shed(stream, response).await;
+                        drop(permit);
+                    });
+                }
+            };
         let peer_slot = match limits.max_connections_per_peer {
             Some(bound) => match peers.take(peer.ip(), bound) {
                 Some(slot) => Some(slot),
                 None => {
-                    metrics
-                        .connections_refused_per_peer
-                        .get_or_create(&ListenerLabels { listener: name })
-                        .inc();
-                    if let Ok(permit) = shedding.clone().try_acquire_owned() {
-                        connections_open.spawn(async move {
-                            shed(stream, &PEER_RESPONSE).await;
-                            drop(permit);
-                        });
-                    }
+                    refuse(
+                        stream,
+                        &metrics.connections_refused_per_peer,
+                        &PEER_RESPONSE,
+                    );
                     continue;
                 }
             },
             None => None,
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            metrics
-                .connections_shed
-                .get_or_create(&ListenerLabels { listener: name })
-                .inc();
-            if let Ok(permit) = shedding.clone().try_acquire_owned() {
-                connections_open.spawn(async move {
-                    shed(stream, &SHED_RESPONSE).await;
-                    drop(permit);
-                });
-            }
+            refuse(stream, &metrics.connections_shed, &SHED_RESPONSE);
             continue;
         };
         let permit = (permit, peer_slot);

@@ -278,6 +278,27 @@ pub async fn problem(response: reqwest::Response, status: u16) -> serde_json::Va
     body
 }
 
+/// `GET path` as the caller with `key`, over HTTP/2 on `io` (a connection
+/// opened with prior knowledge, or one whose ALPN chose `h2`).
+pub async fn http2_get(
+    io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    path: &str,
+    key: &str,
+) -> hyper::Response<hyper::body::Incoming> {
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .expect("an HTTP/2 connection");
+    tokio::spawn(connection);
+    let request = axum::http::Request::get(format!("http://localhost{path}"))
+        .header("authorization", format!("Bearer {key}"))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    sender.send_request(request).await.unwrap()
+}
+
 /// The value of `sample` (a metric name with its labels, as exposed) in
 /// Prometheus text; `None` when it is not there.
 pub fn sample_value(text: &str, sample: &str) -> Option<f64> {

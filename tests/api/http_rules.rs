@@ -132,18 +132,7 @@ async fn a_head_of_400_fields_is_a_431_problem_and_a_browser_sized_one_passes() 
 async fn http2_with_prior_knowledge_is_served_over_cleartext() {
     let app = TestApp::spawn().await;
     let stream = TcpStream::connect(app.api).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .expect("an HTTP/2 connection");
-    tokio::spawn(connection);
-    let request = axum::http::Request::get(format!("http://localhost{}", alice_path()))
-        .header("authorization", format!("Bearer {READER_KEY}"))
-        .body(axum::body::Body::empty())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+    let response = http2_get(stream, &alice_path(), READER_KEY).await;
     assert_eq!(response.version(), axum::http::Version::HTTP_2);
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["cache-control"], "no-store");

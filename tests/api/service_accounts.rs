@@ -182,10 +182,16 @@ async fn hits_with_one_token_verify_its_signature_once() {
     );
 }
 
-#[tokio::test]
-async fn the_audit_event_names_the_client_and_the_service_account() {
-    use crate::helpers::process::{Running, audit_events, command, config_file, upstream};
-    let (_sim, upstream) = upstream().await;
+/// The real binary accepting the cluster's tokens (JWKS in a file), with the
+/// client `embedder` for `inbox:embedder`; the directory and the vendor live
+/// as long as the returned values.
+async fn broker_accepting_service_accounts() -> (
+    crate::helpers::process::Running,
+    tempfile::TempDir,
+    token_broker::simulator::Simulator,
+) {
+    use crate::helpers::process::{Running, command, config_file, upstream};
+    let (sim, upstream) = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let jwks_file = dir.path().join("jwks.json");
     std::fs::write(&jwks_file, jwks(&[rsa(), ec()])).unwrap();
@@ -195,7 +201,14 @@ async fn the_audit_event_names_the_client_and_the_service_account() {
     );
     let mut cmd = command();
     cmd.arg("--config").arg(config_file(&dir, upstream, &extra));
-    let mut broker = Running::start(cmd).await;
+    let broker = Running::start(cmd).await;
+    (broker, dir, sim)
+}
+
+#[tokio::test]
+async fn the_audit_event_names_the_client_and_the_service_account() {
+    use crate::helpers::process::audit_events;
+    let (mut broker, _dir, _sim) = broker_accepting_service_accounts().await;
     let token = sign(ec(), &claims("inbox:embedder"));
     let response = broker.get_token(&alice(), &token).await;
     assert_eq!(response.status(), 200);
@@ -211,18 +224,8 @@ async fn the_audit_event_names_the_client_and_the_service_account() {
 
 #[tokio::test]
 async fn a_wrong_issuer_is_named_at_start_and_in_one_warning_naming_both() {
-    use crate::helpers::process::{Running, command, config_file, events, upstream};
-    let (_sim, upstream) = upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let jwks_file = dir.path().join("jwks.json");
-    std::fs::write(&jwks_file, jwks(&[rsa(), ec()])).unwrap();
-    let extra = format!(
-        "[auth.kubernetes]\nissuer = \"{ISSUER}\"\njwks_file = {:?}\n\n[[clients]]\nname = \"embedder\"\nservice_accounts = [\"inbox:embedder\"]\nscopes = [\"tokens:read\"]\n",
-        jwks_file.display().to_string()
-    );
-    let mut cmd = command();
-    cmd.arg("--config").arg(config_file(&dir, upstream, &extra));
-    let mut broker = Running::start(cmd).await;
+    use crate::helpers::process::events;
+    let (mut broker, _dir, _sim) = broker_accepting_service_accounts().await;
     let eks = "https://oidc.eks.eu-west-1.amazonaws.com/id/EXAMPLE";
     for _ in 0..3 {
         let mut claims = claims("inbox:embedder");

@@ -131,18 +131,7 @@ async fn http2_is_served_when_alpn_chooses_it() {
     let client = TlsClient::new(&https.ca, None, &[b"h2", b"http/1.1"]);
     let stream = client.connect(https.app.api).await.unwrap();
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    let request = axum::http::Request::get(format!("https://localhost{ALICE_PATH}"))
-        .header("authorization", format!("Bearer {READER_KEY}"))
-        .body(axum::body::Body::empty())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+    let response = http2_get(stream, ALICE_PATH, READER_KEY).await;
     assert_eq!(response.version(), axum::http::Version::HTTP_2);
     assert_eq!(response.status(), 200);
 }
