@@ -62,12 +62,17 @@ impl<S: Send + Sync> FromRequestParts<S> for Revalidate {
 /// A token, with the identity it belongs to (`email` + `type`, or `user_id`).
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct TokenBody<'a> {
+    /// A team member's email (with `type`); absent for a customer, never null.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String, required = false)]
     email: Option<&'a str>,
+    /// A team member's type; absent for a customer, never null.
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>, example = "AGENT")]
+    #[schema(value_type = String, required = false, example = "AGENT")]
     user_type: Option<&'static str>,
+    /// A customer's id; absent for a team member, never null.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String, required = false)]
     user_id: Option<&'a str>,
     /// The permanent token.
     token: &'a str,
@@ -213,7 +218,9 @@ pub async fn get_vendor_token(
     params(crate::http::openapi::params::V1Query),
     responses(
         (status = 204, description = "The cached token, if any, is gone here and (with Redis) recorded for every replica"),
-        (status = 503, description = "Dropped here, but the shared cache did not confirm it (`invalidation-not-shared`, `Retry-After: 1`): retry until 204; or the audit event could not be written (`audit-unavailable`)", body = crate::http::error::Problem<'static>, content_type = "application/problem+json"),
+        (status = 503, description = "Dropped here, but the shared cache did not confirm it (`invalidation-not-shared`, `Retry-After: 1`): retry until 204; or the audit event could not be written (`audit-unavailable`)", body = crate::http::error::Problem<'static>, content_type = "application/problem+json", headers(
+            ("Retry-After" = u64, description = "Seconds to wait (at most 60)"),
+        )),
         CallerErrors,
     )
 )]

@@ -5,6 +5,9 @@ use utoipa::IntoParams;
 
 use crate::http::error::Problem;
 
+// Patterns are ECMA-262 (JavaScript tools read the document): the type's
+// "any letter case" is spelled out, since `(?i)` is no JavaScript syntax.
+
 /// Query parameters of `/v1/tokens`: `email` + `type`, or `user_id`.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -15,7 +18,10 @@ pub struct V1Query {
     /// A literal `+` stays `+`. Give it with `type`.
     email: Option<String>,
     /// `AGENT`, `CUSTOM_USER` or `CUSTOMER` (any case). Give it with `email`.
-    #[param(rename = "type", pattern = "(?i)^(AGENT|CUSTOM_USER|CUSTOMER)$")]
+    #[param(
+        rename = "type",
+        pattern = "^([Aa][Gg][Ee][Nn][Tt]|[Cc][Uu][Ss][Tt][Oo][Mm]_[Uu][Ss][Ee][Rr]|[Cc][Uu][Ss][Tt][Oo][Mm][Ee][Rr])$"
+    )]
     user_type: Option<String>,
     /// A customer's id: 1–64 characters of `A-Z a-z 0-9 _ -`. Not with `email`/`type`.
     #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
@@ -30,7 +36,10 @@ pub struct VendorQuery {
     /// A team member's email. Give it with `type`.
     email: Option<String>,
     /// `AGENT`, `CUSTOM_USER` or `CUSTOMER` (any case). Give it with `email`.
-    #[param(rename = "type", pattern = "(?i)^(AGENT|CUSTOM_USER|CUSTOMER)$")]
+    #[param(
+        rename = "type",
+        pattern = "^([Aa][Gg][Ee][Nn][Tt]|[Cc][Uu][Ss][Tt][Oo][Mm]_[Uu][Ss][Ee][Rr]|[Cc][Uu][Ss][Tt][Oo][Mm][Ee][Rr])$"
+    )]
     user_type: Option<String>,
     /// A customer's id, as the vendor names it. Not with `email`/`type`.
     #[param(rename = "userId", pattern = "^[A-Za-z0-9_-]{1,64}$")]
@@ -46,7 +55,7 @@ pub struct ReadHeaders {
     /// request (`X-Cache: miss`), unless the key was fetched less than
     /// `cache.revalidate_min_interval` ago (that answer, `X-Cache: hit`). For a
     /// caller whose token BotPenguin just rejected.
-    #[param(rename = "Cache-Control", example = "no-cache")]
+    #[param(rename = "Cache-Control", example = "no-cache", value_type = String, required = false)]
     cache_control: Option<String>,
 }
 
@@ -57,15 +66,38 @@ pub enum CallerErrors {
     /// Bad, missing, repeated or unknown parameter
     #[response(status = 400, content_type = "application/problem+json")]
     BadRequest(Problem<'static>),
-    /// Missing or unknown caller key, or a service-account token that fails verification
-    #[response(status = 401, content_type = "application/problem+json")]
+    /// Missing or unknown caller credential: a key, a service-account token
+    /// that fails verification, or a client certificate naming two clients
+    #[response(
+        status = 401,
+        content_type = "application/problem+json",
+        headers(("WWW-Authenticate" = String, description = "`Bearer`"))
+    )]
     Unauthorized(Problem<'static>),
-    /// The caller lacks the scope, type or email domain, or no client names its service account
+    /// The caller lacks the scope, type or email domain, or no client names
+    /// its service account or client certificate
     #[response(status = 403, content_type = "application/problem+json")]
     Forbidden(Problem<'static>),
-    /// Caller over its rate limit (`Retry-After`)
-    #[response(status = 429, content_type = "application/problem+json")]
+    /// `HEAD` or another method the route does not serve
+    #[response(
+        status = 405,
+        content_type = "application/problem+json",
+        headers(("Allow" = String, description = "The methods the route serves"))
+    )]
+    MethodNotAllowed(Problem<'static>),
+    /// Request target over 8 KiB
+    #[response(status = 414, content_type = "application/problem+json")]
+    UriTooLong(Problem<'static>),
+    /// Caller over its rate limit
+    #[response(
+        status = 429,
+        content_type = "application/problem+json",
+        headers(("Retry-After" = u64, description = "Seconds to wait (at most 60)"))
+    )]
     RateLimited(Problem<'static>),
+    /// Headers over 8 KiB or more than 100 fields
+    #[response(status = 431, content_type = "application/problem+json")]
+    HeadersTooLarge(Problem<'static>),
 }
 
 /// What asking the vendor can end in, for the token reads.
@@ -78,9 +110,14 @@ pub enum VendorErrors {
     /// The vendor answered with something unusable
     #[response(status = 502, content_type = "application/problem+json")]
     BadGateway(Problem<'static>),
-    /// The vendor is unavailable (`upstream-unavailable`), or the audit event
-    /// could not be written (`audit-unavailable`); `Retry-After` either way
-    #[response(status = 503, content_type = "application/problem+json")]
+    /// The vendor is unavailable (`upstream-unavailable`), the audit event
+    /// could not be written (`audit-unavailable`), or too many connections
+    /// are open (`overloaded`)
+    #[response(
+        status = 503,
+        content_type = "application/problem+json",
+        headers(("Retry-After" = u64, description = "Seconds to wait (at most 60)"))
+    )]
     Unavailable(Problem<'static>),
     /// The vendor did not answer in time
     #[response(status = 504, content_type = "application/problem+json")]
