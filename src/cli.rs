@@ -61,6 +61,9 @@ pub enum Command {
         /// Also simulate agents user0@example.com … user{N-1}@example.com (for load tests).
         #[arg(long, default_value_t = 0)]
         users: usize,
+        /// Every identity it does not know has an active token too (for fuzzers).
+        #[arg(long)]
+        any_user: bool,
     },
 }
 
@@ -98,7 +101,8 @@ pub async fn run(cli: Cli) -> ExitCode {
             partner_key,
             latency,
             users,
-        } => simulate_upstream(listen, &partner_key, latency, users).await,
+            any_user,
+        } => simulate_upstream(listen, &partner_key, latency, users, any_user).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -321,10 +325,12 @@ async fn simulate_upstream(
     partner_key: &str,
     latency: std::time::Duration,
     users: usize,
+    any_user: bool,
 ) -> Result<(), Failure> {
     let telemetry = telemetry::init(&load(None)?.log);
     let simulator = Simulator::demo(partner_key);
     simulator.set_latency(latency);
+    simulator.set_any_user(any_user);
     let addr = simulator.spawn(listen).await.map_err(other)?;
     println!(
         "simulated BotPenguin at http://{addr}/ext/get-user-token (partner key: {partner_key})\n{}",
@@ -336,6 +342,9 @@ async fn simulate_upstream(
             "  and {users} agents user0@example.com … user{}@example.com",
             users - 1
         );
+    }
+    if any_user {
+        println!("  and every other identity, each with an active token of its own");
     }
     shutdown_signal().await;
     telemetry

@@ -74,6 +74,8 @@ struct SimState {
     customers: RwLock<HashMap<String, SimToken>>,
     fault: RwLock<Fault>,
     not_found: RwLock<NotFoundStyle>,
+    /// Every identity it does not know has an active token too (for fuzzing).
+    any_user: std::sync::atomic::AtomicBool,
     latency: RwLock<Duration>,
     calls: AtomicUsize,
     in_flight: AtomicUsize,
@@ -189,6 +191,13 @@ impl Simulator {
                 active: true,
             },
         );
+    }
+
+    /// Whether every identity it does not know has an active token too (a
+    /// schema-driven fuzzer then reaches 200s with the identities it makes
+    /// up); the token is the same each time for the same identity.
+    pub fn set_any_user(&self, any: bool) {
+        self.state.any_user.store(any, Ordering::SeqCst);
     }
 
     pub fn set_fault(&self, fault: Fault) {
@@ -376,16 +385,29 @@ async fn get_user_token(
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     };
+    let any_user = |identity: &str| {
+        state.any_user.load(Ordering::SeqCst).then(|| {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(identity.as_bytes());
+            SimToken {
+                key: format!("any_{}", hex::encode(&digest[..16])),
+                active: true,
+            }
+        })
+    };
     let found = match (param("email"), param("type"), param("userId")) {
         (Some(email), Some(t), None) => {
             let Ok(user_type) = UserType::parse(t) else {
                 return vendor_error(StatusCode::BAD_REQUEST, 400, "Invalid type");
             };
-            read(&state.members)
-                .get(&(normalise(email), user_type))
-                .cloned()
+            let key = (normalise(email), user_type);
+            let known = read(&state.members).get(&key).cloned();
+            known.or_else(|| any_user(&format!("{}|{}", key.0, user_type.as_str())))
         }
-        (None, None, Some(id)) => read(&state.customers).get(id).cloned(),
+        (None, None, Some(id)) => {
+            let known = read(&state.customers).get(id).cloned();
+            known.or_else(|| any_user(id))
+        }
         _ => {
             return vendor_error(
                 StatusCode::BAD_REQUEST,

@@ -12,6 +12,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::http::error::Problem;
+use crate::http::query;
+use crate::http::routes::{TOKENS_ROUTE, VENDOR_ROUTE};
 use crate::http::tokens::{self, TokenBody, VendorBody, VendorData, VendorToken};
 
 struct CallerKey;
@@ -95,11 +97,97 @@ static DOCUMENT: LazyLock<String> = LazyLock::new(document);
 
 /// The document as pretty JSON with a trailing newline, as kept in `docs/openapi.json`.
 pub fn document() -> String {
-    let mut json = ApiDoc::openapi()
-        .to_pretty_json()
-        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    for (path, method, customer) in [
+        (TOKENS_ROUTE, "get", query::V1.0),
+        (TOKENS_ROUTE, "delete", query::V1.0),
+        (VENDOR_ROUTE, "get", query::VENDOR.0),
+    ] {
+        let operation = &mut doc["paths"][path][method];
+        if operation.is_object() {
+            let parameters = &mut operation["parameters"];
+            if !parameters.is_array() {
+                *parameters = serde_json::Value::Array(Vec::new());
+            }
+            if let Some(parameters) = parameters.as_array_mut() {
+                identity_forms(parameters, customer);
+            }
+        }
+    }
+    let mut json =
+        serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     json.push('\n');
     json
+}
+
+/// An RFC 5322 dot-atom, `@`, and a hostname of two or more LDH labels: what
+/// `domain::Email::parse` accepts, in ECMA-262 syntax (with `maxLength` 254).
+const EMAIL_PATTERN: &str = "^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$";
+/// `AGENT`, `CUSTOM_USER` or `CUSTOMER` in any letter case (no `(?i)` in ECMA-262).
+const TYPE_PATTERN: &str = "^([Aa][Gg][Ee][Nn][Tt]|[Cc][Uu][Ss][Tt][Oo][Mm]_[Uu][Ss][Ee][Rr]|[Cc][Uu][Ss][Tt][Oo][Mm][Ee][Rr])$";
+/// A customer's id, as `domain::UserId::parse` accepts it.
+const USER_ID_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
+
+/// The identity parameters (`email`, `type`, and `customer`) of one
+/// operation as what the service accepts: exactly one of the two forms,
+/// nothing else, each value with its bounds and pattern. One query object
+/// (`style: form`, `explode: true`: each property its own query parameter)
+/// whose schema is `oneOf` the two forms with no other property.
+fn identity_forms(parameters: &mut Vec<serde_json::Value>, customer: &str) {
+    use serde_json::json;
+    parameters.retain(|p| p["in"] != "query");
+    let team_member = json!({
+        "type": "object",
+        "title": "TeamMember",
+        "description": "A team member: `email` and `type`",
+        "properties": {
+            "email": {
+                "type": "string",
+                "minLength": 3,
+                "maxLength": crate::domain::MAX_EMAIL_BYTES,
+                "pattern": EMAIL_PATTERN,
+                "description": "One address: an RFC 5322 dot-atom, `@`, a hostname of two or more labels (`xn--` form for international names); percent-encoded, a literal `+` stays `+`",
+                "example": "alice@example.com",
+            },
+            "type": {
+                "type": "string",
+                "pattern": TYPE_PATTERN,
+                "description": "`AGENT`, `CUSTOM_USER` or `CUSTOMER`, in any letter case",
+                "example": "AGENT",
+            },
+        },
+        "required": ["email", "type"],
+        "additionalProperties": false,
+    });
+    let customer_form = json!({
+        "type": "object",
+        "title": "Customer",
+        "description": format!("A customer: `{customer}`"),
+        "properties": {
+            customer: {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": crate::domain::MAX_USER_ID_CHARS,
+                "pattern": USER_ID_PATTERN,
+                "description": "1 to 64 characters of `A-Z a-z 0-9 _ -`",
+                "example": "65f0c2a1b2c3d4e5f6a7b8c9",
+            },
+        },
+        "required": [customer],
+        "additionalProperties": false,
+    });
+    parameters.insert(
+        0,
+        json!({
+            "name": "identity",
+            "in": "query",
+            "required": true,
+            "style": "form",
+            "explode": true,
+            "description": format!("Whose token: `email` and `type` (a team member), or `{customer}` (a customer); exactly one form, each parameter once, no other parameter"),
+            "schema": { "oneOf": [team_member, customer_form] },
+        }),
+    );
 }
 
 /// `GET /openapi.json`
@@ -166,15 +254,7 @@ mod tests {
             let pattern = pattern.as_str().unwrap();
             regress::Regex::new(pattern).unwrap_or_else(|e| panic!("{pattern}: {e}"));
         }
-        let type_pattern = doc["paths"]["/v1/tokens"]["get"]["parameters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == "type")
-            .unwrap()["schema"]["pattern"]
-            .as_str()
-            .unwrap();
-        let re = regress::Regex::new(type_pattern).unwrap();
+        let re = regress::Regex::new(TYPE_PATTERN).unwrap();
         assert!(
             regress::Regex::new("(?i)^(AGENT)$").is_err(),
             "an inline flag is not ECMA-262"
@@ -184,6 +264,81 @@ mod tests {
         }
         for bad in ["ADMIN", "AGENTS", "custom user", ""] {
             assert!(re.find(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_documented_patterns_accept_exactly_what_the_service_accepts() {
+        use crate::domain::{Email, UserId};
+        let email = regress::Regex::new(EMAIL_PATTERN).unwrap();
+        let user_id = regress::Regex::new(USER_ID_PATTERN).unwrap();
+        let long_label = "a".repeat(63);
+        for address in [
+            "alice@example.com",
+            "a+b@x.com",
+            "o'brien.x-y@Sub.Example.COM",
+            "!#$%&'*+/=?^_`{|}~-@xn--bcher-kva.example",
+            "a@b.c",
+            &format!("a@{long_label}.com"),
+            "a@example.com.",
+            "a..b@example.com",
+            ".a@example.com",
+            "a@-example.com",
+            "a@example-.com",
+            "a@localhost",
+            "a@@example.com",
+            "a b@example.com",
+            "\"q\"@example.com",
+            &format!("a@{long_label}a.com"),
+            "a@exa_mple.com",
+        ] {
+            assert_eq!(
+                email.find(address).is_some(),
+                Email::parse(address).is_ok(),
+                "{address}"
+            );
+        }
+        for id in [
+            "c1",
+            "A_b-9",
+            &"x".repeat(64),
+            "",
+            &"x".repeat(65),
+            "a b",
+            "a.b",
+        ] {
+            assert_eq!(
+                user_id.find(id).is_some(),
+                UserId::parse(id).is_ok(),
+                "{id:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_identity_form_is_an_alternative_with_nothing_else() {
+        let doc: serde_json::Value = serde_json::from_str(&document()).unwrap();
+        for (path, method, customer) in [
+            ("/v1/tokens", "get", "user_id"),
+            ("/v1/tokens", "delete", "user_id"),
+            ("/ext/get-user-token", "get", "userId"),
+        ] {
+            let parameters = doc["paths"][path][method]["parameters"].as_array().unwrap();
+            let query: Vec<_> = parameters.iter().filter(|p| p["in"] == "query").collect();
+            assert_eq!(query.len(), 1, "{method} {path}");
+            let identity = query[0];
+            assert_eq!(identity["required"], true);
+            assert_eq!(
+                (identity["style"].as_str(), identity["explode"].as_bool()),
+                (Some("form"), Some(true))
+            );
+            let forms = identity["schema"]["oneOf"].as_array().unwrap();
+            assert_eq!(forms.len(), 2);
+            assert_eq!(forms[0]["required"], serde_json::json!(["email", "type"]));
+            assert_eq!(forms[1]["required"], serde_json::json!([customer]));
+            for form in forms {
+                assert_eq!(form["additionalProperties"], false, "{method} {path}");
+            }
         }
     }
 

@@ -110,7 +110,7 @@ pub struct VendorToken<'a> {
     summary = "Get a team member's or a customer's token",
     description = "Give `email` and `type` (a team member, scope `tokens:read`) or `user_id` \
                    (a customer, scope `customer_tokens:read`). Answered from the cache when fresh.",
-    params(crate::http::openapi::params::V1Query, crate::http::openapi::params::ReadHeaders),
+    params(crate::http::openapi::params::ReadHeaders),
     responses(
         (status = 200, description = "The active token", body = TokenBody, headers(
             ("Cache-Control" = String, description = "Always `no-store`"),
@@ -167,7 +167,7 @@ pub async fn get_token(
     description = "Same path, parameters and 200 body as BotPenguin's, so an app that called the \
                    vendor only changes its base URL and bearer key. An inactive token is passed \
                    through with `active: false`.",
-    params(crate::http::openapi::params::VendorQuery, crate::http::openapi::params::ReadHeaders),
+    params(crate::http::openapi::params::ReadHeaders),
     responses(
         (status = 200, description = "The token as the vendor sent it", body = VendorBody, headers(
             ("Cache-Control" = String, description = "Always `no-store`"),
@@ -215,7 +215,6 @@ pub async fn get_vendor_token(
     tag = "tokens",
     summary = "Drop a cached token",
     description = "Scope `tokens:invalidate`. The next read of that identity asks the vendor.",
-    params(crate::http::openapi::params::V1Query),
     responses(
         (status = 204, description = "The cached token, if any, is gone here and (with Redis) recorded for every replica"),
         (status = 503, description = "Dropped here, but the shared cache did not confirm it (`invalidation-not-shared`, `Retry-After: 1`): retry until 204; or the audit event could not be written (`audit-unavailable`)", body = crate::http::error::Problem<'static>, content_type = "application/problem+json", headers(

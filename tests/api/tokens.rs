@@ -437,3 +437,33 @@ async fn a_no_cache_get_of_a_now_inactive_token_is_a_409_and_drops_the_entry() {
     problem(next, 409).await;
     assert_eq!(app.sim.calls(), 3, "the next plain GET asked the vendor");
 }
+
+#[tokio::test]
+async fn a_simulator_answering_any_user_gives_made_up_identities_a_token_of_their_own() {
+    let app = TestApp::spawn().await;
+    let stranger = member_query("nobody@example.org", "AGENT");
+    assert_eq!(
+        app.get_token(&stranger).await.status(),
+        404,
+        "not by default"
+    );
+
+    app.sim.set_any_user(true);
+    let mut tokens = Vec::new();
+    for query in [
+        member_query("somebody@example.org", "AGENT"),
+        member_query("somebody@example.org", "CUSTOMER"),
+        "user_id=made-up-1".to_owned(),
+    ] {
+        let response = app.get_token(&query).await;
+        assert_eq!(response.status(), 200, "{query}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["active"], true);
+        tokens.push(body["token"].as_str().unwrap().to_owned());
+    }
+    tokens.dedup();
+    assert_eq!(tokens.len(), 3, "each identity its own token: {tokens:?}");
+    let known = app.get_token(&member_query(ALICE, "AGENT")).await;
+    let body: serde_json::Value = known.json().await.unwrap();
+    assert_eq!(body["token"], ALICE_AGENT_TOKEN, "known users keep theirs");
+}

@@ -1,50 +1,12 @@
-//! Types that only describe the API's parameters and refusals to the OpenAPI
+//! Types that only describe the API's headers and refusals to the OpenAPI
 //! document; requests are parsed by `http::query`.
 
 use utoipa::IntoParams;
 
 use crate::http::error::Problem;
 
-// Patterns are ECMA-262 (JavaScript tools read the document): the type's
-// "any letter case" is spelled out, since `(?i)` is no JavaScript syntax.
-
-/// Query parameters of `/v1/tokens`: `email` + `type`, or `user_id`.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
-#[allow(dead_code)]
-pub struct V1Query {
-    /// A team member's email: at most 254 bytes; an RFC 5322 dot-atom, `@`,
-    /// a hostname of two or more labels (`xn--` form for international names).
-    /// A literal `+` stays `+`. Give it with `type`.
-    email: Option<String>,
-    /// `AGENT`, `CUSTOM_USER` or `CUSTOMER` (any case). Give it with `email`.
-    #[param(
-        rename = "type",
-        pattern = "^([Aa][Gg][Ee][Nn][Tt]|[Cc][Uu][Ss][Tt][Oo][Mm]_[Uu][Ss][Ee][Rr]|[Cc][Uu][Ss][Tt][Oo][Mm][Ee][Rr])$"
-    )]
-    user_type: Option<String>,
-    /// A customer's id: 1–64 characters of `A-Z a-z 0-9 _ -`. Not with `email`/`type`.
-    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
-    user_id: Option<String>,
-}
-
-/// Query parameters of the drop-in route: `email` + `type`, or `userId`.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
-#[allow(dead_code)]
-pub struct VendorQuery {
-    /// A team member's email. Give it with `type`.
-    email: Option<String>,
-    /// `AGENT`, `CUSTOM_USER` or `CUSTOMER` (any case). Give it with `email`.
-    #[param(
-        rename = "type",
-        pattern = "^([Aa][Gg][Ee][Nn][Tt]|[Cc][Uu][Ss][Tt][Oo][Mm]_[Uu][Ss][Ee][Rr]|[Cc][Uu][Ss][Tt][Oo][Mm][Ee][Rr])$"
-    )]
-    user_type: Option<String>,
-    /// A customer's id, as the vendor names it. Not with `email`/`type`.
-    #[param(rename = "userId", pattern = "^[A-Za-z0-9_-]{1,64}$")]
-    user_id: Option<String>,
-}
+// The identity parameters are described by `openapi::identity_forms`: the
+// two forms as `oneOf`, which a parameter struct cannot say.
 
 /// Request headers of the token reads.
 #[derive(IntoParams)]
