@@ -314,6 +314,21 @@ impl Verifier {
                 "no iat, or exp - iat longer than auth.kubernetes.max_token_lifetime",
             ));
         }
+        // Nor is one issued in the future (beyond clock skew): with `exp` a
+        // short while after such an `iat`, it would be valid for years. Time
+        // claims are checked, never added up unchecked.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        if claims
+            .iat
+            .is_some_and(|iat| iat > now.saturating_add(LEEWAY.as_secs()))
+        {
+            return Err(reject(Refusal::Invalid, "iat is in the future"));
+        }
+        let expires = UNIX_EPOCH
+            .checked_add(Duration::from_secs(claims.exp))
+            .ok_or_else(|| reject(Refusal::Invalid, "exp is out of range"))?;
         let service_account = claims
             .sub
             .strip_prefix(SUBJECT_PREFIX)
@@ -323,7 +338,7 @@ impl Verifier {
             .ok_or_else(|| reject(Refusal::Subject, "sub is not a service account"))?;
         Ok(Verified {
             service_account: Arc::from(service_account),
-            expires: UNIX_EPOCH + Duration::from_secs(claims.exp),
+            expires,
             kid,
         })
     }

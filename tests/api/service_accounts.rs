@@ -267,6 +267,40 @@ async fn a_wrong_issuer_is_named_at_start_and_in_one_warning_naming_both() {
 }
 
 #[tokio::test]
+async fn time_claims_from_the_future_or_out_of_range_are_401s_never_a_500() {
+    let cluster = cluster().await;
+    let ten_years = 10 * 365 * 86_400;
+    let mut future = claims("inbox:embedder");
+    future["iat"] = json!(now() + ten_years);
+    future["nbf"] = json!(now());
+    future["exp"] = json!(now() + ten_years + 3600);
+    let mut huge_exp = claims("inbox:embedder");
+    huge_exp["exp"] = json!(u64::MAX);
+    huge_exp["iat"] = json!(u64::MAX - 3600);
+    let mut huge_nbf = claims("inbox:embedder");
+    huge_nbf["nbf"] = json!(u64::MAX);
+    let mut slightly_ahead = claims("inbox:embedder");
+    slightly_ahead["iat"] = json!(now() + 30);
+    for (case, claims) in [
+        ("iat ten years ahead", future),
+        ("exp = 2^64 - 1", huge_exp),
+        ("nbf = 2^64 - 1", huge_nbf),
+    ] {
+        let response = cluster.get(&sign(rsa(), &claims), &alice()).await;
+        assert_eq!(response.status(), 401, "{case}");
+        problem(response, 401).await;
+    }
+    assert_eq!(
+        cluster
+            .get(&sign(rsa(), &slightly_ahead), &alice())
+            .await
+            .status(),
+        200,
+        "an iat within the leeway is clock skew"
+    );
+}
+
+#[tokio::test]
 async fn long_lived_tokens_and_tokens_without_iat_are_refused() {
     let cluster = cluster().await;
     let lasting = |seconds: u64| {
