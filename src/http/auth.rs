@@ -2,7 +2,8 @@
 //! (its `Authorization` header, and the connection's verified client
 //! certificate) goes to `callers::Callers`, which finds the caller and takes
 //! one unit of its rate limit. 401 before 429 before anything else (the
-//! query is parsed after).
+//! query is parsed after; a 429 reads it only to say in its audit event
+//! whose token was asked for).
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -10,8 +11,9 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
 use crate::callers::{Caller, Presented};
-use crate::http::AppState;
 use crate::http::error::ApiError;
+use crate::http::routes::VENDOR_ROUTE;
+use crate::http::{AppState, query, tokens};
 use crate::tls::PeerCertificate;
 
 impl FromRequestParts<AppState> for Caller {
@@ -28,7 +30,18 @@ impl FromRequestParts<AppState> for Caller {
             .await
             .map_err(refused)?;
         crate::telemetry::RequestContext::record_client(caller.name(), caller.proof());
-        state.callers.admit(&caller).await.map_err(refused)?;
+        if let Err(refusal) = state.callers.admit(&caller).await {
+            let customer = match parts.uri.path() {
+                VENDOR_ROUTE => query::VENDOR,
+                _ => query::V1,
+            };
+            // Still a 429 whatever the query holds: the order callers see
+            // is unchanged; a query that names someone names them here too.
+            return Err(match query::identity(parts.uri.query(), customer) {
+                Ok(identity) => tokens::refused(state, &identity, refusal.into()),
+                Err(_) => refused(refusal),
+            });
+        }
         Ok(caller)
     }
 }

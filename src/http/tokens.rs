@@ -248,7 +248,7 @@ pub async fn delete_token(
 }
 
 /// An error's answer, naming whose token was asked for in its audit event.
-fn refused(state: &AppState, identity: &Identity, error: ApiError) -> Response {
+pub(super) fn refused(state: &AppState, identity: &Identity, error: ApiError) -> Response {
     let mut response = error.into_response();
     if let Some(outcome) = response.extensions_mut().get_mut::<Outcome>() {
         outcome.identity = Some(state.auditor.identity(identity));

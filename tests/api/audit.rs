@@ -241,7 +241,16 @@ async fn every_token_request_from_a_known_caller_writes_one_audit_event_whatever
             Some("miss"),
             None,
         ),
-        ("rate_limited", 429, "limited", None, None, None, None),
+        // A 429 says whose token was asked for too.
+        (
+            "rate_limited",
+            429,
+            "limited",
+            Some("team_member"),
+            Some("AGENT"),
+            None,
+            None,
+        ),
         (
             "failed",
             503,
@@ -279,6 +288,10 @@ async fn every_token_request_from_a_known_caller_writes_one_audit_event_whatever
         "one person, one subject"
     );
     assert_eq!(audit[0]["subject"], audit[3]["subject"]);
+    assert_eq!(
+        audit[9]["subject"], audit[0]["subject"],
+        "the 429 names the same person"
+    );
     assert_ne!(audit[0]["subject"], audit[2]["subject"]);
     let unknown: Vec<_> = events(&output)
         .into_iter()
