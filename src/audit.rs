@@ -163,8 +163,9 @@ pub struct Record<'a> {
     pub status: u16,
     /// The rule that refused a `Denied` request.
     pub rule: Option<&'static str>,
-    /// The configured client name.
-    pub caller: &'a str,
+    /// The configured client name; none for a verified service account or
+    /// certificate that no client names (its `denied` event).
+    pub caller: Option<&'a str>,
     /// How the caller proved who it is: `key`, `service_account` (with its
     /// `namespace:name`), `certificate` (with its SPIFFE ID) or `anonymous`.
     pub proof: &'a Proof,

@@ -44,6 +44,14 @@ pub enum Refusal {
     /// A 403: who asked is known, and may not do this.
     #[error("forbidden: {detail}")]
     Forbidden { rule: Rule, detail: String },
+    /// A 403: the cluster or the CA vouches for who asked (`proof`), but no
+    /// client is them.
+    #[error("forbidden: {detail}")]
+    NotAClient {
+        rule: Rule,
+        detail: String,
+        proof: Proof,
+    },
     /// A 429: over the caller's rate limit for `wait`.
     #[error("over the rate limit")]
     RateLimited { wait: Duration },

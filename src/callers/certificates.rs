@@ -35,9 +35,10 @@ impl Certificates {
                 None => matched = Some((uri, policy)),
             }
         }
-        let (id, policy) = matched.ok_or_else(|| Refusal::Forbidden {
+        let (id, policy) = matched.ok_or_else(|| Refusal::NotAClient {
             rule: Rule::Certificate,
             detail: "this client certificate is not a caller of this service".into(),
+            proof: Proof::Certificate(uris.first().cloned().unwrap_or_else(|| Arc::from(""))),
         })?;
         Ok(Caller {
             policy: policy.clone(),

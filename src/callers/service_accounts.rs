@@ -467,9 +467,10 @@ impl ServiceAccounts {
             .by_account
             .get(&**account)
             .or_else(|| self.by_namespace.get(namespace))
-            .ok_or_else(|| CallerRefusal::Forbidden {
+            .ok_or_else(|| CallerRefusal::NotAClient {
                 rule: Rule::ServiceAccount,
                 detail: "this service account is not a caller of this service".into(),
+                proof: Proof::ServiceAccount(account.clone()),
             })?;
         Ok(Some(Caller {
             policy: policy.clone(),

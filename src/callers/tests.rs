@@ -120,7 +120,7 @@ async fn an_unnamed_certificate_is_403_and_one_naming_two_clients_401() {
     assert!(
         matches!(
             refusal,
-            Refusal::Forbidden {
+            Refusal::NotAClient {
                 rule: Rule::Certificate,
                 ..
             }

@@ -2,7 +2,8 @@
 //! (its `Authorization` header, and the connection's verified client
 //! certificate) goes to `callers::Callers`, which finds the caller and takes
 //! one unit of its rate limit. 401 before 429 before anything else (the
-//! query is parsed after; a 429 reads it only to say in its audit event
+//! query is parsed after; a 429, or a 403 for a verified service account or
+//! certificate no client names, reads it only to say in its audit event
 //! whose token was asked for).
 
 use axum::extract::FromRequestParts;
@@ -10,7 +11,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
-use crate::callers::{Caller, Presented};
+use crate::callers::{Caller, Presented, Refusal};
 use crate::http::error::ApiError;
 use crate::http::routes::VENDOR_ROUTE;
 use crate::http::{AppState, query, tokens};
@@ -24,24 +25,38 @@ impl FromRequestParts<AppState> for Caller {
         let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
         let certificate = parts.extensions.get::<std::sync::Arc<PeerCertificate>>();
         let presented = Presented::new(header, certificate.map(|c| &**c)).map_err(refused)?;
-        let caller = state
-            .callers
-            .authenticate(&presented)
-            .await
-            .map_err(refused)?;
+        let caller = match state.callers.authenticate(&presented).await {
+            Ok(caller) => caller,
+            // The cluster or the CA vouches for who asked: audited as denied.
+            Err(Refusal::NotAClient {
+                rule,
+                detail,
+                proof,
+            }) => {
+                crate::telemetry::RequestContext::record_proof(&proof);
+                let forbidden = ApiError::Forbidden { rule, detail };
+                return Err(naming_whose_token(state, parts, forbidden));
+            }
+            Err(refusal) => return Err(refused(refusal)),
+        };
         crate::telemetry::RequestContext::record_client(caller.name(), caller.proof());
         if let Err(refusal) = state.callers.admit(&caller).await {
-            let customer = match parts.uri.path() {
-                VENDOR_ROUTE => query::VENDOR,
-                _ => query::V1,
-            };
-            // Still a 429 whatever the query holds: the order callers see
-            // is unchanged; a query that names someone names them here too.
-            return Err(match query::identity(parts.uri.query(), customer) {
-                Ok(identity) => tokens::refused(state, &identity, refusal.into()),
-                Err(_) => refused(refusal),
-            });
+            return Err(naming_whose_token(state, parts, refusal.into()));
         }
         Ok(caller)
+    }
+}
+
+/// A refusal made before the query is read, whose audit event still names
+/// whose token was asked for when the query names someone. The refusal is
+/// the answer whatever the query holds: the order callers see is unchanged.
+fn naming_whose_token(state: &AppState, parts: &Parts, refusal: ApiError) -> Response {
+    let customer = match parts.uri.path() {
+        VENDOR_ROUTE => query::VENDOR,
+        _ => query::V1,
+    };
+    match query::identity(parts.uri.query(), customer) {
+        Ok(identity) => tokens::refused(state, &identity, refusal),
+        Err(_) => refusal.into_response(),
     }
 }

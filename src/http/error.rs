@@ -260,7 +260,9 @@ impl From<Refusal> for ApiError {
     fn from(refusal: Refusal) -> Self {
         match refusal {
             Refusal::Unauthorized => ApiError::Unauthorized,
-            Refusal::Forbidden { rule, detail } => ApiError::Forbidden { rule, detail },
+            Refusal::Forbidden { rule, detail } | Refusal::NotAClient { rule, detail, .. } => {
+                ApiError::Forbidden { rule, detail }
+            }
             Refusal::RateLimited { wait } => ApiError::RateLimited {
                 retry_after_secs: whole_seconds(wait),
             },

@@ -254,8 +254,8 @@ fn finish(
     // The context is read once: the caller, for the metrics, and on a token
     // route the request's audit event, its only line. A token that cannot be
     // audited is not handed out.
-    let client = RequestContext::current(|request| {
-        let (caller, proof) = request.caller()?;
+    let who = RequestContext::current(|request| {
+        let (caller, proof) = request.who()?;
         if token_route {
             let trace_id = request.trace_id();
             let status = response.status().as_u16();
@@ -263,7 +263,7 @@ fn finish(
                 event: event_of(outcome.as_ref(), status),
                 status,
                 rule: outcome.as_ref().and_then(|o| o.denied).map(Rule::as_str),
-                caller,
+                caller: caller.map(|c| &**c),
                 proof,
                 identity: outcome.as_ref().and_then(|o| o.identity),
                 cache,
@@ -278,10 +278,13 @@ fn finish(
                 result = ClientResult::Refused;
             }
         }
-        Some(caller.clone())
+        Some(caller.cloned())
     })
     .flatten();
-    let audited = token_route && client.is_some();
+    // A token-route request whose asker is known wrote its audit event;
+    // the client, if any, is counted below.
+    let audited = token_route && who.is_some();
+    let client = who.flatten();
     let status = response.status().as_u16();
     if !audited {
         // `message` as a plain field: written as it is, no formatting.

@@ -64,9 +64,11 @@ impl RequestContext {
         std::str::from_utf8(self.request_id.as_bytes()).unwrap_or_default()
     }
 
-    /// The authenticated caller and how it proved who it is.
-    pub fn caller(&self) -> Option<(&std::sync::Arc<str>, &Proof)> {
-        Some((self.client.get()?, self.proof.get()?))
+    /// Who asked, once a credential proved it: the client, if one is them
+    /// (a verified service account or certificate may be no client's), and
+    /// how it was proved.
+    pub fn who(&self) -> Option<(Option<&std::sync::Arc<str>>, &Proof)> {
+        Some((self.client.get(), self.proof.get()?))
     }
 
     /// The request's trace id: the W3C context's, or when exporting the
@@ -97,6 +99,14 @@ impl RequestContext {
             if request_spans() {
                 tracing::Span::current().record("client", &**client);
             }
+        });
+    }
+
+    /// Records who the cluster or a CA vouches for when no client is them
+    /// (their 403 is audited too).
+    pub fn record_proof(proof: &Proof) {
+        let _ = REQUEST.try_with(|r| {
+            let _ = r.proof.set(proof.clone());
         });
     }
 

@@ -223,6 +223,28 @@ async fn the_audit_event_names_the_client_and_the_service_account() {
 }
 
 #[tokio::test]
+async fn a_service_account_no_client_names_is_audited_as_denied_with_its_name() {
+    use crate::helpers::process::audit_events;
+    let (mut broker, _dir, _sim) = broker_accepting_service_accounts().await;
+    let token = sign(ec(), &claims("billing:stranger"));
+    let response = broker.get_token(&alice(), &token).await;
+    assert_eq!(response.status(), 403);
+    broker.stop().await;
+
+    let audit = audit_events(&broker.output());
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    let event = &audit[0];
+    assert_eq!(event["outcome"], "denied");
+    assert_eq!(event["status"], 403);
+    assert_eq!(event["rule"], "service_account");
+    assert_eq!(event["proof"], "service_account");
+    assert_eq!(event["service_account"], "billing:stranger");
+    assert!(event.get("caller").is_none(), "no client is them: {event}");
+    assert_eq!(event["identity"], "team_member");
+    assert_eq!(event["user_type"], "AGENT");
+}
+
+#[tokio::test]
 async fn a_wrong_issuer_is_named_at_start_and_in_one_warning_naming_both() {
     use crate::helpers::process::events;
     let (mut broker, _dir, _sim) = broker_accepting_service_accounts().await;
