@@ -222,30 +222,28 @@ pub async fn serve<S>(
             continue;
         };
         let permit = (permit, peer_slot);
-        let Some(tls) = &tls else {
-            let (protocols, service) = (protocols.clone(), service.clone());
-            let (watcher, timeout) = (graceful.watcher(), limits.header_read_timeout);
-            connections_open.spawn(async move {
-                let preface = tokio::time::timeout(timeout, opens_with_h2_preface(&stream)).await;
-                if let Ok(Ok(h2)) = preface {
-                    serve_http(TokioIo::new(stream), h2, service, &protocols, watcher).await;
-                }
-                drop(permit);
-            });
-            continue;
-        };
-        let handshake = Handshake {
+        let handshake = tls.as_ref().map(|tls| Handshake {
             acceptor: tls.acceptor(),
             timeout: limits.header_read_timeout,
             metrics: metrics.clone(),
-        };
-        let protocols = protocols.clone();
-        let service = service.clone();
-        let watcher = graceful.watcher();
+        });
+        let (protocols, service) = (protocols.clone(), service.clone());
+        let (watcher, timeout) = (graceful.watcher(), limits.header_read_timeout);
         connections_open.spawn(async move {
-            handshake
-                .then_serve(stream, service, &protocols, watcher)
-                .await;
+            match handshake {
+                Some(handshake) => {
+                    handshake
+                        .then_serve(stream, service, &protocols, watcher)
+                        .await;
+                }
+                None => {
+                    let preface =
+                        tokio::time::timeout(timeout, opens_with_h2_preface(&stream)).await;
+                    if let Ok(Ok(h2)) = preface {
+                        serve_http(TokioIo::new(stream), h2, service, &protocols, watcher).await;
+                    }
+                }
+            }
             drop(permit);
         });
     }
@@ -253,8 +251,12 @@ pub async fn serve<S>(
     tokio::select! {
         () = graceful.shutdown() => {}
         // Aborting a connection's task drops it, closing its socket mid-request or not.
-        () = close.cancelled() => connections_open.abort_all(),
+        () = close.cancelled() => {}
     }
+    // Every served connection has ended (or the grace is over); what is left
+    // has sent no request yet (a handshake, an unread preface, a shed
+    // answer): closed at once, like an idle keep-alive connection.
+    connections_open.abort_all();
     while connections_open.join_next().await.is_some() {}
 }
 
