@@ -57,9 +57,9 @@ pub struct Application {
     reloaders: Reloaders,
     /// Re-reads `auth.kubernetes.jwks_file` while serving.
     jwks_watch: Option<FileWatch>,
-    /// HTTPS on the API listener, and the watches that reload its files.
+    /// HTTPS on the API listener, and the watch that reloads its files.
     tls: Option<Arc<Tls>>,
-    tls_watches: Vec<FileWatch>,
+    tls_watch: Option<FileWatch>,
     /// Cancelled when serving ends: stops background tasks.
     stop: CancellationToken,
     broker: Arc<Broker>,
@@ -76,10 +76,7 @@ impl Application {
         let tls = tls_files
             .map(|files| Tls::load(files, metrics.clone()))
             .transpose()?;
-        let tls_watches = match &tls {
-            Some(tls) => tls.spawn_watches()?,
-            None => Vec::new(),
-        };
+        let tls_watch = tls.as_ref().map(|tls| tls.spawn_watch()).transpose()?;
         metrics.register_clients(settings.clients.iter().map(|c| c.name.as_str()));
         if settings.auth.allow_anonymous {
             metrics.register_clients([crate::config::ANONYMOUS]);
@@ -137,7 +134,7 @@ impl Application {
             reloaders,
             jwks_watch,
             tls,
-            tls_watches,
+            tls_watch,
             stop,
             broker: broker_handle,
         })
@@ -214,7 +211,7 @@ impl Application {
         }
         drop(self.reloaders);
         drop(self.jwks_watch);
-        drop(self.tls_watches);
+        drop(self.tls_watch);
         grace_ends
     }
 }

@@ -120,22 +120,16 @@ impl Tls {
         }
     }
 
-    /// Reloads when the certificate, key or CA file changes; stops when the
-    /// returned watches are dropped.
-    pub fn spawn_watches(self: &Arc<Self>) -> std::io::Result<Vec<FileWatch>> {
+    /// Reloads when the certificate, key or CA file changes (one reload per
+    /// burst of changes); stops when the returned watch is dropped.
+    pub fn spawn_watch(self: &Arc<Self>) -> std::io::Result<FileWatch> {
         let files = &self.source.files;
-        let mut paths = vec![&files.cert, &files.key];
-        paths.extend(&files.client_ca);
-        paths.dedup();
-        paths
-            .into_iter()
-            .map(|path| {
-                let tls = self.clone();
-                watch::on_change(path, move || {
-                    let _ = tls.reload();
-                })
-            })
-            .collect()
+        let mut paths = vec![files.cert.as_path(), files.key.as_path()];
+        paths.extend(files.client_ca.as_deref());
+        let tls = self.clone();
+        watch::on_change_of(&paths, move || {
+            let _ = tls.reload();
+        })
     }
 }
 

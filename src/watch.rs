@@ -31,17 +31,35 @@ impl Drop for FileWatch {
 /// Calls `changed` (once per burst of events) whenever the file at `path`
 /// may have changed.
 pub fn on_change(path: &Path, changed: impl Fn() + Send + 'static) -> std::io::Result<FileWatch> {
+    on_change_of(&[path], changed)
+}
+
+/// Calls `changed` once per burst of events that may have changed any of
+/// `paths` (a certificate and its key renamed into place one after the
+/// other make one burst, so one call).
+pub fn on_change_of(
+    paths: &[&Path],
+    changed: impl Fn() + Send + 'static,
+) -> std::io::Result<FileWatch> {
     let (events, mut received) = mpsc::unbounded_channel::<()>();
-    let name = path.file_name().map(OsString::from).unwrap_or_default();
+    let names: Vec<OsString> = paths
+        .iter()
+        .map(|path| path.file_name().map(OsString::from).unwrap_or_default())
+        .collect();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|event| concerns(&event, &name)) {
+        if event.is_ok_and(|event| names.iter().any(|name| concerns(&event, name))) {
             let _ = events.send(());
         }
     })
     .map_err(std::io::Error::other)?;
-    watcher
-        .watch(directory_of(path), RecursiveMode::NonRecursive)
-        .map_err(std::io::Error::other)?;
+    let mut directories: Vec<&Path> = paths.iter().map(|path| directory_of(path)).collect();
+    directories.sort();
+    directories.dedup();
+    for directory in directories {
+        watcher
+            .watch(directory, RecursiveMode::NonRecursive)
+            .map_err(std::io::Error::other)?;
+    }
     let task = tokio::spawn(async move {
         while received.recv().await.is_some() {
             tokio::time::sleep(SETTLE).await;
@@ -116,6 +134,31 @@ mod tests {
         std::fs::write(dir.path().join("..data_tmp"), "").unwrap();
         settled().await;
         assert_eq!(calls.load(Ordering::SeqCst), 2, "kubelet's entries");
+        drop(watch);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_files_changed_together_make_one_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert, "one").unwrap();
+        std::fs::write(&key, "one").unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let watch = on_change_of(&[&cert, &key], {
+            let calls = calls.clone();
+            move || {
+                calls.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .unwrap();
+
+        std::fs::write(&key, "two").unwrap();
+        std::fs::write(&cert, "two").unwrap();
+        settled().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one burst, one call");
+        std::fs::write(dir.path().join("tls.crt.bak"), "a neighbour").unwrap();
+        settled().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "neighbours do not count");
         drop(watch);
     }
 }
