@@ -57,6 +57,16 @@ pub enum Refusal {
     RateLimited { wait: Duration },
 }
 
+impl Refusal {
+    /// Who the cluster or a CA vouches for, when no client is them.
+    pub fn vouched_for(&self) -> Option<&Proof> {
+        match self {
+            Refusal::NotAClient { proof, .. } => Some(proof),
+            _ => None,
+        }
+    }
+}
+
 /// An authenticated caller; cheap to clone.
 #[derive(Clone)]
 pub struct Caller {

@@ -11,7 +11,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
-use crate::callers::{Caller, Presented, Refusal};
+use crate::callers::{Caller, Presented};
 use crate::http::error::ApiError;
 use crate::http::routes::VENDOR_ROUTE;
 use crate::http::{AppState, query, tokens};
@@ -27,17 +27,15 @@ impl FromRequestParts<AppState> for Caller {
         let presented = Presented::new(header, certificate.map(|c| &**c)).map_err(refused)?;
         let caller = match state.callers.authenticate(&presented).await {
             Ok(caller) => caller,
-            // The cluster or the CA vouches for who asked: audited as denied.
-            Err(Refusal::NotAClient {
-                rule,
-                detail,
-                proof,
-            }) => {
-                crate::telemetry::RequestContext::record_proof(&proof);
-                let forbidden = ApiError::Forbidden { rule, detail };
-                return Err(naming_whose_token(state, parts, forbidden));
+            Err(refusal) => {
+                // The cluster or a CA vouches for who asked, though no client
+                // is them: their 403 is audited as denied.
+                let Some(proof) = refusal.vouched_for() else {
+                    return Err(refused(refusal));
+                };
+                crate::telemetry::RequestContext::record_proof(proof);
+                return Err(naming_whose_token(state, parts, refusal.into()));
             }
-            Err(refusal) => return Err(refused(refusal)),
         };
         crate::telemetry::RequestContext::record_client(caller.name(), caller.proof());
         if let Err(refusal) = state.callers.admit(&caller).await {
