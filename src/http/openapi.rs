@@ -87,7 +87,7 @@ impl Modify for RequestIds {
     ),
     paths(tokens::get_token, tokens::delete_token, tokens::get_vendor_token),
     components(schemas(TokenBody, VendorBody, VendorData, VendorToken, Problem)),
-    modifiers(&CallerKey, &RequestIds),
+    modifiers(&CallerKey, &IdentityForms, &RequestIds),
     security(("caller_key" = []), ("service_account" = [])),
     tags((name = "tokens", description = "Team-member and customer tokens"))
 )]
@@ -97,27 +97,38 @@ static DOCUMENT: LazyLock<String> = LazyLock::new(document);
 
 /// The document as pretty JSON with a trailing newline, as kept in `docs/openapi.json`.
 pub fn document() -> String {
-    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
-    for (path, method, customer) in [
-        (TOKENS_ROUTE, "get", query::V1.0),
-        (TOKENS_ROUTE, "delete", query::V1.0),
-        (VENDOR_ROUTE, "get", query::VENDOR.0),
-    ] {
-        let operation = &mut doc["paths"][path][method];
-        if operation.is_object() {
-            let parameters = &mut operation["parameters"];
-            if !parameters.is_array() {
-                *parameters = serde_json::Value::Array(Vec::new());
-            }
-            if let Some(parameters) = parameters.as_array_mut() {
-                identity_forms(parameters, customer);
+    let mut json = ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    json.push('\n');
+    json
+}
+
+/// The identity parameters of each token operation as `oneOf` its two
+/// forms, which a parameter struct cannot say.
+struct IdentityForms;
+
+impl Modify for IdentityForms {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::HttpMethod;
+        for (path, method, customer) in [
+            (TOKENS_ROUTE, HttpMethod::Get, query::V1.0),
+            (TOKENS_ROUTE, HttpMethod::Delete, query::V1.0),
+            (VENDOR_ROUTE, HttpMethod::Get, query::VENDOR.0),
+        ] {
+            let Some(item) = openapi.paths.paths.get_mut(path) else {
+                continue;
+            };
+            let operation = match method {
+                HttpMethod::Delete => &mut item.delete,
+                _ => &mut item.get,
+            };
+            if let Some(operation) = operation {
+                let parameters = operation.parameters.get_or_insert_with(Vec::new);
+                parameters.insert(0, identity_forms(customer));
             }
         }
     }
-    let mut json =
-        serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
-    json.push('\n');
-    json
 }
 
 /// An RFC 5322 dot-atom, `@`, and a hostname of two or more LDH labels: what
@@ -128,14 +139,13 @@ const TYPE_PATTERN: &str = "^([Aa][Gg][Ee][Nn][Tt]|[Cc][Uu][Ss][Tt][Oo][Mm]_[Uu]
 /// A customer's id, as `domain::UserId::parse` accepts it.
 const USER_ID_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
 
-/// The identity parameters (`email`, `type`, and `customer`) of one
-/// operation as what the service accepts: exactly one of the two forms,
-/// nothing else, each value with its bounds and pattern. One query object
-/// (`style: form`, `explode: true`: each property its own query parameter)
-/// whose schema is `oneOf` the two forms with no other property.
-fn identity_forms(parameters: &mut Vec<serde_json::Value>, customer: &str) {
+/// The identity parameter of one operation as what the service accepts:
+/// exactly one of the two forms, nothing else, each value with its bounds
+/// and pattern. One query object (`style: form`, `explode: true`: each
+/// property its own query parameter) whose schema is `oneOf` the two forms
+/// with no other property.
+fn identity_forms(customer: &str) -> utoipa::openapi::path::Parameter {
     use serde_json::json;
-    parameters.retain(|p| p["in"] != "query");
     let team_member = json!({
         "type": "object",
         "title": "TeamMember",
@@ -176,18 +186,16 @@ fn identity_forms(parameters: &mut Vec<serde_json::Value>, customer: &str) {
         "required": [customer],
         "additionalProperties": false,
     });
-    parameters.insert(
-        0,
-        json!({
-            "name": "identity",
-            "in": "query",
-            "required": true,
-            "style": "form",
-            "explode": true,
-            "description": format!("Whose token: `email` and `type` (a team member), or `{customer}` (a customer); exactly one form, each parameter once, no other parameter"),
-            "schema": { "oneOf": [team_member, customer_form] },
-        }),
-    );
+    let parameter = json!({
+        "name": "identity",
+        "in": "query",
+        "required": true,
+        "style": "form",
+        "explode": true,
+        "description": format!("Whose token: `email` and `type` (a team member), or `{customer}` (a customer); exactly one form, each parameter once, no other parameter"),
+        "schema": { "oneOf": [team_member, customer_form] },
+    });
+    serde_json::from_value(parameter).expect("a well-formed parameter, fixed at compile time")
 }
 
 /// `GET /openapi.json`
