@@ -179,7 +179,10 @@ impl Broker {
         Self(Arc::new(Inner {
             store,
             flights,
-            generations: Generations::new(settings.ttl + settings.stale_if_error),
+            generations: Generations::new(
+                settings.max_entries,
+                settings.ttl + settings.stale_if_error,
+            ),
             tier,
             source,
             policy: Policy {

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod remembered;
 pub mod shared;
 pub mod simulator;
 pub mod startup;

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::entry::Entry;
 use crate::domain::Identity;
+use crate::remembered::Remembered;
 
 /// Why a fetch runs; fetches for different reasons accept different answers,
 /// so each reason coalesces with its own kind.
@@ -53,19 +54,19 @@ pub(super) type FlightKey = (Identity, Generation, Purpose);
 
 /// The generations of this replica's keys.
 pub(super) struct Generations {
-    /// Per key, from `invalidations`; absent is 0. Never bounded by count
-    /// (only invalidations write it), so a key's generation is not forgotten
-    /// while an answer fetched before it could still be stored.
-    keys: moka::sync::Cache<Identity, u64>,
+    /// Per key, from `invalidations`. Bounded by `cache.max_entries`: a key
+    /// forgotten by count reads a floor at least its own generation, so a
+    /// fetch begun before its invalidation still sees it changed.
+    keys: Remembered,
     invalidations: AtomicU64,
     epoch: AtomicU64,
 }
 
 impl Generations {
-    /// Generations remembered for `memory`: as long as any fetch can run.
-    pub(super) fn new(memory: Duration) -> Self {
+    /// At most `capacity` keys remembered for `memory`: as long as any fetch can run.
+    pub(super) fn new(capacity: u64, memory: Duration) -> Self {
         Self {
-            keys: moka::sync::Cache::builder().time_to_live(memory).build(),
+            keys: Remembered::new(capacity, memory),
             invalidations: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
         }
@@ -74,18 +75,24 @@ impl Generations {
     pub(super) fn of(&self, identity: &Identity) -> Generation {
         Generation {
             epoch: self.epoch.load(Ordering::Acquire),
-            key: self.keys.get(identity).unwrap_or(0),
+            key: self.keys.get(identity).value(),
         }
     }
 
     /// Moves `identity`'s generation on.
     pub(super) fn invalidate(&self, identity: &Identity) {
         let generation = self.invalidations.fetch_add(1, Ordering::AcqRel) + 1;
-        self.keys.insert(identity.clone(), generation);
+        self.keys.raise(identity, generation);
     }
 
     /// Moves every key's generation on.
     pub(super) fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Keys remembered one by one now.
+    #[cfg(test)]
+    pub(super) fn remembered(&self) -> usize {
+        self.keys.len()
     }
 }

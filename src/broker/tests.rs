@@ -231,6 +231,34 @@ async fn a_fetch_begun_before_an_invalidation_does_not_store_its_answer() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn invalidations_are_remembered_in_bounded_memory_without_undoing_one() {
+    let source = Counting::with(Duration::from_millis(100), true);
+    let broker = Arc::new(broker(source.clone(), Duration::from_secs(600), 8));
+    let id = member("a@example.com", UserType::Agent);
+    let in_flight = {
+        let broker = broker.clone();
+        let id = id.clone();
+        tokio::spawn(async move { broker.lookup(&id, &caller()).await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    broker.invalidate(&id).await.unwrap();
+    // Far more invalidations than max_entries push the first one out.
+    for i in 0..20_000 {
+        let other = Identity::Customer(UserId::parse(&format!("c{i}")).unwrap());
+        broker.invalidate(&other).await.unwrap();
+    }
+    assert!(broker.0.generations.remembered() <= 8);
+    assert_eq!(in_flight.await.unwrap().token.expose(), "token-1");
+    let next = broker.lookup(&id, &caller()).await.unwrap();
+    assert_eq!(
+        next.token.expose(),
+        "token-2",
+        "the fetch begun before the forgotten invalidation stored nothing"
+    );
+    assert_eq!(source.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn inactive_tokens_and_errors_are_not_cached() {
     let source = Counting::with(Duration::from_millis(1), false);
     let broker = self::broker(source.clone(), Duration::from_secs(600), 100);

@@ -5,17 +5,30 @@
 //! Every key of one identity carries the same hash tag (`{name}`), so in a
 //! Cluster they live in one slot and the scripts that touch several of them run.
 //!
-//! Invalidations cannot be lost:
-//! - the message carries the identity sealed under the encryption key, so
-//!   applying it needs no map that could have forgotten the name;
-//! - every value is sealed with its generation, and this replica remembers
-//!   the generation each invalidation it saw moved to for `ttl +
-//!   stale_if_error` (as long as any value can be served), so a value from
-//!   before it is refused even if Redis gives it back (a restored snapshot,
-//!   a lagging replica promoted, a hand-made write);
-//! - the subscription is pinged every `PING_EVERY`; silence for
-//!   `SILENCE_LIMIT` counts as lost: the broker drops every local entry at
-//!   once and this replica re-subscribes (and drops them again once it has).
+//! Invalidations cannot be lost, forged or rolled back:
+//! - the message carries the identity, its new generation and the fleet's
+//!   invalidation sequence, sealed together under the encryption key: applying
+//!   it needs no map that could have forgotten the name, and a publisher
+//!   without the key can neither forge one nor change its generation. A
+//!   message that does not open counts as a lost subscription;
+//! - every value is sealed with the fleet's epoch and its key's generation,
+//!   and this replica remembers the generation each invalidation it saw moved
+//!   to (`Remembered`: bounded by `cache.max_entries`, for `ttl +
+//!   stale_if_error`), so a value from before it is refused even if Redis
+//!   gives it back (a restored snapshot, a lagging replica promoted, a
+//!   hand-made write);
+//! - the fleet's memory (`fleet`): every invalidation advances a fleet-wide
+//!   sequence. A replica that sees Redis hold less than it knows (a lower
+//!   sequence, epoch or generation, or a counter no replica wrote) raises the
+//!   epoch past it, and every replica, including one started afterwards,
+//!   then refuses everything sealed before. A restore is undone as long as
+//!   one replica that saw the invalidation runs;
+//! - the subscription proves it hears the fleet: every `CANARY_EVERY` this
+//!   replica publishes a sealed canary through its command connection (with
+//!   the read of the epoch and sequence, in one round trip) and expects it
+//!   back on its subscription; silence for `SILENCE_LIMIT` counts as lost:
+//!   the broker drops every local entry at once and this replica
+//!   re-subscribes (and drops them again once it has).
 //!
 //! Redis trouble degrades, never fails: every call is bounded by
 //! `cache.redis_timeout`, and a failed or slow call makes the replica act as
@@ -33,29 +46,35 @@ use secrecy::SecretString;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod fleet;
 mod scripts;
 mod subscription;
 mod waiting;
 
 use super::nodes::{Commands, Nodes, Options};
-use super::sealed::{KeyName, Sealer, Stored};
+use super::sealed::{KeyName, Message, Sealed, Sealer, Stored};
 use super::{EventSink, Lock, NotShared, Permit, SharedTier, TierFuture};
 use crate::breaker::{Breaker, Change, Ticket};
 use crate::config::{CacheSettings, ConfigError, SharedRedis, read_secret_file};
 use crate::domain::Identity;
+use crate::remembered::{Lowest, Remembered};
 use crate::telemetry::metrics::{Metrics, SharedCacheOp, SharedCacheResult, ValueRefusal};
-use scripts::{CLAIM, INVALIDATE, RATE_LIMIT, STORE, UNLOCK};
+use fleet::Fleet;
+use scripts::{RATE_LIMIT, STORE, UNLOCK, believable};
 use waiting::Waiters;
 pub use waiting::{Next, Waiter};
 
 /// Prefix of every key this service writes; the version changes with the layout.
-const PREFIX: &str = "token-broker:v2";
-/// Where invalidations are published: `<generation>:<sealed identity>`.
-const INVALIDATED: &str = "token-broker:v2:invalidated";
+const PREFIX: &str = "token-broker:v3";
+/// Where invalidations and epoch raises are published: a sealed `Message`.
+const INVALIDATED: &str = "token-broker:v3:invalidated";
 /// Where a released fetch lock is announced: the key name.
-const FILLED: &str = "token-broker:v2:filled";
-/// How long a generation outlives its last invalidation: far longer than any fetch.
-const GENERATION_TTL: Duration = Duration::from_secs(24 * 3600);
+const FILLED: &str = "token-broker:v3:filled";
+/// The fleet's epoch and invalidation sequence, a hash in a slot of its own.
+const FLEET: &str = "token-broker:v3:{fleet}";
+/// How much longer a generation lives in Redis than a replica remembers it,
+/// so a replica never takes a generation that simply expired for a rollback.
+const GENERATION_MARGIN: Duration = Duration::from_secs(60);
 /// While Redis is down, how often one call probes it.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -65,6 +84,8 @@ struct Inner {
     /// How long a replica waits for another's fetch: `upstream.timeout`.
     wait: Duration,
     lock_ttl: Duration,
+    /// How long a generation lives in Redis: `ttl + stale_if_error` and a margin.
+    generation_ttl: Duration,
     min_replicas: u32,
     sealer: Sealer,
     /// Reachability: opens at the first failed call; while open, one call
@@ -72,10 +93,14 @@ struct Inner {
     breaker: Breaker,
     /// The lowest generation this replica accepts per identity, from the
     /// invalidations it saw; kept as long as a value can be served.
-    invalidated: moka::sync::Cache<Identity, u64>,
+    invalidated: Remembered,
+    /// What this replica knows of the fleet: its epoch and sequence.
+    fleet: Fleet,
     waiters: Waiters,
-    /// Whether the invalidation subscription is live.
+    /// Whether the subscription is live and heard this replica's canary.
     in_sync: AtomicBool,
+    /// Where events go, once `start` was called.
+    sink: std::sync::OnceLock<EventSink>,
     metrics: Arc<Metrics>,
     claim: Script,
     store: Script,
@@ -123,21 +148,24 @@ impl RedisTier {
             timeout: settings.redis_timeout,
             wait,
             lock_ttl: wait + Duration::from_secs(1),
+            generation_ttl: settings.ttl + settings.stale_if_error + GENERATION_MARGIN,
             min_replicas: settings.redis_min_replicas,
             sealer,
             // Taken as reachable until a call or the subscription fails.
             breaker: Breaker::new(1, PROBE_INTERVAL),
-            // Never bounded by count: an invalidation it forgot could be undone.
-            invalidated: moka::sync::Cache::builder()
-                .time_to_live(settings.ttl + settings.stale_if_error)
-                .build(),
+            invalidated: Remembered::new(
+                settings.max_entries,
+                settings.ttl + settings.stale_if_error,
+            ),
+            fleet: Fleet::new(),
             waiters: Waiters::default(),
             in_sync: AtomicBool::new(false),
+            sink: std::sync::OnceLock::new(),
             metrics,
-            claim: Script::new(CLAIM),
+            claim: Script::new(&scripts::claim()),
             store: Script::new(STORE),
             unlock: Script::new(UNLOCK),
-            invalidate: Script::new(INVALIDATE),
+            invalidate: Script::new(&scripts::invalidate()),
             rate_limit: Script::new(RATE_LIMIT),
         }))))
     }
@@ -146,20 +174,34 @@ impl RedisTier {
     async fn get(&self, identity: &Identity) -> Option<Stored> {
         let name = self.0.sealer.name(identity);
         let keys = [entry_key(&name), generation_key(&name)];
-        let (value, generation): (Option<Vec<u8>>, Option<u64>) = self
+        // Read before asking: an invalidation heard meanwhile is no rollback.
+        let lowest = self.0.invalidated.get(identity);
+        let (value, generation): (Option<Vec<u8>>, Option<String>) = self
             .call(SharedCacheOp::Get, |mut connection| {
                 let mut get = redis::cmd("MGET");
                 get.arg(&keys);
                 async move { get.query_async(&mut connection).await }
             })
             .await?;
-        self.accept(identity, &value?, generation.unwrap_or(0))
+        let generation = match generation {
+            None => 0,
+            // A generation no replica wrote: nothing sealed can belong to it.
+            Some(text) => believable(&text)?,
+        };
+        if let Lowest::Exact(lowest) = lowest
+            && generation < lowest
+        {
+            self.rolled_back("a generation below an invalidation this replica saw");
+        }
+        self.accept(identity, &value?, generation, lowest)
     }
 
     /// Takes the fetch lock of `identity` if it is free. `None`: Redis
     /// cannot be asked.
     async fn claim(&self, identity: &Identity, name: &KeyName) -> Option<Claimed> {
         let owner = format!("{:032x}", rand::random::<u128>());
+        let lowest = self.0.invalidated.get(identity);
+        let epoch = self.0.fleet.epoch();
         let mut invocation = self.0.claim.prepare_invoke();
         invocation
             .key(entry_key(name))
@@ -167,13 +209,20 @@ impl RedisTier {
             .key(generation_key(name))
             .arg(&owner)
             .arg(millis(self.0.lock_ttl))
-            .arg(self.lowest_generation(identity))
-            .arg(millis(GENERATION_TTL));
-        let (acquired, generation, value): (i64, String, Vec<u8>) = self
+            .arg(lowest.value())
+            .arg(millis(self.0.generation_ttl));
+        let (acquired, generation, value, odd): (i64, String, Vec<u8>, i64) = self
             .call(SharedCacheOp::Claim, invoking(invocation))
             .await?;
-        let generation = generation.parse().unwrap_or(0);
-        let current = self.accept(identity, &value, generation);
+        match (odd, lowest) {
+            (2, _) => self.rolled_back("a generation no replica wrote"),
+            (1, Lowest::Exact(_)) => {
+                self.rolled_back("a generation below an invalidation this replica saw");
+            }
+            _ => {}
+        }
+        let generation = believable(&generation)?;
+        let current = self.accept(identity, &value, generation, lowest);
         Some(if acquired == 1 {
             Claimed::Acquired(Permit {
                 current,
@@ -182,7 +231,7 @@ impl RedisTier {
                     identity: identity.clone(),
                     name: name.clone(),
                     owner,
-                    generation,
+                    sealed: Sealed { epoch, generation },
                     released: false,
                 }),
             })
@@ -191,10 +240,16 @@ impl RedisTier {
         })
     }
 
-    /// A value read from Redis, if it opens for `identity` and belongs to
-    /// `generation` (Redis's current one) and to no generation this replica
-    /// saw invalidated.
-    fn accept(&self, identity: &Identity, value: &[u8], generation: u64) -> Option<Stored> {
+    /// A value read from Redis, if it opens for `identity`, belongs to the
+    /// fleet's epoch this replica knows and to `generation` (Redis's current
+    /// one), and is not below `lowest` (what this replica saw invalidated).
+    fn accept(
+        &self,
+        identity: &Identity,
+        value: &[u8],
+        generation: u64,
+        lowest: Lowest,
+    ) -> Option<Stored> {
         if value.is_empty() {
             return None;
         }
@@ -205,7 +260,13 @@ impl RedisTier {
             tracing::warn!("a shared cache value does not decrypt for its key; ignoring it");
             return None;
         };
-        if opened.generation != generation || opened.generation < self.lowest_generation(identity) {
+        if opened.sealed.epoch != self.0.fleet.epoch() {
+            self.0
+                .metrics
+                .shared_cache_value_refused(ValueRefusal::StaleEpoch);
+            return None;
+        }
+        if opened.sealed.generation != generation || opened.sealed.generation < lowest.value() {
             // Counted (and alerted on), not logged per lookup: a restored
             // snapshot brings back many at once.
             self.0
@@ -219,54 +280,77 @@ impl RedisTier {
         Some(opened.stored)
     }
 
-    fn lowest_generation(&self, identity: &Identity) -> u64 {
-        self.0.invalidated.get(identity).unwrap_or(0)
+    /// Tells the broker (once `start` gave a sink).
+    fn emit(&self, event: super::Event) {
+        if let Some(sink) = self.0.sink.get() {
+            sink(event);
+        }
     }
 
-    /// Remembers that `identity` was invalidated into `generation`.
-    fn remember_invalidation(&self, identity: &Identity, generation: u64) {
-        self.0
-            .invalidated
-            .entry_by_ref(identity)
-            .and_upsert_with(|seen| seen.map_or(generation, |e| (*e.value()).max(generation)));
-    }
-
-    /// Drops the entry, moves the generation on, tells every replica, and
-    /// waits for `redis_min_replicas` to hold it.
+    /// Advances the fleet's sequence, drops the entry, moves the generation
+    /// on, tells every replica, and waits for `redis_min_replicas` to hold
+    /// it. `Ok` only when every step clearly succeeded.
     async fn invalidate_shared(&self, identity: &Identity) -> Result<(), NotShared> {
+        let sequence = self.advance().await.ok_or(NotShared)?;
         let name = self.0.sealer.name(identity);
         let entry = entry_key(&name);
         let mut invocation = self.0.invalidate.prepare_invoke();
         invocation
             .key(&entry)
             .key(generation_key(&name))
-            .arg(INVALIDATED)
-            .arg(self.0.sealer.seal_identity(identity))
-            .arg(millis(GENERATION_TTL));
+            .arg(millis(self.0.generation_ttl))
+            .arg(self.0.invalidated.get(identity).value());
         let min_replicas = self.0.min_replicas;
         let timeout = self.0.timeout;
-        let invocation = invoking::<String>(invocation);
-        let (generation, replicas): (String, u32) = self
+        let invocation = invoking::<(String, i64)>(invocation);
+        let sealer = &self.0.sealer;
+        let (moved, replicas): ((Option<u64>, bool), u32) = self
             .call(SharedCacheOp::Invalidate, |mut connection| {
                 let invoked = invocation(connection.clone());
                 let entry = &entry;
                 async move {
-                    let generation = invoked.await?;
+                    let (generation, replaced) = invoked.await?;
+                    let Some(generation) = believable(&generation) else {
+                        return Ok(((None, replaced == 1), 0));
+                    };
+                    let message = sealer.seal_message(&Message::Invalidated {
+                        identity: identity.clone(),
+                        generation,
+                        sequence,
+                    });
+                    let _: i64 = redis::cmd("PUBLISH")
+                        .arg(INVALIDATED)
+                        .arg(message)
+                        .query_async(&mut connection)
+                        .await?;
                     if min_replicas == 0 {
-                        return Ok((generation, 0));
+                        return Ok(((Some(generation), replaced == 1), 0));
                     }
                     // Half the bound for WAIT itself, so its answer still arrives in time.
                     let replicas = connection
                         .wait_replicas(entry, min_replicas, timeout / 2)
                         .await?;
-                    Ok((generation, replicas))
+                    Ok(((Some(generation), replaced == 1), replicas))
                 }
             })
             .await
             .ok_or(NotShared)?;
-        if let Ok(generation) = generation.parse() {
-            self.remember_invalidation(identity, generation);
+        let (generation, replaced) = moved;
+        if replaced {
+            // Redis held a generation no replica wrote: whatever was sealed
+            // against the old one must go everywhere before this DELETE is
+            // confirmed.
+            self.raise_epoch("a generation no replica wrote")
+                .await
+                .ok_or(NotShared)?;
         }
+        let Some(generation) = generation else {
+            tracing::warn!(
+                "the invalidation left a generation out of range in Redis; it is not confirmed (the next one replaces it)"
+            );
+            return Err(NotShared);
+        };
+        self.0.invalidated.raise(identity, generation);
         // Counted, but not a sign of an unreachable Redis: only this DELETE fails.
         let metrics = &self.0.metrics;
         if replicas < min_replicas {
@@ -425,7 +509,11 @@ impl SharedTier for RedisTier {
     }
 
     fn start(&self, sink: EventSink, stop: CancellationToken) {
-        tokio::spawn(self.clone().subscribe(sink, stop));
+        if self.0.sink.set(sink).is_err() {
+            tracing::debug!("the shared tier was started twice; the first listener stays");
+            return;
+        }
+        tokio::spawn(self.clone().subscribe(stop));
     }
 }
 
@@ -436,25 +524,27 @@ pub struct Held {
     identity: Identity,
     name: KeyName,
     owner: String,
-    generation: u64,
+    /// The epoch and generation the fetch began in.
+    sealed: Sealed,
     released: bool,
 }
 
 impl Held {
     pub(super) async fn publish(mut self, value: Option<&Stored>, ttl: Duration) {
         self.released = true;
-        let sealed = value.map(|v| self.tier.0.sealer.seal(&self.identity, self.generation, v));
+        let sealed = value.map(|v| self.tier.0.sealer.seal(&self.identity, self.sealed, v));
         let mut invocation = self.tier.0.store.prepare_invoke();
         invocation
             .key(entry_key(&self.name))
             .key(generation_key(&self.name))
             .key(lock_key(&self.name))
-            .arg(self.generation)
+            .arg(self.sealed.generation)
             .arg(&self.owner)
             .arg(sealed.unwrap_or_default())
             .arg(millis(ttl).max(1))
             .arg(FILLED)
-            .arg(&self.name.0);
+            .arg(&self.name.0)
+            .arg(millis(self.tier.0.generation_ttl.max(ttl)));
         let stored: Option<i64> = self
             .tier
             .call(SharedCacheOp::Store, invoking(invocation))

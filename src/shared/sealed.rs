@@ -2,18 +2,21 @@
 //! under `cache.encryption_key_file`, the identity bound as associated data,
 //! and Redis key names that are an HMAC of the identity, never the identity.
 //!
-//! A sealed value is `[format version][generation: u64][nonce: 12][ciphertext + tag]`.
-//! Format 2's plaintext is `[kind][fetched_at: u64 unix ms][token bytes]`
+//! A sealed value is `[format version][epoch: u64][generation: u64][nonce: 12][ciphertext + tag]`.
+//! Format 3's plaintext is `[kind][fetched_at: u64 unix ms][token bytes]`
 //! (integers big-endian), and its associated data is the identity followed by
-//! the key's generation: a value is bound to the identity it was fetched for
-//! and to the generation it was fetched in, so a value written back after an
-//! invalidation (a restored snapshot, a lagging replica, a hand-made write)
-//! says which generation it belongs to and cannot lie about it. The version
-//! byte lets a later release read old values while writing new ones.
+//! the fleet's epoch and the key's generation: a value is bound to the
+//! identity it was fetched for and to the epoch and generation it was fetched
+//! in, so a value written back after an invalidation (a restored snapshot, a
+//! lagging replica, a hand-made write) says when it belongs and cannot lie
+//! about it. The version byte lets a later release read old values while
+//! writing new ones.
 //!
-//! Invalidation messages carry the identity itself, sealed under its own
-//! associated data, so a replica applies an invalidation without any map
-//! from key names back to identities (a map that could forget).
+//! Messages between replicas (`Message`) are sealed whole under their own
+//! associated data: an invalidation carries the identity itself (so a replica
+//! applies it without any map from key names back to identities, a map that
+//! could forget), its generation and the fleet's sequence number, none of
+//! which a publisher without the key can forge or change.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,9 +33,12 @@ use crate::domain::Identity;
 use crate::domain::Token;
 
 /// The value layout written today.
-const FORMAT: u8 = 2;
-/// Associated data of a sealed identity in an invalidation message.
-const IDENTITY_AAD: &[u8] = b"token-broker invalidated identity";
+const FORMAT: u8 = 3;
+/// Associated data of a message between replicas.
+const MESSAGE_AAD: &[u8] = b"token-broker fleet message v3";
+const MESSAGE_INVALIDATED: u8 = 1;
+const MESSAGE_EPOCH: u8 = 2;
+const MESSAGE_CANARY: u8 = 3;
 const NONCE_BYTES: usize = 12;
 const KIND_TOKEN_ACTIVE: u8 = 1;
 const KIND_NOT_FOUND: u8 = 2;
@@ -61,11 +67,35 @@ impl Stored {
     }
 }
 
-/// A value read back from Redis: the generation it was sealed in, and what it holds.
+/// When a value was sealed: the fleet's epoch and its key's generation then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed {
+    pub epoch: u64,
+    pub generation: u64,
+}
+
+/// A value read back from Redis: when it was sealed, and what it holds.
 #[derive(Debug, Clone)]
 pub struct Opened {
-    pub generation: u64,
+    pub sealed: Sealed,
     pub stored: Stored,
+}
+
+/// What one replica tells the others (and itself) on the fleet's channels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// `identity` was invalidated into `generation`; the fleet's invalidation
+    /// sequence was `sequence` or more.
+    Invalidated {
+        identity: Identity,
+        generation: u64,
+        sequence: u64,
+    },
+    /// The fleet's epoch was raised to `epoch` (Redis was seen to hold less
+    /// than a replica knew); the sequence was `sequence` or more.
+    Epoch { epoch: u64, sequence: u64 },
+    /// A replica's own probe that its subscription hears the fleet.
+    Canary { replica: u128, count: u64 },
 }
 
 /// The hex HMAC that names one identity's keys in Redis.
@@ -118,8 +148,8 @@ impl Sealer {
         KeyName(hex::encode(mac.finalize().into_bytes()))
     }
 
-    /// Encrypts `stored` for `identity` in `generation`, under a fresh random nonce.
-    pub fn seal(&self, identity: &Identity, generation: u64, stored: &Stored) -> Vec<u8> {
+    /// Encrypts `stored` for `identity` as of `sealed`, under a fresh random nonce.
+    pub fn seal(&self, identity: &Identity, sealed: Sealed, stored: &Stored) -> Vec<u8> {
         let millis = stored
             .fetched_at
             .duration_since(UNIX_EPOCH)
@@ -135,27 +165,32 @@ impl Sealer {
         buffer.push(kind);
         buffer.extend_from_slice(&millis.to_be_bytes());
         buffer.extend_from_slice(token);
+        let when = [sealed.epoch.to_be_bytes(), sealed.generation.to_be_bytes()].concat();
         let mut aad = associated_data(identity);
-        aad.extend_from_slice(&generation.to_be_bytes());
-        let mut value = Vec::with_capacity(9 + NONCE_BYTES + plain.expose_secret().len() + 16);
+        aad.extend_from_slice(&when);
+        let mut value = Vec::with_capacity(17 + NONCE_BYTES + plain.expose_secret().len() + 16);
         value.push(FORMAT);
-        value.extend_from_slice(&generation.to_be_bytes());
+        value.extend_from_slice(&when);
         self.encrypt_into(&mut value, plain.expose_secret(), &aad);
         value
     }
 
     /// Decrypts a value stored for `identity`; `None` if it was not sealed
-    /// for this identity and the generation it names under this key, or is
-    /// not a format this build reads.
+    /// for this identity, in the epoch and generation it names, under this
+    /// key, or is not a format this build reads.
     pub fn open(&self, identity: &Identity, value: &[u8]) -> Option<Opened> {
         let (&version, rest) = value.split_first()?;
         if version != FORMAT {
             return None;
         }
-        let (generation, sealed) = rest.split_at_checked(8)?;
-        let generation = u64::from_be_bytes(generation.try_into().ok()?);
+        let (when, sealed) = rest.split_at_checked(16)?;
         let mut aad = associated_data(identity);
-        aad.extend_from_slice(&generation.to_be_bytes());
+        aad.extend_from_slice(when);
+        let (epoch, generation) = when.split_at(8);
+        let when = Sealed {
+            epoch: u64::from_be_bytes(epoch.try_into().ok()?),
+            generation: u64::from_be_bytes(generation.try_into().ok()?),
+        };
         let plain = self.decrypt(sealed, &aad)?;
         let plain = plain.expose_secret();
         let (&kind, rest) = plain.split_first()?;
@@ -170,23 +205,67 @@ impl Sealer {
             _ => return None,
         };
         Some(Opened {
-            generation,
+            sealed: when,
             stored: Stored { answer, fetched_at },
         })
     }
 
-    /// `identity`, sealed for an invalidation message.
-    pub fn seal_identity(&self, identity: &Identity) -> Vec<u8> {
-        let mut value = Vec::with_capacity(96);
-        self.encrypt_into(&mut value, &associated_data(identity), IDENTITY_AAD);
-        value
+    /// `message`, sealed for the fleet's channels.
+    pub fn seal_message(&self, message: &Message) -> Vec<u8> {
+        let mut plain = Vec::with_capacity(96);
+        match message {
+            Message::Invalidated {
+                identity,
+                generation,
+                sequence,
+            } => {
+                plain.push(MESSAGE_INVALIDATED);
+                plain.extend_from_slice(&generation.to_be_bytes());
+                plain.extend_from_slice(&sequence.to_be_bytes());
+                plain.extend_from_slice(&associated_data(identity));
+            }
+            Message::Epoch { epoch, sequence } => {
+                plain.push(MESSAGE_EPOCH);
+                plain.extend_from_slice(&epoch.to_be_bytes());
+                plain.extend_from_slice(&sequence.to_be_bytes());
+            }
+            Message::Canary { replica, count } => {
+                plain.push(MESSAGE_CANARY);
+                plain.extend_from_slice(&replica.to_be_bytes());
+                plain.extend_from_slice(&count.to_be_bytes());
+            }
+        }
+        let mut sealed = Vec::with_capacity(plain.len() + NONCE_BYTES + 16);
+        self.encrypt_into(&mut sealed, &plain, MESSAGE_AAD);
+        sealed
     }
 
-    /// The identity an invalidation message names; `None` if it was not
-    /// sealed under this key.
-    pub fn open_identity(&self, sealed: &[u8]) -> Option<Identity> {
-        let plain = self.decrypt(sealed, IDENTITY_AAD)?;
-        parse_associated_data(plain.expose_secret())
+    /// The message `sealed` holds; `None` if it was not sealed under this key
+    /// or is not one this build reads.
+    pub fn open_message(&self, sealed: &[u8]) -> Option<Message> {
+        let plain = self.decrypt(sealed, MESSAGE_AAD)?;
+        let (&kind, rest) = plain.expose_secret().split_first()?;
+        let number = |bytes: &[u8]| bytes.try_into().ok().map(u64::from_be_bytes);
+        match kind {
+            MESSAGE_INVALIDATED => {
+                let (generation, rest) = rest.split_at_checked(8)?;
+                let (sequence, identity) = rest.split_at_checked(8)?;
+                Some(Message::Invalidated {
+                    identity: parse_associated_data(identity)?,
+                    generation: number(generation)?,
+                    sequence: number(sequence)?,
+                })
+            }
+            MESSAGE_EPOCH if rest.len() == 16 => Some(Message::Epoch {
+                epoch: number(&rest[..8])?,
+                sequence: number(&rest[8..])?,
+            }),
+            MESSAGE_CANARY if rest.len() == 24 => Some(Message::Canary {
+                replica: u128::from_be_bytes(rest[..16].try_into().ok()?),
+                count: number(&rest[16..])?,
+            }),
+            _ => None,
+        }
     }
 
     /// Appends `[nonce][ciphertext + tag]` of `plain` to `out`.
@@ -280,9 +359,13 @@ mod tests {
     #[test]
     fn a_sealed_value_opens_for_its_identity_only() {
         let sealer = Sealer::new(&[7; 32]);
-        let sealed = sealer.seal(&alice(), 3, &token("tok-secret-1"));
+        let when = Sealed {
+            epoch: 2,
+            generation: 3,
+        };
+        let sealed = sealer.seal(&alice(), when, &token("tok-secret-1"));
         let opened = sealer.open(&alice(), &sealed).unwrap();
-        assert_eq!(opened.generation, 3);
+        assert_eq!(opened.sealed, when);
         let opened = opened.stored;
         assert!(matches!(&opened.answer, StoredAnswer::Token(t) if t.expose() == "tok-secret-1"));
         assert_eq!(opened.fetched_at, token("x").fetched_at);
@@ -299,33 +382,72 @@ mod tests {
         let mut other_version = sealed.clone();
         other_version[0] = 1;
         assert!(sealer.open(&alice(), &other_version).is_none());
-        let mut other_generation = sealed;
-        other_generation[8] = 4;
-        assert!(
-            sealer.open(&alice(), &other_generation).is_none(),
-            "the generation in the clear is bound by the associated data"
-        );
+        for byte in [8, 16] {
+            let mut other = sealed.clone();
+            other[byte] ^= 1;
+            assert!(
+                sealer.open(&alice(), &other).is_none(),
+                "the epoch and generation in the clear are bound by the associated data"
+            );
+        }
     }
 
     #[test]
-    fn an_invalidated_identity_is_sealed_and_opened_whole() {
+    fn messages_are_sealed_and_opened_whole_and_cannot_be_altered() {
         let sealer = Sealer::new(&[7; 32]);
         let customer = Identity::Customer(UserId::parse("c-1_x").unwrap());
-        for identity in [alice(), customer] {
-            let sealed = sealer.seal_identity(&identity);
+        let messages = [
+            Message::Invalidated {
+                identity: alice(),
+                generation: 1_764_000_000_000_000,
+                sequence: 12,
+            },
+            Message::Invalidated {
+                identity: customer.clone(),
+                generation: u64::MAX,
+                sequence: 0,
+            },
+            Message::Epoch {
+                epoch: 3,
+                sequence: 99,
+            },
+            Message::Canary {
+                replica: u128::MAX - 5,
+                count: 7,
+            },
+        ];
+        for message in messages {
+            let sealed = sealer.seal_message(&message);
             assert!(!String::from_utf8_lossy(&sealed).contains("alice"));
-            assert_eq!(sealer.open_identity(&sealed), Some(identity.clone()));
-            assert_eq!(Sealer::new(&[8; 32]).open_identity(&sealed), None);
-            let value = sealer.seal(&identity, 0, &token("t"));
-            assert_eq!(sealer.open_identity(&value), None, "a value is no message");
+            assert_eq!(sealer.open_message(&sealed), Some(message.clone()));
+            assert_eq!(Sealer::new(&[8; 32]).open_message(&sealed), None);
+            for byte in 0..sealed.len() {
+                let mut altered = sealed.clone();
+                altered[byte] ^= 0x20;
+                assert_eq!(sealer.open_message(&altered), None, "byte {byte} altered");
+            }
         }
+        let value = sealer.seal(
+            &customer,
+            Sealed {
+                epoch: 0,
+                generation: 0,
+            },
+            &token("t"),
+        );
+        assert_eq!(sealer.open_message(&value), None, "a value is no message");
+        assert_eq!(sealer.open_message(b"1764000000000000:garbage"), None);
     }
 
     #[test]
     fn values_hold_no_plain_text_and_never_repeat() {
         let sealer = Sealer::new(&[7; 32]);
-        let one = sealer.seal(&alice(), 1, &token("tok-secret-1"));
-        let two = sealer.seal(&alice(), 1, &token("tok-secret-1"));
+        let when = Sealed {
+            epoch: 0,
+            generation: 1,
+        };
+        let one = sealer.seal(&alice(), when, &token("tok-secret-1"));
+        let two = sealer.seal(&alice(), when, &token("tok-secret-1"));
         assert_ne!(one, two, "a fresh nonce per write");
         for value in [&one, &two] {
             let text = String::from_utf8_lossy(value);
@@ -335,7 +457,7 @@ mod tests {
             answer: StoredAnswer::NotFound,
             fetched_at: SystemTime::now(),
         };
-        let sealed = sealer.seal(&alice(), 0, &not_found);
+        let sealed = sealer.seal(&alice(), when, &not_found);
         assert!(matches!(
             sealer.open(&alice(), &sealed).unwrap().stored.answer,
             StoredAnswer::NotFound

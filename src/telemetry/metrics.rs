@@ -168,6 +168,9 @@ pub struct Metrics {
     pub shared_cache_operations: Family<OperationLabels, Counter>,
     pub shared_cache_subscribed: Gauge,
     pub shared_cache_subscription_losses: Counter,
+    pub shared_cache_canary_misses: Counter,
+    pub shared_cache_rollbacks: Counter,
+    pub shared_cache_invalidations_heard: Counter,
     pub shared_cache_values_refused: Family<ReasonLabels, Counter>,
     pub tls: TlsMetrics,
     routes: OnceLock<Vec<RouteHandles>>,
@@ -302,21 +305,39 @@ impl Metrics {
         let shared_cache_operations = Family::<OperationLabels, Counter>::default();
         let shared_cache_subscribed = Gauge::default();
         let shared_cache_subscription_losses = Counter::default();
+        let shared_cache_canary_misses = Counter::default();
+        let shared_cache_rollbacks = Counter::default();
+        let shared_cache_invalidations_heard = Counter::default();
         let shared_cache_values_refused = Family::<ReasonLabels, Counter>::default();
         if shared_cache {
             registry.register(
                 "shared_cache_subscribed",
-                "1 while this replica hears the fleet's invalidations (its subscription answers pings), else 0",
+                "1 while this replica hears the fleet's invalidations (its own canary comes back on its subscription), else 0",
                 shared_cache_subscribed.clone(),
             );
             registry.register(
                 "shared_cache_subscription_losses",
-                "Invalidation subscriptions lost or found silent; each drops every local entry",
+                "Invalidation subscriptions lost, found deaf, or sent a message that does not open; each drops every local entry",
                 shared_cache_subscription_losses.clone(),
             );
             registry.register(
+                "shared_cache_canary_misses",
+                "Times this replica's canary did not come back on its subscription in time (counted among the losses)",
+                shared_cache_canary_misses.clone(),
+            );
+            registry.register(
+                "shared_cache_rollbacks",
+                "Times this replica saw Redis hold less than it knew (a restore, a lagging failover, a flush, a hand-made write) and raised the fleet's epoch",
+                shared_cache_rollbacks.clone(),
+            );
+            registry.register(
+                "shared_cache_invalidations_heard",
+                "Invalidation messages this replica heard from the fleet (its own included)",
+                shared_cache_invalidations_heard.clone(),
+            );
+            registry.register(
                 "shared_cache_values_refused",
-                "Values read from the shared cache and refused: sealed in a generation older than an invalidation, or not decryptable",
+                "Values read from the shared cache and refused: sealed in a generation older than an invalidation or in an earlier epoch of the fleet, or not decryptable",
                 shared_cache_values_refused.clone(),
             );
             for reason in ValueRefusal::ALL {
@@ -385,6 +406,9 @@ impl Metrics {
             shared_cache_operations,
             shared_cache_subscribed,
             shared_cache_subscription_losses,
+            shared_cache_canary_misses,
+            shared_cache_rollbacks,
+            shared_cache_invalidations_heard,
             shared_cache_values_refused,
             tls: tls_metrics,
             routes: OnceLock::new(),

@@ -1,5 +1,7 @@
 //! A TCP proxy that injects faults between a broker and Redis: pass, delay,
-//! blackhole and reset (every connection, open or new, is reset).
+//! blackhole, reset (every connection, open or new, is reset) and drop
+//! messages (every reply passes, PONGs included, but no published message
+//! reaches a subscriber: a subscription left on a server nobody publishes to).
 //!
 //! A blackhole is a partition as TCP sees it: connections stay open and
 //! nothing goes through, in either direction, for as long as it lasts; what
@@ -20,6 +22,7 @@ pub enum Fault {
     Delay(Duration),
     Blackhole,
     Reset,
+    DropMessages,
 }
 
 /// A proxy on 127.0.0.1 in front of `target`; stops when dropped.
@@ -65,8 +68,8 @@ async fn serve(client: TcpStream, target: SocketAddr, mut fault: watch::Receiver
     let _ = socket2::SockRef::from(&server).set_linger(Some(Duration::ZERO));
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let up = pump(client_read, server_write, fault.clone());
-    let down = pump(server_read, client_write, fault.clone());
+    let up = pump(client_read, server_write, fault.clone(), false);
+    let down = pump(server_read, client_write, fault.clone(), true);
     let reset = async {
         while fault.changed().await.is_ok() {
             if *fault.borrow() == Fault::Reset {
@@ -81,12 +84,16 @@ async fn serve(client: TcpStream, target: SocketAddr, mut fault: watch::Receiver
     }
 }
 
+/// Copies `from` to `to` under the current fault; `replies`: this is Redis's
+/// side, cut into whole RESP frames so published messages can be dropped.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut fault: watch::Receiver<Fault>,
+    replies: bool,
 ) {
     let mut buffer = vec![0u8; 16 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
     loop {
         if !through_the_blackhole(&mut fault).await {
             return;
@@ -101,11 +108,62 @@ async fn pump(
         match now {
             Fault::Delay(delay) => tokio::time::sleep(delay).await,
             Fault::Reset => return,
-            Fault::Pass | Fault::Blackhole => {}
+            Fault::Pass | Fault::Blackhole | Fault::DropMessages => {}
         }
-        if to.write_all(&buffer[..read]).await.is_err() {
+        if !replies {
+            if to.write_all(&buffer[..read]).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        pending.extend_from_slice(&buffer[..read]);
+        let mut passed = Vec::with_capacity(pending.len());
+        let mut at = 0;
+        while let Some(length) = frame_length(&pending[at..]) {
+            let frame = &pending[at..at + length];
+            let published = frame.starts_with(b"*3\r\n$7\r\nmessage\r\n")
+                || frame.starts_with(b">3\r\n$7\r\nmessage\r\n");
+            if !(published && now == Fault::DropMessages) {
+                passed.extend_from_slice(frame);
+            }
+            at += length;
+        }
+        pending.drain(..at);
+        if to.write_all(&passed).await.is_err() {
             return;
         }
+    }
+}
+
+/// The length of the whole RESP2/RESP3 frame at the start of `bytes`, if
+/// it is all there.
+fn frame_length(bytes: &[u8]) -> Option<usize> {
+    let line_end = bytes.windows(2).position(|w| w == b"\r\n")?;
+    let header = std::str::from_utf8(&bytes[1..line_end]).ok()?;
+    let after = line_end + 2;
+    match bytes.first()? {
+        b'+' | b'-' | b':' | b'_' | b'#' | b',' | b'(' => Some(after),
+        b'$' | b'=' | b'!' => {
+            let length: i64 = header.parse().ok()?;
+            if length < 0 {
+                return Some(after);
+            }
+            let end = after + usize::try_from(length).ok()? + 2;
+            (bytes.len() >= end).then_some(end)
+        }
+        kind @ (b'*' | b'>' | b'~' | b'%' | b'|') => {
+            let count: i64 = header.parse().ok()?;
+            let items = match kind {
+                b'%' | b'|' => count.max(0) * 2,
+                _ => count.max(0),
+            };
+            let mut at = after;
+            for _ in 0..items {
+                at += frame_length(&bytes[at..])?;
+            }
+            Some(at)
+        }
+        _ => None,
     }
 }
 
@@ -120,7 +178,7 @@ async fn through_the_blackhole(fault: &mut watch::Receiver<Fault>) -> bool {
                 }
             }
             Fault::Reset => return false,
-            Fault::Pass | Fault::Delay(_) => return true,
+            Fault::Pass | Fault::Delay(_) | Fault::DropMessages => return true,
         }
     }
 }

@@ -11,6 +11,7 @@ mod faults;
 mod fleet;
 mod helpers;
 mod hostile;
+mod hostile_redis;
 mod http_rules;
 mod image;
 mod invalidation;

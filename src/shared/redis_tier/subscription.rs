@@ -1,7 +1,10 @@
 //! The replica's ear on the fleet: the subscription to the "invalidated"
-//! and "filled" channels, pinged so a silent one is noticed, made again after
-//! any loss (and every local entry dropped then, since invalidations may have
-//! been missed).
+//! and "filled" channels and to this replica's own canary channel. Every
+//! `CANARY_EVERY` the replica publishes a canary through its command
+//! connection; a subscription that does not hear it back within
+//! `SILENCE_LIMIT` is dead or deaf (a half-open connection, or one left on an
+//! isolated old primary that PONGs but hears nobody), and is made again
+//! after every local entry was dropped, since invalidations may have been missed.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -10,18 +13,31 @@ use futures_util::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::super::sealed::KeyName;
-use super::super::{Event, EventSink, TierFuture};
+use super::super::Event;
+use super::super::sealed::{KeyName, Message};
 use super::{FILLED, INVALIDATED, RedisTier};
 use crate::telemetry::metrics::{SharedCacheOp, SharedCacheResult, ValueRefusal};
 
 /// Pause between attempts to re-subscribe.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(250);
-/// How often the subscription is pinged.
-const PING_EVERY: Duration = Duration::from_millis(500);
-/// Silence on the subscription after which it counts as dead: with pings
-/// every `PING_EVERY`, a dead subscription is noticed within 2 s.
+/// How often a canary is sent while the last one came back.
+const CANARY_EVERY: Duration = Duration::from_millis(250);
+/// Time without this replica's canary coming back after which the
+/// subscription counts as lost: with a canary every `CANARY_EVERY`, a dead
+/// or deaf subscription is noticed within 2 s.
 const SILENCE_LIMIT: Duration = Duration::from_millis(1250);
+
+/// Why listening ended.
+enum Ended {
+    Stopped,
+    /// The connection closed.
+    Closed,
+    /// The canary did not come back in time.
+    Deaf,
+    /// A message on the fleet's channel did not open: someone without the
+    /// key publishes there, or replicas use different keys.
+    Unreadable,
+}
 
 impl RedisTier {
     fn set_in_sync(&self, in_sync: bool) {
@@ -32,14 +48,15 @@ impl RedisTier {
             .set(i64::from(in_sync));
     }
 
-    /// Listens on both channels until `stop`, pinging the subscription;
-    /// a lost or silent one sends `Event::Lost` at once and is made again.
-    pub(super) async fn subscribe(self, sink: EventSink, stop: CancellationToken) {
+    /// Listens until `stop`; a lost, silent or deaf subscription sends
+    /// `Event::Lost` at once and is made again.
+    pub(super) async fn subscribe(self, stop: CancellationToken) {
+        let canary = self.0.fleet.canary_channel();
         while !stop.is_cancelled() {
             let bound = self.0.timeout.max(Duration::from_secs(1));
             let subscribed = tokio::time::timeout(bound, async {
                 let mut pubsub = self.0.nodes.pubsub().await?;
-                pubsub.subscribe(&[INVALIDATED, FILLED]).await?;
+                pubsub.subscribe(&[INVALIDATED, FILLED, &canary]).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             })
             .await;
@@ -47,18 +64,29 @@ impl RedisTier {
                 Ok(Ok(pubsub)) => {
                     self.record(SharedCacheOp::Subscribe, SharedCacheResult::Ok, None);
                     // Invalidations sent while this replica was not listening were missed.
-                    sink(Event::Lost);
-                    self.set_in_sync(true);
-                    if self.listen(pubsub, &sink, &stop).await.is_break() {
-                        return;
-                    }
+                    self.emit(Event::Lost);
+                    let ended = self.listen(pubsub, &stop).await;
+                    let was_in_sync = self.0.in_sync.load(Ordering::Acquire);
                     self.set_in_sync(false);
+                    let why = match ended {
+                        Ended::Stopped => return,
+                        Ended::Closed => "closed",
+                        Ended::Deaf => {
+                            self.0.metrics.shared_cache_canary_misses.inc();
+                            "deaf: this replica's canary did not come back"
+                        }
+                        Ended::Unreadable => "a message on the fleet's channel does not open",
+                    };
                     self.record(SharedCacheOp::Subscribe, SharedCacheResult::Error, None);
                     self.0.metrics.shared_cache_subscription_losses.inc();
-                    sink(Event::Lost);
-                    tracing::warn!(
-                        "invalidation subscription lost or silent; dropped every local entry, subscribing again"
-                    );
+                    self.emit(Event::Lost);
+                    // Once per loss of sync, not once per failed attempt.
+                    if was_in_sync {
+                        tracing::warn!(
+                            reason = why,
+                            "invalidation subscription lost; dropped every local entry, subscribing again"
+                        );
+                    }
                 }
                 Ok(Err(error)) => {
                     self.0.nodes.failed(&error);
@@ -73,92 +101,105 @@ impl RedisTier {
         }
     }
 
-    /// Handles messages until the subscription ends or falls silent
-    /// (`Continue`) or `stop` (`Break`).
-    async fn listen(
-        &self,
-        pubsub: redis::aio::PubSub,
-        sink: &EventSink,
-        stop: &CancellationToken,
-    ) -> std::ops::ControlFlow<()> {
-        let (sink_half, mut messages) = pubsub.split();
+    /// Handles messages and sends canaries until the subscription ends, goes
+    /// deaf, or `stop`. In sync from the first canary heard back: by then the
+    /// fleet's epoch was read, so nothing from before it is trusted.
+    async fn listen(&self, pubsub: redis::aio::PubSub, stop: &CancellationToken) -> Ended {
+        let (_sink_half, mut messages) = pubsub.split();
+        let fleet = &self.0.fleet;
         let mut last_heard = Instant::now();
-        let mut ticks = tokio::time::interval(PING_EVERY / 2);
-        let mut ping: Option<TierFuture<'static, bool>> = None;
+        let mut ticks = tokio::time::interval(CANARY_EVERY / 2);
+        let mut sending: Option<super::TierFuture<'_, bool>> = None;
         loop {
             tokio::select! {
-                () = stop.cancelled() => return std::ops::ControlFlow::Break(()),
+                () = stop.cancelled() => return Ended::Stopped,
                 message = messages.next() => match message {
-                    Some(message) => {
-                        last_heard = Instant::now();
-                        self.handle(&message, sink);
-                    }
-                    None => return std::ops::ControlFlow::Continue(()),
+                    Some(message) => match self.handle(&message) {
+                        Heard::Nothing => {}
+                        Heard::Canary => {
+                            last_heard = Instant::now();
+                            if !self.0.in_sync.load(Ordering::Acquire) {
+                                self.set_in_sync(true);
+                            }
+                        }
+                        Heard::Unreadable => return Ended::Unreadable,
+                    },
+                    None => return Ended::Closed,
                 },
-                answered = async { ping.as_mut().expect("guarded").await }, if ping.is_some() => {
-                    ping = None;
-                    if answered {
-                        last_heard = Instant::now();
-                    }
+                _ = async { sending.as_mut().expect("guarded").await }, if sending.is_some() => {
+                    sending = None;
                 }
                 _ = ticks.tick() => {
                     if last_heard.elapsed() >= SILENCE_LIMIT {
-                        return std::ops::ControlFlow::Continue(());
+                        return Ended::Deaf;
                     }
-                    if !self.0.breaker.is_closed() {
-                        // Commands were failing: probe them (once a second, as
-                        // `call` allows), so a replica serving only hits still
-                        // finds Redis back.
-                        let tier = self.clone();
-                        tokio::spawn(async move {
-                            let _: Option<String> = tier
-                                .call(SharedCacheOp::Probe, |mut connection| async move {
-                                    redis::cmd("PING").query_async(&mut connection).await
-                                })
-                                .await;
-                        });
-                    }
-                    if ping.is_none() && last_heard.elapsed() >= PING_EVERY / 2 {
-                        let mut sink_half = sink_half.clone();
-                        ping = Some(Box::pin(async move {
-                            sink_half.ping::<redis::Value>().await.is_ok()
-                        }));
+                    let answered = fleet.canaries_heard.load(Ordering::Acquire)
+                        >= fleet.canaries_sent.load(Ordering::Acquire);
+                    if sending.is_none() && (answered || last_heard.elapsed() >= CANARY_EVERY * 2)
+                        && last_heard.elapsed() >= CANARY_EVERY / 2
+                    {
+                        let count = fleet.canaries_sent.fetch_add(1, Ordering::AcqRel) + 1;
+                        sending = Some(Box::pin(self.send_canary(count)));
                     }
                 }
             }
         }
     }
 
-    fn handle(&self, message: &redis::Msg, sink: &EventSink) {
+    fn handle(&self, message: &redis::Msg) -> Heard {
         let payload = message.get_payload_bytes();
-        match message.get_channel_name() {
-            FILLED => {
-                if let Ok(name) = std::str::from_utf8(payload) {
-                    self.0.waiters.wake(&KeyName(name.to_owned()));
-                }
+        let channel = message.get_channel_name();
+        if channel == FILLED {
+            if let Ok(name) = std::str::from_utf8(payload) {
+                self.0.waiters.wake(&KeyName(name.to_owned()));
             }
-            INVALIDATED => {
-                let opened = payload.iter().position(|b| *b == b':').and_then(|colon| {
-                    let generation = std::str::from_utf8(&payload[..colon]).ok()?.parse().ok()?;
-                    let identity = self.0.sealer.open_identity(&payload[colon + 1..])?;
-                    Some((identity, generation))
-                });
-                match opened {
-                    Some((identity, generation)) => {
-                        self.remember_invalidation(&identity, generation);
-                        sink(Event::Invalidated(identity));
-                    }
-                    None => {
-                        self.0
-                            .metrics
-                            .shared_cache_value_refused(ValueRefusal::Undecryptable);
-                        tracing::warn!(
-                            "an invalidation message does not open under this replica's key; ignoring it"
-                        );
-                    }
-                }
-            }
-            _ => {}
+            return Heard::Nothing;
         }
+        let Some(opened) = self.0.sealer.open_message(payload) else {
+            self.0
+                .metrics
+                .shared_cache_value_refused(ValueRefusal::Undecryptable);
+            return Heard::Unreadable;
+        };
+        match opened {
+            Message::Invalidated {
+                identity,
+                generation,
+                sequence,
+            } => {
+                // An old message replayed moves nothing back: the generation
+                // and sequence only rise, and the entry is dropped either way.
+                self.0.metrics.shared_cache_invalidations_heard.inc();
+                self.0.invalidated.raise(&identity, generation);
+                self.0.fleet.heard_sequence(sequence);
+                self.emit(Event::Invalidated(identity));
+            }
+            Message::Epoch { epoch, sequence } => {
+                // Learned only when higher: a replayed old raise is nothing new.
+                if self.0.fleet.learn(epoch, sequence) {
+                    self.saw_raised();
+                }
+            }
+            Message::Canary { replica, count } => {
+                let fleet = &self.0.fleet;
+                // Only this replica's own, and only the newest: a replayed
+                // canary proves nothing.
+                if replica == fleet.replica
+                    && count == fleet.canaries_sent.load(Ordering::Acquire)
+                    && fleet.canaries_heard.fetch_max(count, Ordering::AcqRel) < count
+                {
+                    return Heard::Canary;
+                }
+            }
+        }
+        Heard::Nothing
     }
+}
+
+/// What one message was.
+enum Heard {
+    Nothing,
+    /// This replica's newest canary came back.
+    Canary,
+    Unreadable,
 }

@@ -85,6 +85,9 @@ label_values! {
         RateLimit => "rate_limit",
         Subscribe => "subscribe",
         Probe => "probe",
+        /// The fleet's counters read and this replica's canary published.
+        Canary => "canary",
+        RaiseEpoch => "raise_epoch",
     }
 }
 
@@ -102,6 +105,8 @@ label_values! {
     ValueRefusal {
         /// Sealed in a generation older than an invalidation.
         StaleGeneration => "stale_generation",
+        /// Sealed in another epoch of the fleet (before a rollback was seen).
+        StaleEpoch => "stale_epoch",
         Undecryptable => "undecryptable",
     }
 }

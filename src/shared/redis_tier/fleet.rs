@@ -1,0 +1,285 @@
+//! The fleet's memory that a restore cannot roll back: the epoch every value
+//! is sealed in, the sequence every invalidation advances, and what this
+//! replica knows of both.
+//!
+//! Redis holds both in one hash (`FLEET`). A replica learns them from every
+//! canary round trip (`check`, every `CANARY_EVERY`), from every
+//! `DELETE` it makes and from the messages of the others. Whenever Redis
+//! shows less than the replica knows (a lower epoch or sequence, a counter
+//! no replica wrote, a key's generation below an invalidation the replica
+//! saw), Redis lost writes: a restore, a failover to a lagging replica, a
+//! flush. The replica then raises the epoch past both, every replica drops
+//! what it holds and refuses every value sealed before, and a replica
+//! started afterwards reads the raised epoch before it trusts Redis at all.
+//!
+//! Not covered: every replica restarted together with the restore. Then no
+//! running process remembers what Redis forgot.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use super::super::Event;
+use super::super::sealed::Message;
+use super::scripts::{self, believable};
+use super::{FLEET, INVALIDATED, RedisTier, invoking};
+use crate::telemetry::metrics::SharedCacheOp;
+
+/// What this replica knows of the fleet.
+pub(super) struct Fleet {
+    epoch: AtomicU64,
+    sequence: AtomicU64,
+    /// A raise is under way (one at a time is enough).
+    raising: AtomicBool,
+    /// This replica's name on its canary channel.
+    pub(super) replica: u128,
+    /// The count of the last canary sent, and of the last one heard back.
+    pub(super) canaries_sent: AtomicU64,
+    pub(super) canaries_heard: AtomicU64,
+    fleet: redis::Script,
+    advance: redis::Script,
+    raise: redis::Script,
+}
+
+/// What this replica knew of the fleet before it asked Redis: an answer is
+/// compared with that, since Redis can show nothing lower than what was
+/// known when the question left (but a later answer may already have been
+/// learned meanwhile).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Known {
+    epoch: u64,
+    sequence: u64,
+}
+
+/// What a read of the fleet's counters showed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    AsKnown,
+    /// Another replica raised the epoch.
+    Raised,
+    /// Redis holds less than this replica knows.
+    RolledBack,
+}
+
+impl Fleet {
+    pub(super) fn new() -> Self {
+        Self {
+            epoch: AtomicU64::new(0),
+            sequence: AtomicU64::new(0),
+            raising: AtomicBool::new(false),
+            replica: rand::random(),
+            canaries_sent: AtomicU64::new(0),
+            canaries_heard: AtomicU64::new(0),
+            fleet: redis::Script::new(&scripts::fleet()),
+            advance: redis::Script::new(&scripts::advance()),
+            raise: redis::Script::new(&scripts::raise()),
+        }
+    }
+
+    /// The epoch values are sealed in now.
+    pub(super) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The channel this replica's canaries come back on.
+    pub(super) fn canary_channel(&self) -> String {
+        format!("{FLEET}:canary:{:032x}", self.replica)
+    }
+
+    /// What is known now, before asking Redis.
+    pub(super) fn known(&self) -> Known {
+        Known {
+            epoch: self.epoch(),
+            sequence: self.sequence.load(Ordering::Acquire),
+        }
+    }
+
+    /// Compares what Redis shows with what was `known` before asking, and learns it.
+    fn see(&self, known: Known, epoch: Option<u64>, sequence: Option<u64>) -> Seen {
+        let (Some(epoch), Some(sequence)) = (epoch, sequence) else {
+            return Seen::RolledBack;
+        };
+        if epoch < known.epoch || sequence < known.sequence {
+            return Seen::RolledBack;
+        }
+        self.sequence.fetch_max(sequence, Ordering::AcqRel);
+        if self.epoch.fetch_max(epoch, Ordering::AcqRel) < epoch {
+            Seen::Raised
+        } else {
+            Seen::AsKnown
+        }
+    }
+
+    /// Another replica raised the epoch to `epoch`; whether that is news.
+    pub(super) fn learn(&self, epoch: u64, sequence: u64) -> bool {
+        self.sequence.fetch_max(sequence, Ordering::AcqRel);
+        self.epoch.fetch_max(epoch, Ordering::AcqRel) < epoch
+    }
+
+    /// An invalidation message said the sequence reached `sequence`.
+    pub(super) fn heard_sequence(&self, sequence: u64) {
+        self.sequence.fetch_max(sequence, Ordering::AcqRel);
+    }
+}
+
+impl RedisTier {
+    /// What Redis shows of the fleet: `epoch` and `sequence` (`None` where
+    /// not believable). Learns them, or raises the epoch past them when they
+    /// are less than this replica `known` before it asked.
+    async fn saw_fleet(&self, known: Known, epoch: Option<u64>, sequence: Option<u64>) {
+        match self.0.fleet.see(known, epoch, sequence) {
+            Seen::AsKnown => {}
+            Seen::Raised => self.saw_raised(),
+            Seen::RolledBack => {
+                self.raise_epoch("the fleet's epoch or sequence went back")
+                    .await;
+            }
+        }
+    }
+
+    /// Redis showed less than this replica knows: raises the epoch in the
+    /// background, unless a raise is under way.
+    pub(super) fn rolled_back(&self, why: &'static str) {
+        if self.0.fleet.raising.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let tier = self.clone();
+        tokio::spawn(async move {
+            tier.raise_epoch(why).await;
+        });
+    }
+
+    /// Raises the fleet's epoch past Redis's and this replica's, drops every
+    /// local entry, and tells the other replicas; the new epoch, or `None`
+    /// when Redis could not be asked (the next check tries again).
+    pub(super) async fn raise_epoch(&self, why: &'static str) -> Option<u64> {
+        let fleet = &self.0.fleet;
+        fleet.raising.store(true, Ordering::Release);
+        let mut invocation = fleet.raise.prepare_invoke();
+        invocation
+            .key(FLEET)
+            .arg(fleet.epoch())
+            .arg(fleet.sequence.load(Ordering::Acquire));
+        let raised: Option<(String, String)> = self
+            .call(SharedCacheOp::RaiseEpoch, invoking(invocation))
+            .await;
+        fleet.raising.store(false, Ordering::Release);
+        let (epoch, sequence) = raised?;
+        let (epoch, sequence) = (believable(&epoch)?, believable(&sequence)?);
+        fleet.epoch.fetch_max(epoch, Ordering::AcqRel);
+        fleet.sequence.fetch_max(sequence, Ordering::AcqRel);
+        self.0.metrics.shared_cache_rollbacks.inc();
+        self.emit(Event::Lost);
+        tracing::warn!(
+            reason = why,
+            epoch,
+            "Redis holds less than this replica saw (a restore, a failover to a lagging replica, a flush or a hand-made write); raised the fleet's epoch, so every replica drops and refuses everything stored before"
+        );
+        let message = self
+            .0
+            .sealer
+            .seal_message(&Message::Epoch { epoch, sequence });
+        let _: Option<i64> = self
+            .call(SharedCacheOp::RaiseEpoch, |mut connection| {
+                let message = message.clone();
+                async move {
+                    redis::cmd("PUBLISH")
+                        .arg(INVALIDATED)
+                        .arg(message)
+                        .query_async(&mut connection)
+                        .await
+                }
+            })
+            .await;
+        Some(epoch)
+    }
+
+    /// Advances the fleet's sequence for an invalidation; the new sequence,
+    /// or `None` when Redis could not be asked or the epoch could not be raised.
+    pub(super) async fn advance(&self) -> Option<u64> {
+        for _ in 0..2 {
+            let known = self.0.fleet.known();
+            let mut invocation = self.0.fleet.advance.prepare_invoke();
+            invocation.key(FLEET);
+            let (epoch, sequence): (String, String) = self
+                .call(SharedCacheOp::Invalidate, invoking(invocation))
+                .await?;
+            let (epoch, sequence) = (believable(&epoch), believable(&sequence));
+            match self.0.fleet.see(known, epoch, sequence) {
+                Seen::AsKnown => return sequence,
+                Seen::Raised => {
+                    self.saw_raised();
+                    return sequence;
+                }
+                Seen::RolledBack => {
+                    self.raise_epoch("the fleet's epoch or sequence went back")
+                        .await?;
+                }
+            }
+        }
+        None
+    }
+
+    pub(super) fn saw_raised(&self) {
+        self.emit(Event::Lost);
+        tracing::warn!(
+            epoch = self.0.fleet.epoch(),
+            "another replica raised the fleet's epoch (Redis lost writes); dropped every local entry"
+        );
+    }
+
+    /// One canary round trip: reads the fleet's counters and publishes
+    /// canary `count` on this replica's channel; `false` when Redis could not
+    /// be asked.
+    pub(super) async fn send_canary(&self, count: u64) -> bool {
+        let fleet = &self.0.fleet;
+        let canary = self.0.sealer.seal_message(&Message::Canary {
+            replica: fleet.replica,
+            count,
+        });
+        let known = fleet.known();
+        let mut invocation = fleet.fleet.prepare_invoke();
+        invocation
+            .key(FLEET)
+            .arg(fleet.canary_channel())
+            .arg(canary);
+        let read: Option<(String, String)> =
+            self.call(SharedCacheOp::Canary, invoking(invocation)).await;
+        let Some((epoch, sequence)) = read else {
+            return false;
+        };
+        self.saw_fleet(known, believable(&epoch), believable(&sequence))
+            .await;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_showing_less_than_known_is_a_rollback_and_more_is_learned() {
+        let fleet = Fleet::new();
+        let see = |epoch, sequence| fleet.see(fleet.known(), epoch, sequence);
+        assert_eq!(see(Some(0), Some(0)), Seen::AsKnown);
+        assert_eq!(see(Some(0), Some(5)), Seen::AsKnown);
+        assert_eq!(see(Some(0), Some(4)), Seen::RolledBack, "sequence back");
+        assert_eq!(see(Some(2), Some(5)), Seen::Raised);
+        assert_eq!(fleet.epoch(), 2);
+        assert_eq!(see(Some(1), Some(9)), Seen::RolledBack, "epoch back");
+        assert_eq!(see(None, Some(9)), Seen::RolledBack, "not believable");
+        assert_eq!(see(Some(2), None), Seen::RolledBack);
+        fleet.heard_sequence(12);
+        assert_eq!(see(Some(2), Some(11)), Seen::RolledBack);
+        assert_eq!(see(Some(2), Some(12)), Seen::AsKnown);
+    }
+
+    #[test]
+    fn an_answer_older_than_what_was_learned_meanwhile_is_no_rollback() {
+        let fleet = Fleet::new();
+        let asked = fleet.known();
+        // Another request's later answer (or a message) arrived first.
+        fleet.heard_sequence(7);
+        assert_eq!(fleet.see(asked, Some(0), Some(6)), Seen::AsKnown);
+        assert_eq!(fleet.known().sequence, 7, "nothing learned moves back");
+    }
+}
