@@ -19,7 +19,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Immediate;
 
 impl TokenSource for Immediate {
-    fn fetch<'a>(&'a self, identity: &'a Identity, _: &'a std::sync::Arc<str>) -> FetchFuture<'a> {
+    fn fetch<'a>(
+        &'a self,
+        identity: &'a Identity,
+        _: &'a token_broker::upstream::Askers,
+    ) -> FetchFuture<'a> {
         let seed = match identity {
             Identity::TeamMember { email, .. } => email.as_str().len(),
             Identity::Customer(id) => id.as_str().len(),

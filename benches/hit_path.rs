@@ -29,7 +29,11 @@ const KEY: &str = "bench-caller-key-0123456789abcdef0123";
 struct Immediate;
 
 impl TokenSource for Immediate {
-    fn fetch<'a>(&'a self, _identity: &'a Identity, _: &'a std::sync::Arc<str>) -> FetchFuture<'a> {
+    fn fetch<'a>(
+        &'a self,
+        _identity: &'a Identity,
+        _: &'a token_broker::upstream::Askers,
+    ) -> FetchFuture<'a> {
         Box::pin(async {
             Ok(Fetched {
                 token: Token::new("0123456789abcdef0123456789abcdef0123456789abcdef"),

@@ -26,6 +26,7 @@ pub mod freshness;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::PoisonError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -38,7 +39,7 @@ use crate::config::CacheSettings;
 use crate::domain::Identity;
 use crate::shared::{Event, Lock, Next, NoSharedTier, NotShared, Permit, SharedTier, Stored};
 use crate::telemetry::metrics::{Lookup, Metrics, UpstreamOutcome};
-use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
+use crate::upstream::{Askers, Fetched, UpstreamClient, UpstreamError};
 use entry::{Answer, Entry, Lifetime};
 pub use entry::{CacheResult, Issued};
 use flights::{FlightKey, Generation, Generations, Purpose, Want};
@@ -49,14 +50,14 @@ pub type FetchFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Fetched, UpstreamError>> + Send + 'a>>;
 
 /// Where tokens come from: the vendor client in production, a double in unit
-/// tests. `caller` is whose fetch it is, for the vendor slots' fair share.
+/// tests. `askers` are whose fetch it is, for the vendor slots' fair share.
 pub trait TokenSource: Send + Sync + 'static {
-    fn fetch<'a>(&'a self, identity: &'a Identity, caller: &'a Arc<str>) -> FetchFuture<'a>;
+    fn fetch<'a>(&'a self, identity: &'a Identity, askers: &'a Askers) -> FetchFuture<'a>;
 }
 
 impl TokenSource for UpstreamClient {
-    fn fetch<'a>(&'a self, identity: &'a Identity, caller: &'a Arc<str>) -> FetchFuture<'a> {
-        Box::pin(UpstreamClient::fetch(self, identity, caller))
+    fn fetch<'a>(&'a self, identity: &'a Identity, askers: &'a Askers) -> FetchFuture<'a> {
+        Box::pin(UpstreamClient::fetch(self, identity, askers))
     }
 }
 
@@ -135,6 +136,9 @@ impl BrokerError {
 struct Inner {
     store: Cache<Identity, Arc<Entry>>,
     flights: Cache<FlightKey, Arc<Entry>>,
+    /// Who asks for each flight under way, so its fetch waits in every
+    /// one's turn for a vendor slot, not only in the first one's.
+    askers: std::sync::Mutex<std::collections::HashMap<FlightKey, Arc<Askers>>>,
     generations: Generations,
     tier: Arc<dyn SharedTier>,
     source: Arc<dyn TokenSource>,
@@ -179,6 +183,7 @@ impl Broker {
         Self(Arc::new(Inner {
             store,
             flights,
+            askers: std::sync::Mutex::default(),
             generations: Generations::new(
                 settings.max_entries,
                 settings.ttl + settings.stale_if_error,
@@ -435,14 +440,16 @@ impl Broker {
         loop {
             let generation = inner.generations.of(identity);
             let key = (identity.clone(), generation, purpose);
+            let askers = self.ask(&key, caller);
             let result = inner
                 .flights
                 // Boxed: a miss is rare, and the fill's future is deep.
                 .try_get_with_by_ref(
                     &key,
-                    Box::pin(self.fill(identity, caller, generation, want)),
+                    Box::pin(self.fill(identity, &askers, generation, want)),
                 )
                 .await;
+            self.landed(&key, &askers);
             inner.flights.invalidate(&key).await;
             match result {
                 Ok(entry) if want.accepts(&entry) => return Ok(entry),
@@ -454,12 +461,30 @@ impl Broker {
         }
     }
 
+    /// `caller` asks for the flight `key`: joins its askers, or starts them.
+    fn ask(&self, key: &FlightKey, caller: &Arc<str>) -> Arc<Askers> {
+        let mut flights = self.0.askers.lock().unwrap_or_else(PoisonError::into_inner);
+        let askers = flights
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Askers::new(caller)));
+        askers.join(caller);
+        askers.clone()
+    }
+
+    /// The flight `key` is over: its askers go (unless a new flight took the key).
+    fn landed(&self, key: &FlightKey, askers: &Arc<Askers>) {
+        let mut flights = self.0.askers.lock().unwrap_or_else(PoisonError::into_inner);
+        if flights.get(key).is_some_and(|a| Arc::ptr_eq(a, askers)) {
+            flights.remove(key);
+        }
+    }
+
     /// One flight's work: the shared tier first; else one replica asks the
     /// vendor while the others wait for its answer (within `upstream.timeout`).
     async fn fill(
         &self,
         identity: &Identity,
-        caller: &Arc<str>,
+        askers: &Askers,
         generation: Generation,
         want: Want,
     ) -> Result<Arc<Entry>, UpstreamError> {
@@ -495,7 +520,7 @@ impl Broker {
         {
             return entry;
         }
-        self.ask_vendor(identity, caller, generation, permit).await
+        self.ask_vendor(identity, askers, generation, permit).await
     }
 
     /// A value read from the shared tier as this fill's answer, if `want`
@@ -534,12 +559,12 @@ impl Broker {
     async fn ask_vendor(
         &self,
         identity: &Identity,
-        caller: &Arc<str>,
+        askers: &Askers,
         generation: Generation,
         permit: Permit,
     ) -> Result<Arc<Entry>, UpstreamError> {
         let inner = &self.0;
-        let fetched = inner.source.fetch(identity, caller).await;
+        let fetched = inner.source.fetch(identity, askers).await;
         if fetched.is_ok() && inner.serving_stale.swap(false, Ordering::AcqRel) {
             tracing::info!("vendor answering again; no more stale tokens");
         }

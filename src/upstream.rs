@@ -6,6 +6,8 @@ pub mod fair;
 pub mod partner_key;
 pub mod resilience;
 
+pub use fair::Askers;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -260,16 +262,16 @@ impl UpstreamClient {
         })
     }
 
-    /// Asks the vendor for the token of `identity` on behalf of `caller`,
+    /// Asks the vendor for the token of `identity` on behalf of `askers`,
     /// within the limits of `Resilience`: circuit, vendor slots shared in
     /// turn among callers, retries, one overall deadline.
     pub async fn fetch(
         &self,
         identity: &Identity,
-        caller: &Arc<str>,
+        askers: &Askers,
     ) -> Result<Fetched, UpstreamError> {
         self.resilience
-            .run(caller, |deadline| self.measured_attempt(identity, deadline))
+            .run(askers, |deadline| self.measured_attempt(identity, deadline))
             .await
     }
 

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// Hands out `token-<n>` for the n-th call, after `delay`.
 struct Counting {
     calls: AtomicUsize,
+    /// Who asked for each fetch, as it ended.
+    askers: Mutex<Vec<Vec<String>>>,
     delay: Duration,
     active: AtomicBool,
     fail: Mutex<Option<UpstreamError>>,
@@ -23,6 +25,7 @@ impl Counting {
     fn with(delay: Duration, active: bool) -> Arc<Self> {
         Arc::new(Self {
             calls: AtomicUsize::new(0),
+            askers: Mutex::default(),
             delay,
             active: AtomicBool::new(active),
             fail: Mutex::new(None),
@@ -39,10 +42,12 @@ impl Counting {
 }
 
 impl TokenSource for Counting {
-    fn fetch<'a>(&'a self, _identity: &'a Identity, _: &'a Arc<str>) -> FetchFuture<'a> {
+    fn fetch<'a>(&'a self, _identity: &'a Identity, askers: &'a Askers) -> FetchFuture<'a> {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::time::sleep(self.delay).await;
+            let names = askers.names().iter().map(|a| a.to_string()).collect();
+            self.askers.lock().unwrap().push(names);
             if let Some(error) = self.fail.lock().unwrap().clone() {
                 return Err(error);
             }
@@ -228,6 +233,31 @@ async fn a_fetch_begun_before_an_invalidation_does_not_store_its_answer() {
     assert_eq!(next.token.expose(), "token-2");
     assert_eq!(next.cache, CacheResult::Hit);
     assert_eq!(source.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_is_for_every_caller_that_joined_its_flight() {
+    let source = Counting::with(Duration::from_millis(300), true);
+    let broker = Arc::new(broker(source.clone(), Duration::from_secs(600), 100));
+    let id = member("a@example.com", UserType::Agent);
+    let lookups: Vec<_> = ["bulk", "single", "bulk"]
+        .into_iter()
+        .map(|who| {
+            let (broker, id) = (broker.clone(), id.clone());
+            tokio::spawn(async move { broker.lookup(&id, &Arc::from(who)).await.unwrap() })
+        })
+        .collect();
+    for lookup in lookups {
+        lookup.await.unwrap();
+    }
+    assert_eq!(source.calls(), 1);
+    let mut askers = source.askers.lock().unwrap()[0].clone();
+    askers.sort();
+    assert_eq!(askers, ["bulk", "single"], "the fetch waits in both turns");
+    assert!(
+        broker.0.askers.lock().unwrap().is_empty(),
+        "nothing left behind"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -337,7 +337,7 @@ mod tests {
     struct Nothing;
 
     impl TokenSource for Nothing {
-        fn fetch<'a>(&'a self, _: &'a Identity, _: &'a std::sync::Arc<str>) -> FetchFuture<'a> {
+        fn fetch<'a>(&'a self, _: &'a Identity, _: &'a crate::upstream::Askers) -> FetchFuture<'a> {
             Box::pin(async { Err(UpstreamError::NotFound) })
         }
     }

@@ -6,12 +6,18 @@
 //! another caller's single miss by about one vendor round trip, not by the
 //! whole backlog. When nobody waits, a free slot is taken at once. Every slot
 //! is returned when its `Slot` is dropped, whatever happened meanwhile.
+//!
+//! One fetch may be for several callers (`Askers`: the broker coalesces
+//! callers of one key into one flight). It waits in the turn of each of
+//! them, including those who join while it waits, and takes the first slot
+//! any of those turns gets: a caller who joins another caller's flight never
+//! waits behind that caller's backlog.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::oneshot;
-use tokio::time::{Instant, timeout_at};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
 
 use crate::telemetry::metrics::Metrics;
 
@@ -21,6 +27,65 @@ pub struct Slot {
     caller: Arc<str>,
     /// Whether dropping it hands it on; not for a slot taken back unsent.
     armed: bool,
+}
+
+/// The callers one fetch is for: the one who started it, then everyone who
+/// joined it.
+pub struct Askers {
+    names: Mutex<Vec<Arc<str>>>,
+    /// How many there are; watched by a fetch waiting for a slot.
+    count: watch::Sender<usize>,
+}
+
+impl Askers {
+    pub fn new(first: &Arc<str>) -> Self {
+        Self {
+            names: Mutex::new(vec![first.clone()]),
+            count: watch::Sender::new(1),
+        }
+    }
+
+    /// `caller` asks for the same fetch.
+    pub fn join(&self, caller: &Arc<str>) {
+        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        if !names.contains(caller) {
+            names.push(caller.clone());
+            self.count.send_replace(names.len());
+        }
+    }
+
+    /// Who started the fetch.
+    pub fn first(&self) -> Arc<str> {
+        self.names.lock().unwrap_or_else(PoisonError::into_inner)[0].clone()
+    }
+
+    /// Everyone who asked, in order.
+    pub fn names(&self) -> Vec<Arc<str>> {
+        self.from(0)
+    }
+
+    fn from(&self, at: usize) -> Vec<Arc<str>> {
+        let names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        names.get(at..).map(<[_]>::to_vec).unwrap_or_default()
+    }
+}
+
+/// One fetch's place in line: queued in several callers' turns, taken by
+/// whichever turn comes first.
+#[derive(Default)]
+struct Ticket(Mutex<Option<oneshot::Sender<Slot>>>);
+
+impl Ticket {
+    fn take(&self) -> Option<oneshot::Sender<Slot>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    fn pending(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
 }
 
 /// The slots and the callers waiting for them.
@@ -36,7 +101,7 @@ struct State {
     free: usize,
     /// Callers with someone waiting, in the order they are served; each
     /// with its waiters, oldest first.
-    turns: VecDeque<(Arc<str>, VecDeque<oneshot::Sender<Slot>>)>,
+    turns: VecDeque<(Arc<str>, VecDeque<Arc<Ticket>>)>,
     in_use: HashMap<Arc<str>, i64>,
 }
 
@@ -51,36 +116,72 @@ impl FairSlots {
         }))
     }
 
-    /// A slot for `caller`, waiting in its turn until `deadline`; `None`
-    /// once the deadline passed.
-    pub async fn acquire(&self, caller: &Arc<str>, deadline: Instant) -> Option<Slot> {
+    /// A slot for a fetch `askers` want, waiting in each one's turn until
+    /// `deadline`; `None` once the deadline passed.
+    pub async fn acquire(&self, askers: &Askers, deadline: Instant) -> Option<Slot> {
         let started = Instant::now();
-        let waiting = {
+        let mut joined = askers.count.subscribe();
+        let (sender, mut receiver) = oneshot::channel();
+        let ticket = Arc::new(Ticket(Mutex::new(Some(sender))));
+        let mut queued = 0;
+        {
             let mut state = self.0.lock();
             if state.free > 0 && state.turns.is_empty() {
                 state.free -= 1;
                 drop(state);
+                let caller = askers.first();
                 self.0
                     .metrics
-                    .upstream_queue_wait(caller, started.elapsed());
-                return Some(self.0.slot_for(caller));
+                    .upstream_queue_wait(&caller, started.elapsed());
+                return Some(self.0.slot_for(&caller));
             }
-            let (sender, receiver) = oneshot::channel();
-            match state.turns.iter_mut().find(|(name, _)| name == caller) {
-                Some((_, queue)) => queue.push_back(sender),
-                None => state
-                    .turns
-                    .push_back((caller.clone(), VecDeque::from([sender]))),
+            joined.borrow_and_update();
+            for name in askers.names() {
+                state.queue(&name, &ticket);
+                queued += 1;
             }
-            receiver
-        };
+        }
         // A slot sent just as the deadline passed is dropped with the
         // receiver, and its `Drop` hands it on: none is ever lost.
-        let slot = timeout_at(deadline, waiting).await.ok()?.ok()?;
+        let slot = loop {
+            tokio::select! {
+                slot = &mut receiver => break slot.ok()?,
+                changed = joined.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    joined.borrow_and_update();
+                    let mut state = self.0.lock();
+                    if ticket.pending() {
+                        for name in askers.from(queued) {
+                            state.queue(&name, &ticket);
+                            queued += 1;
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    // Taken back: a turn that pops it later skips it.
+                    ticket.take();
+                    break receiver.try_recv().ok()?;
+                }
+            }
+        };
         self.0
             .metrics
-            .upstream_queue_wait(caller, started.elapsed());
+            .upstream_queue_wait(&slot.caller, started.elapsed());
         Some(slot)
+    }
+}
+
+impl State {
+    /// Queues `ticket` in `caller`'s turn.
+    fn queue(&mut self, caller: &Arc<str>, ticket: &Arc<Ticket>) {
+        match self.turns.iter_mut().find(|(name, _)| name == caller) {
+            Some((_, queue)) => queue.push_back(ticket.clone()),
+            None => self
+                .turns
+                .push_back((caller.clone(), VecDeque::from([ticket.clone()]))),
+        }
     }
 }
 
@@ -123,7 +224,15 @@ impl Inner {
                     state.free += 1;
                     return;
                 };
-                let sender = queue.pop_front();
+                // Tickets another turn already served, or whose fetch gave
+                // up, are skipped without spending this caller's turn.
+                let mut sender = None;
+                while let Some(ticket) = queue.pop_front() {
+                    sender = ticket.take();
+                    if sender.is_some() {
+                        break;
+                    }
+                }
                 if !queue.is_empty() {
                     // Served: to the back of the line.
                     state.turns.push_back((name.clone(), queue));
@@ -164,8 +273,8 @@ mod tests {
         FairSlots::new(n, Arc::new(Metrics::new()))
     }
 
-    fn name(text: &str) -> Arc<str> {
-        Arc::from(text)
+    fn name(text: &str) -> Askers {
+        Askers::new(&Arc::from(text))
     }
 
     #[tokio::test(start_paused = true)]
@@ -195,6 +304,47 @@ mod tests {
             ["bulk1", "single1", "bulk2", "bulk3"],
             "the single miss is served second, not last"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_joined_by_another_caller_waits_in_that_callers_turn_too() {
+        let slots = Arc::new(slots(1));
+        let far = Instant::now() + Duration::from_secs(60);
+        let held = slots.acquire(&name("other"), far).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        // The bulk caller's backlog: five fetches queued, the last one for
+        // the key the single caller will ask for too.
+        let shared = Arc::new(name("bulk"));
+        for i in 1..=5 {
+            let (slots, order) = (slots.clone(), order.clone());
+            let askers = if i == 5 {
+                shared.clone()
+            } else {
+                Arc::new(name("bulk"))
+            };
+            waiters.push(tokio::spawn(async move {
+                let slot = slots.acquire(&askers, far).await.unwrap();
+                order.lock().unwrap().push(format!("bulk{i}"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                drop(slot);
+            }));
+            tokio::task::yield_now().await;
+        }
+        // The single caller joins the flight of bulk5 instead of starting its own.
+        shared.join(&Arc::from("single"));
+        tokio::task::yield_now().await;
+        drop(held);
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["bulk1", "bulk5", "bulk2", "bulk3", "bulk4"],
+            "the joined fetch is served in the single caller's turn, not after the backlog"
+        );
+        assert_eq!(slots.0.lock().free, 1, "every slot came back");
+        assert!(slots.0.lock().turns.is_empty(), "no ticket left behind");
     }
 
     #[tokio::test(start_paused = true)]

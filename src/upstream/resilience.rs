@@ -13,7 +13,7 @@ use tokio::time::{Instant, timeout_at};
 use crate::breaker::{Breaker, Change, Ticket};
 use crate::config::UpstreamSettings;
 use crate::telemetry::metrics::Metrics;
-use crate::upstream::fair::FairSlots;
+use crate::upstream::fair::{Askers, FairSlots};
 use crate::upstream::{Fetched, UpstreamError};
 
 /// First backoff ceiling; doubles per retry up to `MAX_BACKOFF`.
@@ -44,13 +44,13 @@ impl Resilience {
         }
     }
 
-    /// Runs `attempt` for `caller` until it succeeds, fails for good, or the
+    /// Runs `attempt` for `askers` until it succeeds, fails for good, or the
     /// deadline (`upstream.timeout` from now) would pass. Each attempt waits
-    /// for a vendor slot in `caller`'s turn, and is given the deadline so it
-    /// can end itself (and be counted) rather than be dropped.
+    /// for a vendor slot in the turns of its askers, and is given the
+    /// deadline so it can end itself (and be counted) rather than be dropped.
     pub async fn run<F, Fut>(
         &self,
-        caller: &Arc<str>,
+        askers: &Askers,
         mut attempt: F,
     ) -> Result<Fetched, UpstreamError>
     where
@@ -67,7 +67,7 @@ impl Resilience {
         })?;
         let mut retries = 0;
         let result = loop {
-            let Some(permit) = self.in_flight.acquire(caller, deadline).await else {
+            let Some(permit) = self.in_flight.acquire(askers, deadline).await else {
                 self.metrics
                     .upstream_outcome(UpstreamError::Saturated.outcome());
                 break Err(UpstreamError::Saturated);
@@ -141,9 +141,9 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    fn caller() -> &'static Arc<str> {
-        static CALLER: std::sync::LazyLock<Arc<str>> =
-            std::sync::LazyLock::new(|| Arc::from("test-caller"));
+    fn caller() -> &'static Askers {
+        static CALLER: std::sync::LazyLock<Askers> =
+            std::sync::LazyLock::new(|| Askers::new(&Arc::from("test-caller")));
         &CALLER
     }
     use crate::domain::Token;
