@@ -328,7 +328,8 @@ def check_production(objects):
     alerts = {r["alert"]: r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]}
     for alert in ("TokenBrokerUpstreamErrors", "TokenBrokerCircuitOpen", "TokenBroker5xxRising",
                   "TokenBrokerLowHitRatio", "TokenBrokerPodsNotReady", "TokenBrokerSharedCacheDown",
-                  "TokenBrokerCertificateExpiresSoon", "TokenBrokerCertificateReloadFailed"):
+                  "TokenBrokerCertificateExpiresSoon", "TokenBrokerCertificateReloadFailed",
+                  "TokenBrokerSharedCacheRolledBack"):
         check(alert in alerts, f"alert {alert} exists")
     # Service-account callers: the JWKS from the API server, with a projected
     # token and CA, and egress to the API server's address only.
