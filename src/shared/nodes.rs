@@ -41,6 +41,8 @@ pub enum Nodes {
 pub struct SingleNodes {
     source: Source,
     current: ArcSwapOption<ConnectionManager>,
+    /// The server `current` talks to.
+    address: ArcSwapOption<ConnectionAddr>,
     config: ConnectionManagerConfig,
 }
 
@@ -117,6 +119,7 @@ impl Nodes {
                 Ok(Nodes::Single(Box::new(SingleNodes {
                     source: Source::Fixed(client),
                     current: ArcSwapOption::empty(),
+                    address: ArcSwapOption::empty(),
                     config,
                 })))
             }
@@ -151,6 +154,7 @@ impl Nodes {
                 Ok(Nodes::Single(Box::new(SingleNodes {
                     source: Source::Sentinel(tokio::sync::Mutex::new(sentinel)),
                     current: ArcSwapOption::empty(),
+                    address: ArcSwapOption::empty(),
                     config,
                 })))
             }
@@ -213,9 +217,38 @@ impl Nodes {
             return;
         }
         match self {
-            Nodes::Single(single) => single.current.store(None),
+            Nodes::Single(single) => {
+                single.current.store(None);
+                single.address.store(None);
+            }
             Nodes::Cluster(cluster) => cluster.current.store(None),
         }
+    }
+
+    /// Behind Sentinel: asks the sentinels which server is primary now, and
+    /// condemns the command connection if it talks to another. Without it,
+    /// a replica keeps writing to a demoted primary until Sentinel
+    /// reconfigures it (up to its 10 s poll), apart from replicas that
+    /// already moved; whether `true`: it moved.
+    pub async fn follow_primary(&self) -> RedisResult<bool> {
+        let Nodes::Single(single) = self else {
+            return Ok(false);
+        };
+        let Source::Sentinel(sentinel) = &single.source else {
+            return Ok(false);
+        };
+        let primary = sentinel.lock().await.async_get_client().await?;
+        let primary = primary.get_connection_info().addr();
+        let moved = single
+            .address
+            .load()
+            .as_deref()
+            .is_some_and(|current| current != primary);
+        if moved {
+            single.current.store(None);
+            single.address.store(None);
+        }
+        Ok(moved)
     }
 
     /// A new subscription connection: to the server, to the current
@@ -247,10 +280,12 @@ impl SingleNodes {
         if let Some(current) = self.current.load_full() {
             return Ok(ConnectionManager::clone(&current));
         }
-        let manager =
-            ConnectionManager::new_lazy_with_config(self.client().await?, self.config.clone())?;
+        let client = self.client().await?;
+        let address = client.get_connection_info().addr().clone();
+        let manager = ConnectionManager::new_lazy_with_config(client, self.config.clone())?;
         // Several calls may race here; each gets a working manager, the last one stays.
         self.current.store(Some(Arc::new(manager.clone())));
+        self.address.store(Some(Arc::new(address)));
         Ok(manager)
     }
 }

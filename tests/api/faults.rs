@@ -2,11 +2,18 @@
 //! and one simulated vendor share a Redis in one of its three forms, while a
 //! seeded schedule runs reads, token rotations confirmed by `DELETE`, and
 //! faults: a TCP fault proxy between each broker and Redis (pass, delay,
-//! blackhole, reset), Redis killed and restarted, a real Sentinel failover,
-//! a Cluster node paused. A checker then reads the recorded history:
+//! blackhole, reset, and one that passes every reply but drops published
+//! messages), Redis killed and restarted, a Redis writer that sets
+//! generations out of range, a publisher that replays and forges messages, a
+//! restore of an older snapshot followed by a new broker process, a real
+//! Sentinel failover, a Cluster node paused. A checker then reads the
+//! recorded history:
 //!
 //! - no read that began more than 2 s after a `DELETE` answered 204 returns a
 //!   token older than that rotation;
+//! - every phase of the schedule (from one fault to the next, at least
+//!   `MIN_PHASE` long) confirms at least one invalidation, so the first
+//!   promise is never kept by confirming nothing;
 //! - once healed, one vendor call per key per generation;
 //! - every request is answered within `upstream.timeout` + `redis_timeout`
 //!   (plus a second of slack for a shared CI machine);
@@ -38,6 +45,10 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 /// A confirmed invalidation holds everywhere within this.
 const INVALIDATION_BOUND: Duration = Duration::from_secs(2);
 const SLACK: Duration = Duration::from_secs(1);
+/// Phases shorter than this are merged with the next one.
+const MIN_PHASE: Duration = Duration::from_secs(3);
+/// Where the brokers publish invalidations.
+const INVALIDATED: &str = "token-broker:v3:invalidated";
 
 fn customer(key: usize) -> String {
     format!("fault-customer-{key}")
@@ -92,10 +103,18 @@ fn run_for(short: Duration) -> Duration {
 /// Three brokers in front of one vendor, each with the `[cache]` TOML given.
 struct Brokers {
     sim: Simulator,
-    brokers: Vec<Running>,
+    /// Each slot's broker now, as its API and admin addresses: a new
+    /// process can take a slot over.
+    slots: Mutex<Vec<(SocketAddr, SocketAddr)>>,
+    /// Every process started, for their output.
+    processes: Mutex<Vec<Running>>,
+    /// Each slot's configuration, to start another process with.
+    configs: Vec<std::path::PathBuf>,
     http: reqwest::Client,
     epoch: Instant,
     history: Arc<Mutex<Vec<Op>>>,
+    /// Where each phase of the schedule began, and with what.
+    phases: Mutex<Vec<(Duration, String)>>,
     _dirs: (tempfile::TempDir, Vec<tempfile::TempDir>),
 }
 
@@ -108,6 +127,7 @@ impl Brokers {
         }
         let mut brokers = Vec::new();
         let mut dirs = Vec::new();
+        let mut configs = Vec::new();
         for i in 0..BROKERS {
             let dir = tempfile::tempdir().unwrap();
             let extra = format!(
@@ -116,28 +136,82 @@ impl Brokers {
                 REDIS_TIMEOUT.as_millis(),
                 cache(i)
             );
-            let mut cmd = command();
-            cmd.arg("serve")
-                .arg("--config")
-                .arg(config_file(&dir, backdrop.upstream, &extra));
-            brokers.push(Running::start(cmd).await);
+            let config = config_file(&dir, backdrop.upstream, &extra);
+            brokers.push(Self::process(&config).await);
+            configs.push(config);
             dirs.push(dir);
         }
         Self {
             sim: backdrop.sim,
-            brokers,
+            slots: Mutex::new(brokers.iter().map(|b| (b.api, b.admin)).collect()),
+            processes: Mutex::new(brokers),
+            configs,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap(),
             epoch: Instant::now(),
             history: Arc::default(),
+            phases: Mutex::default(),
             _dirs: (backdrop.dir, dirs),
         }
     }
 
+    async fn process(config: &std::path::Path) -> Running {
+        let mut cmd = command();
+        cmd.arg("serve").arg("--config").arg(config);
+        Running::start(cmd).await
+    }
+
+    /// A new process takes slot `broker` over (the old one keeps running,
+    /// unasked): it starts knowing nothing of the fleet.
+    async fn replace(&self, broker: usize) {
+        let process = Self::process(&self.configs[broker]).await;
+        self.slots.lock().unwrap()[broker] = (process.api, process.admin);
+        self.processes.lock().unwrap().push(process);
+    }
+
+    fn api(&self, broker: usize) -> SocketAddr {
+        self.slots.lock().unwrap()[broker].0
+    }
+
+    /// A phase of the schedule begins now.
+    fn phase(&self, what: impl Into<String>) {
+        let at = self.now();
+        self.phases.lock().unwrap().push((at, what.into()));
+    }
+
     async fn metric(&self, broker: usize, name: &str) -> f64 {
-        self.brokers[broker].metric(name).await.unwrap_or(f64::NAN)
+        let admin = self.slots.lock().unwrap()[broker].1;
+        let Ok(response) = self
+            .http
+            .get(format!("http://{admin}/metrics"))
+            .send()
+            .await
+        else {
+            return f64::NAN;
+        };
+        let text = response.text().await.unwrap_or_default();
+        sample_value(&text, name).unwrap_or(f64::NAN)
+    }
+
+    /// The last lines of every process that ever took slot `broker`'s place.
+    fn output_tail(&self, lines: usize) -> Vec<String> {
+        self.processes
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|p| {
+                let output = p.output();
+                let tail: Vec<String> = output
+                    .lines()
+                    .rev()
+                    .take(lines)
+                    .map(str::to_owned)
+                    .collect();
+                tail
+            })
+            .collect()
     }
 
     /// Waits until every broker hears invalidations and reaches Redis.
@@ -156,8 +230,7 @@ impl Brokers {
                     break;
                 }
                 if Instant::now() >= deadline {
-                    let output = self.brokers[broker].output();
-                    let tail: Vec<&str> = output.lines().rev().take(15).collect();
+                    let tail = self.output_tail(15);
                     panic!(
                         "broker {broker} never healed: subscribed {}, up {}; last lines: {tail:#?}",
                         self.metric(broker, "token_broker_shared_cache_subscribed")
@@ -183,7 +256,7 @@ impl Brokers {
         let start = self.now();
         let url = format!(
             "http://{}/v1/tokens?user_id={}",
-            self.brokers[broker].api,
+            self.api(broker),
             customer(key)
         );
         let response = self.http.get(url).bearer_auth(READER_KEY).send().await;
@@ -229,7 +302,7 @@ impl Brokers {
             let start = self.now();
             let url = format!(
                 "http://{}/v1/tokens?user_id={}",
-                self.brokers[broker].api,
+                self.api(broker),
                 customer(key)
             );
             let status = match self
@@ -402,11 +475,11 @@ impl Brokers {
                 }
             }
         }
-        for (i, broker) in self.brokers.iter().enumerate() {
+        for (i, broker) in self.processes.lock().unwrap().iter().enumerate() {
             let output = broker.output();
             assert!(
                 !output.contains("panicked"),
-                "seed {seed}: broker {i} panicked:\n{output}"
+                "seed {seed}: broker process {i} panicked:\n{output}"
             );
         }
         eprintln!(
@@ -417,7 +490,70 @@ impl Brokers {
             reads > 0 && !confirmed.is_empty(),
             "seed {seed}: nothing ran"
         );
+        self.check_phases(seed, &history);
     }
+
+    /// Every phase confirms at least one invalidation: a promise about
+    /// confirmed `DELETE`s proves nothing in a phase that confirms none.
+    fn check_phases(&self, seed: u64, history: &[Op]) {
+        let end = history.iter().map(|op| op.end).max().unwrap_or_default();
+        let phases = merged_phases(&self.phases.lock().unwrap(), end);
+        let mut starved = Vec::new();
+        for (start, stop, what) in &phases {
+            let within = |op: &&Op| op.end >= *start && op.end < *stop;
+            let deletes: Vec<&Op> = history
+                .iter()
+                .filter(within)
+                .filter(|op| matches!(op.kind, Kind::Delete { .. }))
+                .collect();
+            let confirmed = deletes
+                .iter()
+                .filter(|op| matches!(op.kind, Kind::Delete { status: 204, .. }))
+                .count();
+            let reads = history
+                .iter()
+                .filter(within)
+                .filter(|op| matches!(op.kind, Kind::Read { .. }))
+                .count();
+            eprintln!(
+                "seed {seed}: phase {start:.1?}..{stop:.1?} ({what}): {reads} reads, {confirmed} of {} DELETEs confirmed",
+                deletes.len()
+            );
+            if confirmed == 0 {
+                starved.push(format!("{start:.1?}..{stop:.1?} ({what})"));
+            }
+        }
+        assert!(
+            starved.is_empty(),
+            "seed {seed}: phases that confirmed no invalidation: {starved:?}"
+        );
+    }
+}
+
+/// The schedule's phases from their starts, each at least `MIN_PHASE` long
+/// (a shorter one is merged into the one before, the first into the one
+/// after): `(start, end, what)`.
+fn merged_phases(marks: &[(Duration, String)], end: Duration) -> Vec<(Duration, Duration, String)> {
+    let mut marks = marks.to_vec();
+    marks.sort_by_key(|(at, _)| *at);
+    let mut merged: Vec<(Duration, Duration, String)> = Vec::new();
+    for (i, (at, what)) in marks.iter().enumerate() {
+        let stop = marks.get(i + 1).map_or(end, |(next, _)| *next).min(end);
+        let start = (*at).min(stop);
+        match merged.last_mut() {
+            Some(last) if stop.saturating_sub(start) < MIN_PHASE => {
+                last.1 = stop;
+                last.2 = format!("{}, {what}", last.2);
+            }
+            _ => merged.push((start, stop, what.clone())),
+        }
+    }
+    if merged.len() > 1 && merged[0].1.saturating_sub(merged[0].0) < MIN_PHASE {
+        let first = merged.remove(0);
+        merged[0].0 = first.0;
+        merged[0].2 = format!("{}, {}", first.2, merged[0].2);
+    }
+    merged
 }
 
 /// Runs the workload for the schedule's length while `nemesis` injects
@@ -429,6 +565,7 @@ async fn exercise(
 ) {
     brokers.healthy().await;
     let seed = seed();
+    brokers.phase("start");
     let length = run_for(short);
     let workload = {
         let brokers = brokers.clone();
@@ -441,8 +578,126 @@ async fn exercise(
     brokers.one_fetch_per_generation(seed).await;
 }
 
+/// Keeps the last messages published on the invalidation channel, for a
+/// publisher to replay and forge; follows Redis through restarts.
+async fn capture_messages(url: String, captured: Arc<Mutex<Vec<Vec<u8>>>>) {
+    use futures::StreamExt;
+    loop {
+        if let Ok(client) = redis::Client::open(url.as_str())
+            && let Ok(mut pubsub) = client.get_async_pubsub().await
+            && pubsub.subscribe(INVALIDATED).await.is_ok()
+        {
+            let mut messages = pubsub.on_message();
+            while let Some(message) = messages.next().await {
+                let mut captured = captured.lock().unwrap();
+                captured.push(message.get_payload_bytes().to_vec());
+                let excess = captured.len().saturating_sub(16);
+                captured.drain(..excess);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Someone with write access to Redis sets a generation to a value no
+/// replica wrote: beyond 64 bits, negative, garbage, zero, the largest believed.
+async fn write_a_generation(redis: &RedisServer, rng: &mut StdRng) {
+    let Some(mut connection) = redis.connection().await else {
+        return;
+    };
+    let entries: Vec<String> = redis::cmd("KEYS")
+        .arg("token-broker:*:entry")
+        .query_async(&mut connection)
+        .await
+        .unwrap_or_default();
+    if entries.is_empty() {
+        return;
+    }
+    let key = entries[rng.random_range(0..entries.len())].replace(":entry", ":generation");
+    let value = [
+        "18446744073709551615",
+        "-9223372036854775808",
+        "garbage",
+        "0",
+        "99999999999999999",
+    ][rng.random_range(0..5)];
+    let _: redis::RedisResult<()> = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(&mut connection)
+        .await;
+}
+
+/// Someone who can publish replays a captured invalidation, alters one,
+/// puts the old clear-text generation before one, or sends garbage.
+async fn publish_a_forgery(redis: &RedisServer, captured: &Mutex<Vec<Vec<u8>>>, rng: &mut StdRng) {
+    let Some(mut connection) = redis.connection().await else {
+        return;
+    };
+    let real = {
+        let captured = captured.lock().unwrap();
+        (!captured.is_empty()).then(|| captured[rng.random_range(0..captured.len())].clone())
+    };
+    let message = match (real, rng.random_range(0..4)) {
+        (Some(real), 0) => real,
+        (Some(mut real), 1) => {
+            let at = rng.random_range(0..real.len());
+            real[at] ^= 0x40;
+            real
+        }
+        (Some(real), 2) => [b"18446744073709551615:".as_slice(), &real].concat(),
+        _ => b"garbage".to_vec(),
+    };
+    let _: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+        .arg(INVALIDATED)
+        .arg(message)
+        .query_async(&mut connection)
+        .await;
+}
+
+/// Every key the brokers wrote, as a backup would take it.
+async fn snapshot(redis: &RedisServer) -> Vec<(String, Vec<u8>)> {
+    let Some(mut connection) = redis.connection().await else {
+        return Vec::new();
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("token-broker:*")
+        .query_async(&mut connection)
+        .await
+        .unwrap_or_default();
+    let mut dumped = Vec::new();
+    for key in keys {
+        if let Ok(value) = redis::cmd("DUMP")
+            .arg(&key)
+            .query_async::<Vec<u8>>(&mut connection)
+            .await
+        {
+            dumped.push((key, value));
+        }
+    }
+    dumped
+}
+
+/// The backup restored over everything Redis holds.
+async fn restore(redis: &RedisServer, saved: &[(String, Vec<u8>)]) {
+    let Some(mut connection) = redis.connection().await else {
+        return;
+    };
+    let _: redis::RedisResult<()> = redis::cmd("FLUSHALL").query_async(&mut connection).await;
+    for (key, dumped) in saved {
+        let _: redis::RedisResult<()> = redis::cmd("RESTORE")
+            .arg(key)
+            .arg(0)
+            .arg(dumped)
+            .arg("REPLACE")
+            .query_async(&mut connection)
+            .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn standalone_redis_behind_faulty_links_and_restarts_keeps_every_confirmed_invalidation() {
+async fn standalone_redis_behind_faulty_links_restarts_restores_and_forgeries_keeps_every_confirmed_invalidation()
+ {
     let Some(mut redis) = RedisServer::start().await else {
         return;
     };
@@ -456,42 +711,74 @@ async fn standalone_redis_behind_faulty_links_and_restarts_keeps_every_confirmed
         .map(|p| format!("redis://{}", p.addr))
         .collect();
     let brokers = Arc::new(Brokers::start(|i| format!("redis_url = \"{}\"\n", urls[i])).await);
+    let captured: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let listener = tokio::spawn(capture_messages(redis.url(), captured.clone()));
+    let fleet = brokers.clone();
     exercise(brokers, Duration::from_secs(20), async |rng, end| {
+        let mut saved: Option<(Instant, Vec<(String, Vec<u8>)>)> = None;
         while Instant::now() < end {
-            if rng.random_bool(0.1) {
-                redis.kill();
-                tokio::time::sleep(Duration::from_millis(rng.random_range(100..1000))).await;
-                redis.restart().await;
-            } else {
-                let proxy = &proxies[rng.random_range(0..BROKERS)];
-                proxy.set(match rng.random_range(0..3) {
-                    0 => Fault::Delay(Duration::from_millis(rng.random_range(20..300))),
-                    1 => Fault::Blackhole,
-                    _ => Fault::Reset,
-                });
-                tokio::time::sleep(Duration::from_millis(rng.random_range(200..2500))).await;
-                proxy.set(Fault::Pass);
+            match rng.random_range(0..100) {
+                0..10 => {
+                    fleet.phase("Redis killed and restarted empty");
+                    redis.kill();
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(100..1000))).await;
+                    redis.restart().await;
+                }
+                10..18 => {
+                    fleet.phase("a generation written by hand");
+                    write_a_generation(&redis, rng).await;
+                }
+                18..26 => {
+                    fleet.phase("a message replayed or forged");
+                    publish_a_forgery(&redis, &captured, rng).await;
+                }
+                26..34 => match saved.take() {
+                    Some((at, dumped)) if at.elapsed() >= Duration::from_secs(2) => {
+                        fleet.phase("an older snapshot restored, then a new broker");
+                        restore(&redis, &dumped).await;
+                        fleet.replace(rng.random_range(0..BROKERS)).await;
+                    }
+                    Some(kept) => saved = Some(kept),
+                    None => saved = Some((Instant::now(), snapshot(&redis).await)),
+                },
+                _ => {
+                    let proxy = &proxies[rng.random_range(0..BROKERS)];
+                    let fault = match rng.random_range(0..4) {
+                        0 => Fault::Delay(Duration::from_millis(rng.random_range(20..300))),
+                        1 => Fault::Blackhole,
+                        2 => Fault::DropMessages,
+                        _ => Fault::Reset,
+                    };
+                    fleet.phase(format!("{fault:?} on one broker's link"));
+                    proxy.set(fault);
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(200..2500))).await;
+                    proxy.set(Fault::Pass);
+                }
             }
             tokio::time::sleep(Duration::from_millis(rng.random_range(100..1000))).await;
         }
     })
     .await;
+    listener.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sentinel_failovers_keep_every_confirmed_invalidation_and_the_brokers_follow() {
+/// Real Sentinel failovers, each waited out until the old primary replicates again.
+async fn sentinel_failovers(min_replicas: u32) {
     let Some(set) = SentinelSet::start().await else {
         return;
     };
     let sentinels = format!(
-        "redis_sentinels = [\"{}\"]\nredis_sentinel_master = \"{MASTER_NAME}\"\nredis_min_replicas = 1\n",
+        "redis_sentinels = [\"{}\"]\nredis_sentinel_master = \"{MASTER_NAME}\"\nredis_min_replicas = {min_replicas}\n",
         set.sentinel.address()
     );
     let brokers = Arc::new(Brokers::start(|_| sentinels.clone()).await);
+    let fleet = brokers.clone();
     exercise(brokers, Duration::from_secs(12), async |rng, end| {
         let mut failovers = 0;
-        while Instant::now() + Duration::from_secs(3) < end {
-            tokio::time::sleep(Duration::from_millis(rng.random_range(2000..4000))).await;
+        // Room after the last failover (about 4 s with re-attachment) to confirm some more.
+        while Instant::now() + Duration::from_secs(8) < end {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(3000..5000))).await;
+            fleet.phase("failover");
             set.failover().await;
             failovers += 1;
         }
@@ -501,16 +788,28 @@ async fn sentinel_failovers_keep_every_confirmed_invalidation_and_the_brokers_fo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failovers_keep_every_confirmed_invalidation_and_the_brokers_follow() {
+    sentinel_failovers(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failovers_without_min_replicas_keep_every_confirmed_invalidation() {
+    sentinel_failovers(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_with_paused_nodes_keeps_every_confirmed_invalidation() {
     let Some(set) = ClusterSet::start().await else {
         return;
     };
     let seeds = set.seeds_toml();
     let brokers = Arc::new(Brokers::start(|_| seeds.clone()).await);
+    let fleet = brokers.clone();
     exercise(brokers, Duration::from_secs(12), async |rng, end| {
         while Instant::now() < end {
             tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
             let node = &set.nodes[rng.random_range(0..set.nodes.len())];
+            fleet.phase("a node paused");
             node.pause();
             tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
             node.resume();

@@ -263,10 +263,7 @@ async fn twenty_thousand_distinct_deletes_leave_memory_bounded_where_they_are_on
     listening.arg("serve").arg("--config").arg(config_file(
         &dir,
         fleet.upstream,
-        &format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}max_entries = 1000\n",
-            fleet.cache_toml()
-        ),
+        &format!("{}max_entries = 1000\n", fleet.cache_toml()),
     ));
     let b = Running::start(listening).await;
     let subscribed = "token_broker_shared_cache_subscribed";

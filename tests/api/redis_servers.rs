@@ -185,7 +185,7 @@ impl Drop for RedisServer {
 pub struct SentinelSet {
     pub primary: RedisServer,
     /// Kept running for as long as the set lives.
-    _replica: RedisServer,
+    replica: RedisServer,
     pub sentinel: RedisServer,
 }
 
@@ -193,8 +193,11 @@ pub const MASTER_NAME: &str = "mymaster";
 
 impl SentinelSet {
     pub async fn start() -> Option<Self> {
-        let primary = RedisServer::start().await?;
-        let replica_of = ["--replicaof", "127.0.0.1", &primary.port.to_string()];
+        // A full resynchronisation starts at once, not after the default 5 s.
+        let at_once = ["--repl-diskless-sync-delay", "0"];
+        let primary = RedisServer::start_with(&at_once).await?;
+        let port = primary.port.to_string();
+        let replica_of = ["--replicaof", "127.0.0.1", &port, at_once[0], at_once[1]];
         let replica = RedisServer::start_with(&replica_of).await?;
         let primary_port = primary.port;
         let sentinel = RedisServer::sentinel(|_| {
@@ -207,7 +210,7 @@ impl SentinelSet {
         .await;
         let set = Self {
             primary,
-            _replica: replica,
+            replica,
             sentinel,
         };
         set.wait_for_replication().await;
@@ -223,20 +226,56 @@ impl SentinelSet {
         address[1].parse().unwrap()
     }
 
-    /// Waits until the primary has its replica online.
-    async fn wait_for_replication(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
+    /// Waits until the primary the sentinel names has its replica online
+    /// and caught up; how long that took. Sentinel reconfigures a demoted
+    /// primary that stayed up only at its next look at it (every 10 s); after
+    /// `NUDGE_AFTER`, this sends the `REPLICAOF` Sentinel would send.
+    pub async fn wait_for_replication(&self) -> Duration {
+        const NUDGE_AFTER: Duration = Duration::from_secs(3);
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(30);
+        let mut nudged = false;
         loop {
-            let info: String = self.primary.command(&["INFO", "replication"]).await;
-            if info.contains("connected_slaves:1") && info.contains("state=online") {
-                return;
+            let port = self.primary_port().await;
+            let (primary, other) = if self.primary.port == port {
+                (&self.primary, &self.replica)
+            } else {
+                (&self.replica, &self.primary)
+            };
+            assert_eq!(primary.port, port, "the sentinel names one of the set");
+            if !nudged && started.elapsed() >= NUDGE_AFTER {
+                let role: String = other.command(&["INFO", "replication"]).await;
+                if role.contains("role:master") {
+                    let _: String = other
+                        .command(&["REPLICAOF", "127.0.0.1", &port.to_string()])
+                        .await;
+                }
+                nudged = true;
             }
-            assert!(Instant::now() < deadline, "the replica never caught up");
+            let info: String = primary.command(&["INFO", "replication"]).await;
+            let lag = info
+                .lines()
+                .find(|line| line.starts_with("slave0:"))
+                .and_then(|line| line.split(",lag=").nth(1))
+                .and_then(|lag| lag.trim().parse::<u64>().ok());
+            if info.contains("role:master")
+                && info.contains("connected_slaves:1")
+                && info.contains("state=online")
+                && lag.is_some_and(|lag| lag <= 1)
+            {
+                return started.elapsed();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica never re-attached to {port}: {info}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    /// A real failover: the sentinel promotes the replica; returns once it names it.
+    /// A real failover: the sentinel promotes the replica; returns once it
+    /// names it and the old primary replicates from it again (so the next
+    /// failover, and `redis_min_replicas`, have a replica to count on).
     pub async fn failover(&self) {
         let before = self.primary_port().await;
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -260,6 +299,8 @@ impl SentinelSet {
             assert!(Instant::now() < deadline, "the failover never completed");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let took = self.wait_for_replication().await;
+        eprintln!("failover: the old primary replicates again after {took:?}");
     }
 }
 

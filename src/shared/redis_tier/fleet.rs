@@ -34,6 +34,8 @@ pub(super) struct Fleet {
     /// The count of the last canary sent, and of the last one heard back.
     pub(super) canaries_sent: AtomicU64,
     pub(super) canaries_heard: AtomicU64,
+    /// When this process first trusts Redis (`SETTLE` after its first canary).
+    pub(super) settled: std::sync::OnceLock<tokio::time::Instant>,
     fleet: redis::Script,
     advance: redis::Script,
     raise: redis::Script,
@@ -68,6 +70,7 @@ impl Fleet {
             replica: rand::random(),
             canaries_sent: AtomicU64::new(0),
             canaries_heard: AtomicU64::new(0),
+            settled: std::sync::OnceLock::new(),
             fleet: redis::Script::new(&scripts::fleet()),
             advance: redis::Script::new(&scripts::advance()),
             raise: redis::Script::new(&scripts::raise()),
@@ -230,6 +233,19 @@ impl RedisTier {
     /// canary `count` on this replica's channel; `false` when Redis could not
     /// be asked.
     pub(super) async fn send_canary(&self, count: u64) -> bool {
+        // Behind Sentinel, commands move to a new primary as soon as the
+        // sentinels name it; the subscription follows when this canary,
+        // published there, does not come back on the old one.
+        match tokio::time::timeout(self.0.timeout, self.0.nodes.follow_primary()).await {
+            Ok(Ok(true)) => {
+                tracing::info!("Sentinel names a new Redis primary; moving to it");
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(kind = ?error.kind(), "the sentinels could not be asked");
+            }
+            Err(_) => tracing::debug!("the sentinels did not answer in time"),
+        }
         let fleet = &self.0.fleet;
         let canary = self.0.sealer.seal_message(&Message::Canary {
             replica: fleet.replica,

@@ -27,6 +27,12 @@ const CANARY_EVERY: Duration = Duration::from_millis(250);
 /// or deaf subscription is noticed within 2 s.
 const SILENCE_LIMIT: Duration = Duration::from_millis(1250);
 
+/// How long a process listens to its canaries before it first trusts
+/// Redis: long enough for a replica that saw an invalidation a restore undid
+/// to notice (on its own canary) and raise the fleet's epoch, so a replica
+/// started right after a restore never believes the restored generations.
+const SETTLE: Duration = SILENCE_LIMIT;
+
 /// Why listening ended.
 enum Ended {
     Stopped,
@@ -102,8 +108,9 @@ impl RedisTier {
     }
 
     /// Handles messages and sends canaries until the subscription ends, goes
-    /// deaf, or `stop`. In sync from the first canary heard back: by then the
-    /// fleet's epoch was read, so nothing from before it is trusted.
+    /// deaf, or `stop`. In sync from the first canary heard back (by then
+    /// the fleet's epoch was read, so nothing from before it is trusted);
+    /// for a process's first subscription, only after `SETTLE`.
     async fn listen(&self, pubsub: redis::aio::PubSub, stop: &CancellationToken) -> Ended {
         let (_sink_half, mut messages) = pubsub.split();
         let fleet = &self.0.fleet;
@@ -118,7 +125,8 @@ impl RedisTier {
                         Heard::Nothing => {}
                         Heard::Canary => {
                             last_heard = Instant::now();
-                            if !self.0.in_sync.load(Ordering::Acquire) {
+                            let settled = *self.0.fleet.settled.get_or_init(|| last_heard + SETTLE);
+                            if !self.0.in_sync.load(Ordering::Acquire) && last_heard >= settled {
                                 self.set_in_sync(true);
                             }
                         }
