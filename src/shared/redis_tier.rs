@@ -26,7 +26,9 @@
 //! - the subscription proves it hears the fleet: every `CANARY_EVERY` this
 //!   replica publishes a sealed canary through its command connection (with
 //!   the read of the epoch and sequence, in one round trip) and expects it
-//!   back on its subscription; silence for `SILENCE_LIMIT` counts as lost:
+//!   back on its subscription, and every invalidation number the canary read
+//!   to have been heard soon after; silence for `SILENCE_LIMIT`, or a
+//!   number never heard, counts as lost:
 //!   the broker drops every local entry at once and this replica
 //!   re-subscribes (and drops them again once it has).
 //!

@@ -37,6 +37,71 @@ use crate::fleet::Backdrop;
 use crate::helpers::process::{Running, command, config_file};
 use crate::helpers::*;
 use crate::redis_servers::{ClusterSet, MASTER_NAME, RedisServer, SentinelSet};
+use redis::aio::ConnectionLike;
+
+/// What a nemesis does to Redis itself, besides its form's own faults: it
+/// sets generations by hand, replays and forges messages, and restores an
+/// older snapshot and starts a new broker (where the form allows a restore).
+struct Hostile {
+    captured: Arc<Mutex<Vec<Vec<u8>>>>,
+    listener: tokio::task::JoinHandle<()>,
+    saved: Option<(Instant, Snapshot)>,
+}
+
+/// Keys and their `DUMP`s.
+type Snapshot = Vec<(String, Vec<u8>)>;
+
+impl Hostile {
+    /// Listens on the invalidation channel through the server at `url`.
+    fn new(url: String) -> Self {
+        let captured: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let listener = tokio::spawn(capture_messages(url, captured.clone()));
+        Self {
+            captured,
+            listener,
+            saved: None,
+        }
+    }
+
+    /// One hostile event through `connection`, if `roll` (0..24) picks one:
+    /// 0..8 a generation written, 8..16 a message forged, 16..24 a snapshot
+    /// or its restore (when `restores`).
+    async fn act(
+        &mut self,
+        brokers: &Brokers,
+        connection: impl ConnectionLike,
+        roll: u32,
+        restores: bool,
+        rng: &mut StdRng,
+    ) {
+        match roll {
+            0..8 => {
+                brokers.phase("a generation written by hand");
+                write_a_generation(connection, rng).await;
+            }
+            8..16 => {
+                brokers.phase("a message replayed or forged");
+                publish_a_forgery(connection, &self.captured, rng).await;
+            }
+            _ if restores => match self.saved.take() {
+                Some((at, dumped)) if at.elapsed() >= Duration::from_secs(2) => {
+                    brokers.phase("an older snapshot restored, then a new broker");
+                    restore(connection, &dumped).await;
+                    brokers.replace(rng.random_range(0..BROKERS)).await;
+                }
+                Some(kept) => self.saved = Some(kept),
+                None => self.saved = Some((Instant::now(), snapshot(connection).await)),
+            },
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Hostile {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
 
 const KEYS: usize = 4;
 const BROKERS: usize = 3;
@@ -435,6 +500,9 @@ impl Brokers {
     /// The checker: reads against confirmed invalidations, bounds, panics.
     fn check(&self, seed: u64) {
         let history = self.history.lock().unwrap().clone();
+        for (at, what) in self.phases.lock().unwrap().iter() {
+            eprintln!("seed {seed}: at {at:.2?}: {what}");
+        }
         let confirmed: Vec<(usize, u64, Duration)> = history
             .iter()
             .filter_map(|op| match op.kind {
@@ -460,6 +528,18 @@ impl Brokers {
                     assert_eq!(status, 200, "seed {seed}: {op:?}");
                     let version = version.expect("a 200 carries a token");
                     for &(key, rotated_to, at) in &confirmed {
+                        if key == op.key
+                            && version < rotated_to
+                            && op.start > at + INVALIDATION_BOUND
+                        {
+                            for other in history.iter().filter(|o| {
+                                o.key == key
+                                    && o.end + Duration::from_secs(4) > at
+                                    && o.start < op.end
+                            }) {
+                                eprintln!("seed {seed}: key {key}: {other:?}");
+                            }
+                        }
                         assert!(
                             !(key == op.key
                                 && version < rotated_to
@@ -531,29 +611,50 @@ impl Brokers {
 }
 
 /// The schedule's phases from their starts, each at least `MIN_PHASE` long
-/// (a shorter one is merged into the one before, the first into the one
-/// after): `(start, end, what)`.
+/// (a phase shorter than that takes in the ones after it; a short last one
+/// joins the one before): `(start, end, what)`.
 fn merged_phases(marks: &[(Duration, String)], end: Duration) -> Vec<(Duration, Duration, String)> {
     let mut marks = marks.to_vec();
     marks.sort_by_key(|(at, _)| *at);
     let mut merged: Vec<(Duration, Duration, String)> = Vec::new();
     for (i, (at, what)) in marks.iter().enumerate() {
         let stop = marks.get(i + 1).map_or(end, |(next, _)| *next).min(end);
-        let start = (*at).min(stop);
         match merged.last_mut() {
-            Some(last) if stop.saturating_sub(start) < MIN_PHASE => {
+            Some(last) if last.1.saturating_sub(last.0) < MIN_PHASE => {
                 last.1 = stop;
                 last.2 = format!("{}, {what}", last.2);
             }
-            _ => merged.push((start, stop, what.clone())),
+            _ => merged.push(((*at).min(stop), stop, what.clone())),
         }
     }
-    if merged.len() > 1 && merged[0].1.saturating_sub(merged[0].0) < MIN_PHASE {
-        let first = merged.remove(0);
-        merged[0].0 = first.0;
-        merged[0].2 = format!("{}, {}", first.2, merged[0].2);
+    if merged.len() > 1
+        && let Some(last) = merged.last()
+        && last.1.saturating_sub(last.0) < MIN_PHASE
+    {
+        let last = merged.pop().expect("there are two");
+        let before = merged.last_mut().expect("there are two");
+        before.1 = last.1;
+        before.2 = format!("{}, {}", before.2, last.2);
     }
     merged
+}
+
+#[test]
+fn phases_are_merged_until_each_is_long_enough() {
+    let secs = Duration::from_secs_f64;
+    let marks: Vec<(Duration, String)> =
+        [(0.0, "a"), (1.0, "b"), (4.0, "c"), (8.0, "d"), (9.0, "e")]
+            .into_iter()
+            .map(|(at, what)| (secs(at), what.to_owned()))
+            .collect();
+    let phases = merged_phases(&marks, secs(10.0));
+    assert_eq!(
+        phases,
+        [
+            (secs(0.0), secs(4.0), "a, b".to_owned()),
+            (secs(4.0), secs(10.0), "c, d, e".to_owned()),
+        ]
+    );
 }
 
 /// Runs the workload for the schedule's length while `nemesis` injects
@@ -601,10 +702,7 @@ async fn capture_messages(url: String, captured: Arc<Mutex<Vec<Vec<u8>>>>) {
 
 /// Someone with write access to Redis sets a generation to a value no
 /// replica wrote: beyond 64 bits, negative, garbage, zero, the largest believed.
-async fn write_a_generation(redis: &RedisServer, rng: &mut StdRng) {
-    let Some(mut connection) = redis.connection().await else {
-        return;
-    };
+async fn write_a_generation(mut connection: impl ConnectionLike, rng: &mut StdRng) {
     let entries: Vec<String> = redis::cmd("KEYS")
         .arg("token-broker:*:entry")
         .query_async(&mut connection)
@@ -630,10 +728,11 @@ async fn write_a_generation(redis: &RedisServer, rng: &mut StdRng) {
 
 /// Someone who can publish replays a captured invalidation, alters one,
 /// puts the old clear-text generation before one, or sends garbage.
-async fn publish_a_forgery(redis: &RedisServer, captured: &Mutex<Vec<Vec<u8>>>, rng: &mut StdRng) {
-    let Some(mut connection) = redis.connection().await else {
-        return;
-    };
+async fn publish_a_forgery(
+    mut connection: impl ConnectionLike,
+    captured: &Mutex<Vec<Vec<u8>>>,
+    rng: &mut StdRng,
+) {
     let real = {
         let captured = captured.lock().unwrap();
         (!captured.is_empty()).then(|| captured[rng.random_range(0..captured.len())].clone())
@@ -656,10 +755,7 @@ async fn publish_a_forgery(redis: &RedisServer, captured: &Mutex<Vec<Vec<u8>>>, 
 }
 
 /// Every key the brokers wrote, as a backup would take it.
-async fn snapshot(redis: &RedisServer) -> Vec<(String, Vec<u8>)> {
-    let Some(mut connection) = redis.connection().await else {
-        return Vec::new();
-    };
+async fn snapshot(mut connection: impl ConnectionLike) -> Vec<(String, Vec<u8>)> {
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("token-broker:*")
         .query_async(&mut connection)
@@ -679,10 +775,7 @@ async fn snapshot(redis: &RedisServer) -> Vec<(String, Vec<u8>)> {
 }
 
 /// The backup restored over everything Redis holds.
-async fn restore(redis: &RedisServer, saved: &[(String, Vec<u8>)]) {
-    let Some(mut connection) = redis.connection().await else {
-        return;
-    };
+async fn restore(mut connection: impl ConnectionLike, saved: &[(String, Vec<u8>)]) {
     let _: redis::RedisResult<()> = redis::cmd("FLUSHALL").query_async(&mut connection).await;
     for (key, dumped) in saved {
         let _: redis::RedisResult<()> = redis::cmd("RESTORE")
@@ -711,11 +804,9 @@ async fn standalone_redis_behind_faulty_links_restarts_restores_and_forgeries_ke
         .map(|p| format!("redis://{}", p.addr))
         .collect();
     let brokers = Arc::new(Brokers::start(|i| format!("redis_url = \"{}\"\n", urls[i])).await);
-    let captured: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-    let listener = tokio::spawn(capture_messages(redis.url(), captured.clone()));
+    let mut hostile = Hostile::new(redis.url());
     let fleet = brokers.clone();
     exercise(brokers, Duration::from_secs(20), async |rng, end| {
-        let mut saved: Option<(Instant, Vec<(String, Vec<u8>)>)> = None;
         while Instant::now() < end {
             match rng.random_range(0..100) {
                 0..10 => {
@@ -724,32 +815,21 @@ async fn standalone_redis_behind_faulty_links_restarts_restores_and_forgeries_ke
                     tokio::time::sleep(Duration::from_millis(rng.random_range(100..1000))).await;
                     redis.restart().await;
                 }
-                10..18 => {
-                    fleet.phase("a generation written by hand");
-                    write_a_generation(&redis, rng).await;
-                }
-                18..26 => {
-                    fleet.phase("a message replayed or forged");
-                    publish_a_forgery(&redis, &captured, rng).await;
-                }
-                26..34 => match saved.take() {
-                    Some((at, dumped)) if at.elapsed() >= Duration::from_secs(2) => {
-                        fleet.phase("an older snapshot restored, then a new broker");
-                        restore(&redis, &dumped).await;
-                        fleet.replace(rng.random_range(0..BROKERS)).await;
+                roll @ 10..34 => {
+                    if let Some(connection) = redis.connection().await {
+                        hostile.act(&fleet, connection, roll - 10, true, rng).await;
                     }
-                    Some(kept) => saved = Some(kept),
-                    None => saved = Some((Instant::now(), snapshot(&redis).await)),
-                },
+                }
                 _ => {
-                    let proxy = &proxies[rng.random_range(0..BROKERS)];
+                    let broker = rng.random_range(0..BROKERS);
+                    let proxy = &proxies[broker];
                     let fault = match rng.random_range(0..4) {
                         0 => Fault::Delay(Duration::from_millis(rng.random_range(20..300))),
                         1 => Fault::Blackhole,
                         2 => Fault::DropMessages,
                         _ => Fault::Reset,
                     };
-                    fleet.phase(format!("{fault:?} on one broker's link"));
+                    fleet.phase(format!("{fault:?} on broker {broker}'s link"));
                     proxy.set(fault);
                     tokio::time::sleep(Duration::from_millis(rng.random_range(200..2500))).await;
                     proxy.set(Fault::Pass);
@@ -759,7 +839,6 @@ async fn standalone_redis_behind_faulty_links_restarts_restores_and_forgeries_ke
         }
     })
     .await;
-    listener.abort();
 }
 
 /// Real Sentinel failovers, each waited out until the old primary replicates again.
@@ -773,11 +852,20 @@ async fn sentinel_failovers(min_replicas: u32) {
     );
     let brokers = Arc::new(Brokers::start(|_| sentinels.clone()).await);
     let fleet = brokers.clone();
+    let mut hostile = Hostile::new(set.primary.url());
     exercise(brokers, Duration::from_secs(12), async |rng, end| {
         let mut failovers = 0;
         // Room after the last failover (about 4 s with re-attachment) to confirm some more.
         while Instant::now() + Duration::from_secs(8) < end {
             tokio::time::sleep(Duration::from_millis(rng.random_range(3000..5000))).await;
+            // Now and then something hostile first, through the primary of the moment.
+            let roll = rng.random_range(0..48);
+            if roll < 24
+                && let Some(connection) = set.current_primary().await.connection().await
+            {
+                hostile.act(&fleet, connection, roll, true, rng).await;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(1000..2000))).await;
+            }
             fleet.phase("failover");
             set.failover().await;
             failovers += 1;
@@ -805,9 +893,22 @@ async fn a_cluster_with_paused_nodes_keeps_every_confirmed_invalidation() {
     let seeds = set.seeds_toml();
     let brokers = Arc::new(Brokers::start(|_| seeds.clone()).await);
     let fleet = brokers.clone();
+    let mut hostile = Hostile::new(set.nodes[0].url());
+    let client = redis::cluster::ClusterClient::new(
+        set.nodes.iter().map(RedisServer::url).collect::<Vec<_>>(),
+    )
+    .unwrap();
     exercise(brokers, Duration::from_secs(12), async |rng, end| {
         while Instant::now() < end {
             tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
+            // Writes and forgeries; a restore of a whole Cluster is not scheduled.
+            let roll = rng.random_range(0..48);
+            if roll < 16
+                && let Ok(connection) = client.get_async_connection().await
+            {
+                hostile.act(&fleet, connection, roll, false, rng).await;
+                continue;
+            }
             let node = &set.nodes[rng.random_range(0..set.nodes.len())];
             fleet.phase("a node paused");
             node.pause();

@@ -351,3 +351,41 @@ async fn a_subscription_that_answers_but_hears_nobody_is_noticed_by_its_canary()
     proxy.set(Fault::Pass);
     wait_for_metric(&deaf, "token_broker_shared_cache_subscribed", 1.0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_lost_while_the_canary_still_comes_back_is_noticed_by_its_sequence() {
+    let Some(fleet) = Fleet::start(1, "").await else {
+        return;
+    };
+    let proxy = FaultProxy::start(fleet.redis.address().parse().unwrap()).await;
+    let lossy = fleet
+        .replica_via(&format!("redis://{}", proxy.addr), "")
+        .await;
+    wait_for_metric(&lossy, "token_broker_shared_cache_subscribed", 1.0).await;
+    assert_eq!(
+        token_of(lossy.get_token(&alice()).await).await.0,
+        ALICE_AGENT_TOKEN
+    );
+    // Published messages are lost for a moment, far shorter than the
+    // canary's silence limit: only the invalidation falls into it.
+    proxy.set(Fault::DropMessages);
+    fleet
+        .sim
+        .add_team_member(ALICE, UserType::Agent, "tok-alice-rotated");
+    let deleted = fleet.replicas[0]
+        .delete_token_as(Some(INVALIDATOR_KEY), &alice())
+        .await;
+    assert_eq!(deleted.status(), 204);
+    proxy.set(Fault::Pass);
+    until_served(&lossy, "tok-alice-rotated", Duration::from_secs(2)).await;
+    let misses = lossy
+        .metric("token_broker_shared_cache_canary_misses_total")
+        .await;
+    assert_eq!(misses, 0.0, "the canary never noticed: the sequence did");
+    wait_for_metric(
+        &lossy,
+        "token_broker_shared_cache_subscription_losses_total",
+        1.0,
+    )
+    .await;
+}

@@ -226,6 +226,16 @@ impl SentinelSet {
         address[1].parse().unwrap()
     }
 
+    /// The server the sentinel names as primary now.
+    pub async fn current_primary(&self) -> &RedisServer {
+        let port = self.primary_port().await;
+        if self.primary.port == port {
+            &self.primary
+        } else {
+            &self.replica
+        }
+    }
+
     /// Waits until the primary the sentinel names has its replica online
     /// and caught up; how long that took. Sentinel reconfigures a demoted
     /// primary that stayed up only at its next look at it (every 10 s); after

@@ -15,7 +15,12 @@
 //! Not covered: every replica restarted together with the restore. Then no
 //! running process remembers what Redis forgot.
 
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::super::Event;
 use super::super::sealed::Message;
@@ -36,6 +41,8 @@ pub(super) struct Fleet {
     pub(super) canaries_heard: AtomicU64,
     /// When this process first trusts Redis (`SETTLE` after its first canary).
     pub(super) settled: std::sync::OnceLock<tokio::time::Instant>,
+    /// Which invalidations this subscription heard, by sequence number.
+    continuity: Mutex<Continuity>,
     fleet: redis::Script,
     advance: redis::Script,
     raise: redis::Script,
@@ -49,6 +56,44 @@ pub(super) struct Fleet {
 pub(super) struct Known {
     epoch: u64,
     sequence: u64,
+}
+
+/// Whether the subscription heard every invalidation: every `DELETE`
+/// advances the fleet's sequence by one before it publishes, so the numbers
+/// heard must leave no hole below what a canary read. A hole that stays
+/// longer than a `DELETE` takes to publish is an invalidation this replica
+/// missed while its subscription looked alive (a message lost between
+/// Cluster nodes, a subscription briefly on the wrong server).
+#[derive(Default)]
+struct Continuity {
+    /// Every sequence number up to this one was heard (or is older than the subscription).
+    low: u64,
+    /// Numbers heard above `low`.
+    above: BTreeSet<u64>,
+    /// Sequences canaries read, with when: by `when + grace`, all must be heard.
+    expected: VecDeque<(Instant, u64)>,
+    /// Whether `low` was set from this subscription's first canary.
+    started: bool,
+}
+
+impl Continuity {
+    fn heard(&mut self, sequence: u64) {
+        if sequence > self.low {
+            self.above.insert(sequence);
+        }
+        while self.above.remove(&(self.low + 1)) {
+            self.low += 1;
+        }
+    }
+
+    /// Everything up to `sequence` counts as heard (it is older than this
+    /// subscription, or an epoch raise moved past it).
+    fn past(&mut self, sequence: u64) {
+        self.low = self.low.max(sequence);
+        let low = self.low;
+        self.above.retain(|heard| *heard > low);
+        self.heard(low);
+    }
 }
 
 /// What a read of the fleet's counters showed.
@@ -71,6 +116,7 @@ impl Fleet {
             canaries_sent: AtomicU64::new(0),
             canaries_heard: AtomicU64::new(0),
             settled: std::sync::OnceLock::new(),
+            continuity: Mutex::default(),
             fleet: redis::Script::new(&scripts::fleet()),
             advance: redis::Script::new(&scripts::advance()),
             raise: redis::Script::new(&scripts::raise()),
@@ -105,6 +151,7 @@ impl Fleet {
         }
         self.sequence.fetch_max(sequence, Ordering::AcqRel);
         if self.epoch.fetch_max(epoch, Ordering::AcqRel) < epoch {
+            self.raised_past(sequence);
             Seen::Raised
         } else {
             Seen::AsKnown
@@ -114,12 +161,64 @@ impl Fleet {
     /// Another replica raised the epoch to `epoch`; whether that is news.
     pub(super) fn learn(&self, epoch: u64, sequence: u64) -> bool {
         self.sequence.fetch_max(sequence, Ordering::AcqRel);
-        self.epoch.fetch_max(epoch, Ordering::AcqRel) < epoch
+        let news = self.epoch.fetch_max(epoch, Ordering::AcqRel) < epoch;
+        if news {
+            self.raised_past(sequence);
+        }
+        news
     }
 
     /// An invalidation message said the sequence reached `sequence`.
     pub(super) fn heard_sequence(&self, sequence: u64) {
         self.sequence.fetch_max(sequence, Ordering::AcqRel);
+        self.continuity().heard(sequence);
+    }
+
+    fn continuity(&self) -> std::sync::MutexGuard<'_, Continuity> {
+        self.continuity
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A new subscription: what came before it is covered by dropping every
+    /// entry; its first canary sets where hearing starts.
+    pub(super) fn subscribed(&self) {
+        let mut continuity = self.continuity();
+        continuity.expected.clear();
+        continuity.started = false;
+    }
+
+    /// A canary read the fleet's sequence as `sequence`.
+    fn expect(&self, sequence: u64) {
+        let mut continuity = self.continuity();
+        if continuity.started {
+            continuity.expected.push_back((Instant::now(), sequence));
+        } else {
+            continuity.past(sequence);
+            continuity.started = true;
+        }
+    }
+
+    /// The epoch was raised with the sequence at `sequence`: the numbers
+    /// skipped by the raise were never published.
+    fn raised_past(&self, sequence: u64) {
+        self.continuity().past(sequence);
+    }
+
+    /// Whether an invalidation a canary saw announced more than `grace` ago
+    /// was never heard.
+    pub(super) fn missed(&self, grace: Duration) -> bool {
+        let mut continuity = self.continuity();
+        while let Some(&(at, sequence)) = continuity.expected.front() {
+            if at.elapsed() < grace {
+                return false;
+            }
+            continuity.expected.pop_front();
+            if continuity.low < sequence {
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -169,6 +268,7 @@ impl RedisTier {
         let (epoch, sequence) = (believable(&epoch)?, believable(&sequence)?);
         fleet.epoch.fetch_max(epoch, Ordering::AcqRel);
         fleet.sequence.fetch_max(sequence, Ordering::AcqRel);
+        fleet.raised_past(sequence);
         self.0.metrics.shared_cache_rollbacks.inc();
         self.emit(Event::Lost);
         tracing::warn!(
@@ -262,8 +362,11 @@ impl RedisTier {
         let Some((epoch, sequence)) = read else {
             return false;
         };
-        self.saw_fleet(known, believable(&epoch), believable(&sequence))
-            .await;
+        let (epoch, sequence) = (believable(&epoch), believable(&sequence));
+        self.saw_fleet(known, epoch, sequence).await;
+        if let Some(sequence) = sequence {
+            fleet.expect(sequence);
+        }
         true
     }
 }
@@ -287,6 +390,39 @@ mod tests {
         fleet.heard_sequence(12);
         assert_eq!(see(Some(2), Some(11)), Seen::RolledBack);
         assert_eq!(see(Some(2), Some(12)), Seen::AsKnown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_invalidation_announced_but_never_heard_is_missed_once_its_grace_passed() {
+        let fleet = Fleet::new();
+        let grace = Duration::from_millis(500);
+        fleet.subscribed();
+        fleet.expect(10);
+        // Heard out of order, with nothing missing.
+        fleet.heard_sequence(12);
+        fleet.heard_sequence(11);
+        fleet.expect(12);
+        tokio::time::advance(grace).await;
+        assert!(!fleet.missed(grace));
+        // 13 is announced and never heard, though 14 is.
+        fleet.heard_sequence(14);
+        fleet.expect(14);
+        tokio::time::advance(grace / 2).await;
+        assert!(!fleet.missed(grace), "a DELETE may still be publishing it");
+        tokio::time::advance(grace / 2).await;
+        assert!(fleet.missed(grace));
+        // A new subscription starts over from its first canary.
+        fleet.subscribed();
+        fleet.expect(14);
+        fleet.heard_sequence(15);
+        fleet.expect(15);
+        tokio::time::advance(grace).await;
+        assert!(!fleet.missed(grace));
+        // An epoch raise skips numbers that were never published.
+        assert!(fleet.learn(3, 20));
+        fleet.expect(20);
+        tokio::time::advance(grace).await;
+        assert!(!fleet.missed(grace));
     }
 
     #[test]

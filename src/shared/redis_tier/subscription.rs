@@ -4,7 +4,10 @@
 //! connection; a subscription that does not hear it back within
 //! `SILENCE_LIMIT` is dead or deaf (a half-open connection, or one left on an
 //! isolated old primary that PONGs but hears nobody), and is made again
-//! after every local entry was dropped, since invalidations may have been missed.
+//! after every local entry was dropped, since invalidations may have been
+//! missed. So is one that hears its canary but missed an invalidation the
+//! fleet's sequence says was published (`Fleet::missed`): a live
+//! subscription is not enough, it must have heard everything.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -43,6 +46,8 @@ enum Ended {
     /// A message on the fleet's channel did not open: someone without the
     /// key publishes there, or replicas use different keys.
     Unreadable,
+    /// An invalidation a canary saw announced never arrived.
+    Missed,
 }
 
 impl RedisTier {
@@ -69,6 +74,7 @@ impl RedisTier {
             match subscribed {
                 Ok(Ok(pubsub)) => {
                     self.record(SharedCacheOp::Subscribe, SharedCacheResult::Ok, None);
+                    self.0.fleet.subscribed();
                     // Invalidations sent while this replica was not listening were missed.
                     self.emit(Event::Lost);
                     let ended = self.listen(pubsub, &stop).await;
@@ -82,6 +88,7 @@ impl RedisTier {
                             "deaf: this replica's canary did not come back"
                         }
                         Ended::Unreadable => "a message on the fleet's channel does not open",
+                        Ended::Missed => "an invalidation the fleet announced never arrived",
                     };
                     self.record(SharedCacheOp::Subscribe, SharedCacheResult::Error, None);
                     self.0.metrics.shared_cache_subscription_losses.inc();
@@ -140,6 +147,10 @@ impl RedisTier {
                 _ = ticks.tick() => {
                     if last_heard.elapsed() >= SILENCE_LIMIT {
                         return Ended::Deaf;
+                    }
+                    // A `DELETE` publishes within two Redis calls of advancing the sequence.
+                    if fleet.missed(self.0.timeout * 2) {
+                        return Ended::Missed;
                     }
                     let answered = fleet.canaries_heard.load(Ordering::Acquire)
                         >= fleet.canaries_sent.load(Ordering::Acquire);
