@@ -8,10 +8,12 @@
 //! condemns it (its answers may never come, or come out of order), and the
 //! next call makes a new one; for Sentinel that means asking the sentinels
 //! again, so a primary that went away or was demoted (`READONLY`) is left.
+//! Behind Sentinel, `follow_primary` (asked with every canary) also leaves a
+//! primary the sentinels no longer name, before it is demoted.
 //!
 //! Every connection has TCP keepalive and a user timeout, so a peer that
 //! vanished without a reset is noticed by the kernel too, not only by the
-//! subscription's pings.
+//! canaries.
 
 use std::sync::Arc;
 use std::time::Duration;
