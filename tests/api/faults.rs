@@ -36,7 +36,9 @@ use crate::fault_proxy::{Fault, FaultProxy};
 use crate::fleet::Backdrop;
 use crate::helpers::process::{Running, command, config_file};
 use crate::helpers::*;
-use crate::redis_servers::{ClusterSet, MASTER_NAME, RedisServer, SentinelSet};
+use crate::redis_servers::{
+    ClusterSet, MASTER_NAME, RedisServer, SentinelSet, Snapshot, restore, snapshot,
+};
 use redis::aio::ConnectionLike;
 
 /// What a nemesis does to Redis itself, besides its form's own faults: it
@@ -47,9 +49,6 @@ struct Hostile {
     listener: tokio::task::JoinHandle<()>,
     saved: Option<(Instant, Snapshot)>,
 }
-
-/// Keys and their `DUMP`s.
-type Snapshot = Vec<(String, Vec<u8>)>;
 
 impl Hostile {
     /// Listens on the invalidation channel through the server at `url`.
@@ -86,11 +85,14 @@ impl Hostile {
             _ if restores => match self.saved.take() {
                 Some((at, dumped)) if at.elapsed() >= Duration::from_secs(2) => {
                     brokers.phase("an older snapshot restored, then a new broker");
-                    restore(connection, &dumped).await;
+                    let _ = restore(connection, &dumped, true).await;
                     brokers.replace(rng.random_range(0..BROKERS)).await;
                 }
                 Some(kept) => self.saved = Some(kept),
-                None => self.saved = Some((Instant::now(), snapshot(connection).await)),
+                None => {
+                    let saved = snapshot(connection).await.unwrap_or_default();
+                    self.saved = Some((Instant::now(), saved));
+                }
             },
             _ => {}
         }
@@ -752,40 +754,6 @@ async fn publish_a_forgery(
         .arg(message)
         .query_async(&mut connection)
         .await;
-}
-
-/// Every key the brokers wrote, as a backup would take it.
-async fn snapshot(mut connection: impl ConnectionLike) -> Vec<(String, Vec<u8>)> {
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("token-broker:*")
-        .query_async(&mut connection)
-        .await
-        .unwrap_or_default();
-    let mut dumped = Vec::new();
-    for key in keys {
-        if let Ok(value) = redis::cmd("DUMP")
-            .arg(&key)
-            .query_async::<Vec<u8>>(&mut connection)
-            .await
-        {
-            dumped.push((key, value));
-        }
-    }
-    dumped
-}
-
-/// The backup restored over everything Redis holds.
-async fn restore(mut connection: impl ConnectionLike, saved: &[(String, Vec<u8>)]) {
-    let _: redis::RedisResult<()> = redis::cmd("FLUSHALL").query_async(&mut connection).await;
-    for (key, dumped) in saved {
-        let _: redis::RedisResult<()> = redis::cmd("RESTORE")
-            .arg(key)
-            .arg(0)
-            .arg(dumped)
-            .arg("REPLACE")
-            .query_async(&mut connection)
-            .await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

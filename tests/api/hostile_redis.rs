@@ -14,25 +14,10 @@ use crate::fault_proxy::{Fault, FaultProxy};
 use crate::fleet::{Fleet, alice, token_of, wait_for_metric};
 use crate::helpers::process::{Running, command, config_file};
 use crate::helpers::*;
+use crate::invalidation::{rotate_and_delete, until_served};
+use crate::redis_servers::{restore, snapshot};
 
 const INVALIDATED: &str = "token-broker:v3:invalidated";
-
-/// Polls `replica` until it serves `expected` for alice, within `within`.
-async fn until_served(replica: &TestApp, expected: &str, within: Duration) {
-    let started = Instant::now();
-    loop {
-        let (token, _) = token_of(replica.get_token(&alice()).await).await;
-        if token == expected {
-            return;
-        }
-        assert!(
-            started.elapsed() < within,
-            "still serving {token} {:?} after the DELETE was confirmed",
-            started.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// The Redis keys of alice's agent token (the only identity fetched so far).
 async fn alice_keys(redis: &mut redis::aio::MultiplexedConnection) -> (String, String) {
@@ -45,25 +30,6 @@ async fn alice_keys(redis: &mut redis::aio::MultiplexedConnection) -> (String, S
     let entry = entries[0].clone();
     let generation = entry.replace(":entry", ":generation");
     (entry, generation)
-}
-
-/// Every `token-broker:*` key, dumped as a backup would take it.
-async fn snapshot(redis: &mut redis::aio::MultiplexedConnection) -> Vec<(String, Vec<u8>)> {
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("token-broker:*")
-        .query_async(redis)
-        .await
-        .unwrap();
-    let mut dumped = Vec::new();
-    for key in keys {
-        let value: Vec<u8> = redis::cmd("DUMP")
-            .arg(&key)
-            .query_async(redis)
-            .await
-            .unwrap();
-        dumped.push((key, value));
-    }
-    dumped
 }
 
 async fn sum_of(replicas: &[&TestApp], sample: &str) -> f64 {
@@ -129,11 +95,7 @@ async fn a_forged_or_altered_message_counts_as_a_lost_subscription_and_a_replay_
     let mut listener = client.get_async_pubsub().await.unwrap();
     listener.subscribe(INVALIDATED).await.unwrap();
     token_of(b.get_token(&alice()).await).await;
-    fleet
-        .sim
-        .add_team_member(ALICE, UserType::Agent, "tok-alice-rotated");
-    let deleted = a.delete_token_as(Some(INVALIDATOR_KEY), &alice()).await;
-    assert_eq!(deleted.status(), 204);
+    rotate_and_delete(&fleet, a, "tok-alice-rotated").await;
     let captured: Vec<u8> = {
         let mut messages = listener.on_message();
         let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
@@ -191,33 +153,16 @@ async fn a_replica_started_after_a_restore_refuses_what_the_restore_brought_back
     let (a, b) = (&fleet.replicas[0], &fleet.replicas[1]);
     token_of(a.get_token(&alice()).await).await;
     token_of(b.get_token(&alice()).await).await;
-    let mut redis = fleet.redis.connection().await.unwrap();
-    let saved = snapshot(&mut redis).await;
+    let redis = fleet.redis.connection().await.unwrap();
+    let saved = snapshot(redis.clone()).await.unwrap();
     assert!(
         saved.iter().any(|(k, _)| k.ends_with("{fleet}")),
         "{saved:?}"
     );
 
-    fleet
-        .sim
-        .add_team_member(ALICE, UserType::Agent, "tok-alice-rotated");
-    let deleted = a.delete_token_as(Some(INVALIDATOR_KEY), &alice()).await;
-    assert_eq!(deleted.status(), 204);
+    rotate_and_delete(&fleet, a, "tok-alice-rotated").await;
     // The backup restored over everything.
-    let _: () = redis::cmd("FLUSHALL")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    for (key, dumped) in &saved {
-        let _: () = redis::cmd("RESTORE")
-            .arg(key)
-            .arg(0)
-            .arg(dumped)
-            .arg("REPLACE")
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-    }
+    restore(redis, &saved, true).await.unwrap();
     // A replica that saw the invalidation notices on its own, with nobody asking it.
     let deadline = Instant::now() + Duration::from_secs(10);
     while sum_of(&[a, b], "token_broker_shared_cache_rollbacks_total").await < 1.0 {
@@ -323,29 +268,30 @@ async fn twenty_thousand_distinct_deletes_leave_memory_bounded_where_they_are_on
     );
 }
 
+/// A replica of `fleet` that reaches Redis through a fault proxy, in sync,
+/// holding alice's token.
+async fn behind_a_proxy(fleet: &Fleet) -> (FaultProxy, TestApp) {
+    let proxy = FaultProxy::start(fleet.redis.address().parse().unwrap()).await;
+    let replica = fleet
+        .replica_via(&format!("redis://{}", proxy.addr), "")
+        .await;
+    wait_for_metric(&replica, "token_broker_shared_cache_subscribed", 1.0).await;
+    assert_eq!(
+        token_of(replica.get_token(&alice()).await).await.0,
+        ALICE_AGENT_TOKEN
+    );
+    (proxy, replica)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_that_answers_but_hears_nobody_is_noticed_by_its_canary() {
     let Some(fleet) = Fleet::start(1, "").await else {
         return;
     };
-    let proxy = FaultProxy::start(fleet.redis.address().parse().unwrap()).await;
-    let deaf = fleet
-        .replica_via(&format!("redis://{}", proxy.addr), "")
-        .await;
-    wait_for_metric(&deaf, "token_broker_shared_cache_subscribed", 1.0).await;
-    assert_eq!(
-        token_of(deaf.get_token(&alice()).await).await.0,
-        ALICE_AGENT_TOKEN
-    );
+    let (proxy, deaf) = behind_a_proxy(&fleet).await;
     // Every reply passes (PONGs, command answers), every published message is dropped.
     proxy.set(Fault::DropMessages);
-    fleet
-        .sim
-        .add_team_member(ALICE, UserType::Agent, "tok-alice-rotated");
-    let deleted = fleet.replicas[0]
-        .delete_token_as(Some(INVALIDATOR_KEY), &alice())
-        .await;
-    assert_eq!(deleted.status(), 204);
+    rotate_and_delete(&fleet, &fleet.replicas[0], "tok-alice-rotated").await;
     until_served(&deaf, "tok-alice-rotated", Duration::from_secs(4)).await;
     wait_for_metric(&deaf, "token_broker_shared_cache_canary_misses_total", 1.0).await;
     proxy.set(Fault::Pass);
@@ -357,25 +303,11 @@ async fn an_invalidation_lost_while_the_canary_still_comes_back_is_noticed_by_it
     let Some(fleet) = Fleet::start(1, "").await else {
         return;
     };
-    let proxy = FaultProxy::start(fleet.redis.address().parse().unwrap()).await;
-    let lossy = fleet
-        .replica_via(&format!("redis://{}", proxy.addr), "")
-        .await;
-    wait_for_metric(&lossy, "token_broker_shared_cache_subscribed", 1.0).await;
-    assert_eq!(
-        token_of(lossy.get_token(&alice()).await).await.0,
-        ALICE_AGENT_TOKEN
-    );
+    let (proxy, lossy) = behind_a_proxy(&fleet).await;
     // Published messages are lost for a moment, far shorter than the
     // canary's silence limit: only the invalidation falls into it.
     proxy.set(Fault::DropMessages);
-    fleet
-        .sim
-        .add_team_member(ALICE, UserType::Agent, "tok-alice-rotated");
-    let deleted = fleet.replicas[0]
-        .delete_token_as(Some(INVALIDATOR_KEY), &alice())
-        .await;
-    assert_eq!(deleted.status(), 204);
+    rotate_and_delete(&fleet, &fleet.replicas[0], "tok-alice-rotated").await;
     proxy.set(Fault::Pass);
     until_served(&lossy, "tok-alice-rotated", Duration::from_secs(2)).await;
     let misses = lossy

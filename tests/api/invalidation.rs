@@ -11,10 +11,10 @@ use tokio::time::Instant;
 use crate::fault_proxy::{Fault, FaultProxy};
 use crate::fleet::{Fleet, alice, token_of, wait_for_metric};
 use crate::helpers::*;
-use crate::redis_servers::RedisServer;
+use crate::redis_servers::{RedisServer, restore, snapshot};
 
 /// Polls `replica` until it serves `expected` for alice; how long that took.
-async fn until_served(replica: &TestApp, expected: &str, within: Duration) -> Duration {
+pub async fn until_served(replica: &TestApp, expected: &str, within: Duration) -> Duration {
     let started = Instant::now();
     loop {
         let (token, _) = token_of(replica.get_token(&alice()).await).await;
@@ -31,7 +31,7 @@ async fn until_served(replica: &TestApp, expected: &str, within: Duration) -> Du
 }
 
 /// Rotates alice's token at the vendor and invalidates it through `replica`.
-async fn rotate_and_delete(fleet: &Fleet, replica: &TestApp, token: &str) {
+pub async fn rotate_and_delete(fleet: &Fleet, replica: &TestApp, token: &str) {
     fleet.sim.add_team_member(ALICE, UserType::Agent, token);
     let deleted = replica
         .delete_token_as(Some(INVALIDATOR_KEY), &alice())
@@ -69,35 +69,16 @@ async fn a_value_written_back_after_a_delete_is_never_served_again() {
     let (a, b) = (&fleet.replicas[0], &fleet.replicas[1]);
     token_of(a.get_token(&alice()).await).await;
     // A snapshot of everything Redis holds, as a backup would take it.
-    let mut redis = fleet.redis.connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("token-broker:*")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let mut snapshot = Vec::new();
-    for key in &keys {
-        let dumped: Vec<u8> = redis::cmd("DUMP")
-            .arg(key)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-        snapshot.push((key.clone(), dumped));
-    }
-    assert!(keys.iter().any(|k| k.ends_with(":entry")), "{keys:?}");
+    let redis = fleet.redis.connection().await.unwrap();
+    let saved = snapshot(redis.clone()).await.unwrap();
+    assert!(
+        saved.iter().any(|(k, _)| k.ends_with(":entry")),
+        "{saved:?}"
+    );
 
     rotate_and_delete(&fleet, a, "tok-alice-rotated").await;
     // The snapshot restored: the old value and the old generation are back.
-    for (key, dumped) in &snapshot {
-        let _: () = redis::cmd("RESTORE")
-            .arg(key)
-            .arg(0)
-            .arg(dumped)
-            .arg("REPLACE")
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-    }
+    restore(redis, &saved, false).await.unwrap();
     for replica in [b, a] {
         let (token, cache) = token_of(replica.get_token(&alice()).await).await;
         assert_eq!(token, "tok-alice-rotated", "the restored token came back");

@@ -366,3 +366,46 @@ impl ClusterSet {
         format!("redis_cluster_nodes = [{}]\n", seeds.join(", "))
     }
 }
+
+/// Keys and their `DUMP`s, as a backup holds them.
+pub type Snapshot = Vec<(String, Vec<u8>)>;
+
+/// Every key the brokers wrote, as a backup would take it.
+pub async fn snapshot(
+    mut connection: impl redis::aio::ConnectionLike,
+) -> redis::RedisResult<Snapshot> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("token-broker:*")
+        .query_async(&mut connection)
+        .await?;
+    let mut dumped = Vec::new();
+    for key in keys {
+        let value: Vec<u8> = redis::cmd("DUMP")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await?;
+        dumped.push((key, value));
+    }
+    Ok(dumped)
+}
+
+/// `saved` restored over what Redis holds (after emptying it, with `flush`).
+pub async fn restore(
+    mut connection: impl redis::aio::ConnectionLike,
+    saved: &[(String, Vec<u8>)],
+    flush: bool,
+) -> redis::RedisResult<()> {
+    if flush {
+        let () = redis::cmd("FLUSHALL").query_async(&mut connection).await?;
+    }
+    for (key, dumped) in saved {
+        let () = redis::cmd("RESTORE")
+            .arg(key)
+            .arg(0)
+            .arg(dumped)
+            .arg("REPLACE")
+            .query_async(&mut connection)
+            .await?;
+    }
+    Ok(())
+}
