@@ -210,18 +210,26 @@ async fn concurrent_misses_on_many_threads_make_one_fetch_per_key() {
     }
 }
 
+/// A lookup of `id` whose 100 ms fetch is halfway when `id` is invalidated.
+async fn invalidated_halfway(
+    broker: &Arc<Broker>,
+    id: &Identity,
+) -> tokio::task::JoinHandle<Issued> {
+    let in_flight = {
+        let (broker, id) = (broker.clone(), id.clone());
+        tokio::spawn(async move { broker.lookup(&id, &caller()).await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    broker.invalidate(id).await.unwrap();
+    in_flight
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_fetch_begun_before_an_invalidation_does_not_store_its_answer() {
     let source = Counting::with(Duration::from_millis(100), true);
     let broker = Arc::new(broker(source.clone(), Duration::from_secs(600), 100));
     let id = member("a@example.com", UserType::Agent);
-    let in_flight = {
-        let broker = broker.clone();
-        let id = id.clone();
-        tokio::spawn(async move { broker.lookup(&id, &caller()).await.unwrap() })
-    };
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    broker.invalidate(&id).await.unwrap();
+    let in_flight = invalidated_halfway(&broker, &id).await;
     let joined_after = broker.lookup(&id, &caller()).await.unwrap();
     assert_eq!(in_flight.await.unwrap().token.expose(), "token-1");
     assert_eq!(
@@ -265,13 +273,7 @@ async fn invalidations_are_remembered_in_bounded_memory_without_undoing_one() {
     let source = Counting::with(Duration::from_millis(100), true);
     let broker = Arc::new(broker(source.clone(), Duration::from_secs(600), 8));
     let id = member("a@example.com", UserType::Agent);
-    let in_flight = {
-        let broker = broker.clone();
-        let id = id.clone();
-        tokio::spawn(async move { broker.lookup(&id, &caller()).await.unwrap() })
-    };
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    broker.invalidate(&id).await.unwrap();
+    let in_flight = invalidated_halfway(&broker, &id).await;
     // Far more invalidations than max_entries push the first one out.
     for i in 0..20_000 {
         let other = Identity::Customer(UserId::parse(&format!("c{i}")).unwrap());
