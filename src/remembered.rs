@@ -69,13 +69,15 @@ impl Remembered {
         }
     }
 
-    /// The lowest generation `identity` may be in.
+    /// The lowest generation `identity` may be in; it never goes down.
     pub fn get(&self, identity: &Identity) -> Lowest {
         let mut state = self.lock();
         state.expire(self.memory);
+        // Never below the floor: an identity remembered before the floor
+        // rose past it reads the floor.
         match state.known.get(identity) {
-            Some(&(generation, _)) => Lowest::Exact(generation),
-            None => Lowest::Floor(state.floor),
+            Some(&(generation, _)) if generation > state.floor => Lowest::Exact(generation),
+            _ => Lowest::Floor(state.floor),
         }
     }
 
@@ -84,6 +86,10 @@ impl Remembered {
     pub fn raise(&self, identity: &Identity, generation: u64) {
         let mut state = self.lock();
         state.expire(self.memory);
+        // At or below the floor: the floor already says as much.
+        if generation <= state.floor {
+            return;
+        }
         // Nothing new (a message replayed, say): the memory is not renewed,
         // so it never outlives the generation it remembers.
         if state.known.get(identity).is_some_and(|k| k.0 >= generation) {
@@ -183,17 +189,32 @@ mod tests {
     }
 
     #[test]
+    fn a_generation_below_the_floor_never_lowers_what_a_forgotten_identity_reads() {
+        let remembered = Remembered::new(1, Duration::from_secs(3600));
+        remembered.raise(&customer(0), 100);
+        remembered.raise(&customer(1), 7);
+        assert_eq!(remembered.get(&customer(0)), Lowest::Floor(100));
+        // A late or replayed invalidation of the forgotten identity.
+        remembered.raise(&customer(0), 5);
+        assert_eq!(remembered.get(&customer(0)), Lowest::Floor(100));
+        // One remembered below the floor reads the floor, and a raise under it changes nothing.
+        assert_eq!(remembered.get(&customer(1)), Lowest::Floor(100));
+        remembered.raise(&customer(1), 50);
+        assert_eq!(remembered.get(&customer(1)), Lowest::Floor(100));
+    }
+
+    #[test]
     fn a_raise_keeps_the_highest_generation_and_renews_the_identity() {
         let remembered = Remembered::new(2, Duration::from_secs(3600));
         remembered.raise(&customer(0), 50);
-        remembered.raise(&customer(1), 60);
-        remembered.raise(&customer(0), 40);
+        remembered.raise(&customer(1), 40);
+        remembered.raise(&customer(0), 45);
         assert_eq!(remembered.get(&customer(0)), Lowest::Exact(50));
         remembered.raise(&customer(0), 55);
         // customer 0 was renewed, so customer 1 is the oldest now.
         remembered.raise(&customer(2), 70);
         assert_eq!(remembered.get(&customer(0)), Lowest::Exact(55));
-        assert_eq!(remembered.get(&customer(1)), Lowest::Floor(60));
+        assert_eq!(remembered.get(&customer(1)), Lowest::Floor(40));
     }
 
     #[test]
