@@ -1,10 +1,14 @@
 //! The per-request work around the API router: request id, the request's
 //! `RequestContext` (and span, when there is one), the 8 KiB size limits,
-//! one log event and the HTTP metrics for every request.
+//! one log event and the HTTP metrics for every request (the log lines of
+//! requests refused before their caller is known are budgeted).
 
 use std::convert::Infallible;
+use std::num::NonZeroU32;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -27,7 +31,7 @@ use crate::http::outcome::Outcome;
 use crate::http::routes::{self, SPAN_NAMES, TOKENS_ROUTE, VENDOR_ROUTE};
 use crate::telemetry;
 use crate::telemetry::RequestContext;
-use crate::telemetry::metrics::ClientResult;
+use crate::telemetry::metrics::{ClientResult, LogDrop};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest accepted request target and header block: 8 KiB each.
@@ -165,11 +169,49 @@ fn check_request(request: &Request, route: &'static str) -> Result<(), ApiError>
 pub struct Api {
     state: AppState,
     router: Router,
+    unauthenticated: Arc<Unauthenticated>,
 }
 
 impl Api {
     pub fn new(state: AppState, router: Router) -> Self {
-        Self { state, router }
+        Self {
+            state,
+            router,
+            unauthenticated: Arc::new(Unauthenticated::new()),
+        }
+    }
+}
+
+/// Request lines of requests refused before their caller is known (401s)
+/// written per second at most; the rest are counted, not written, so
+/// strangers cannot take the log output's bandwidth.
+pub const UNAUTHENTICATED_LINES_PER_SECOND: u32 = 100;
+
+/// The budget of 401 request lines, and how many went unwritten since the
+/// last one written (which says so).
+struct Unauthenticated {
+    budget: governor::DefaultDirectRateLimiter,
+    suppressed: AtomicU64,
+}
+
+impl Unauthenticated {
+    fn new() -> Self {
+        let per_second = NonZeroU32::new(UNAUTHENTICATED_LINES_PER_SECOND)
+            .unwrap_or_else(|| unreachable!("a constant above zero"));
+        Self {
+            budget: governor::RateLimiter::direct(governor::Quota::per_second(per_second)),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines suppressed before this one)` when this line is written.
+    fn admit(&self) -> Option<u64> {
+        if self.budget.check().is_ok() {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        telemetry::metrics::log_lines_dropped(LogDrop::Sampled, 1);
+        None
     }
 }
 
@@ -208,6 +250,7 @@ where
             AssertUnwindSafe(self.router.call(request)).catch_unwind()
         });
         let state = self.state.clone();
+        let unauthenticated = self.unauthenticated.clone();
         let served = async move {
             let mut response = match handled {
                 Ok(handled) => match handled.await {
@@ -226,7 +269,14 @@ where
                     .headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static(allowed));
             }
-            finish(&state, route, started, &mut response, exporting);
+            finish(
+                &state,
+                &unauthenticated,
+                route,
+                started,
+                &mut response,
+                exporting,
+            );
             response.headers_mut().insert(X_REQUEST_ID, id);
             Ok(response)
         };
@@ -238,6 +288,7 @@ where
 /// The audit event or log line, and the metrics, of one answered request.
 fn finish(
     state: &AppState,
+    unauthenticated: &Unauthenticated,
     route: &'static str,
     started: Instant,
     response: &mut Response,
@@ -284,15 +335,23 @@ fn finish(
     // A token-route request whose asker is known wrote its audit event;
     // the client, if any, is counted below.
     let audited = token_route && who.is_some();
-    let client = who.flatten();
     let status = response.status().as_u16();
-    if !audited {
+    // Refused before the caller was known: anyone can send these, so their
+    // lines are budgeted.
+    let written = if who.is_none() && status == 401 {
+        unauthenticated.admit()
+    } else {
+        Some(0)
+    };
+    let client = who.flatten();
+    if !audited && let Some(suppressed) = written {
         // `message` as a plain field: written as it is, no formatting.
         tracing::info!(
             message = "request completed",
             status,
             duration_us = telemetry::whole_micros(elapsed),
             cache,
+            suppressed_before = (suppressed > 0).then_some(suppressed),
         );
     }
     if exporting {

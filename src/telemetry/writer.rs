@@ -3,11 +3,17 @@
 //! system call nor waits to log, and a stalled reader of stdout (a full
 //! pipe, a stuck log collector) never stops the service.
 //!
-//! The queue never blocks a logger. Ordinary lines are dropped, and counted,
-//! once it is three-quarters full; audit events may use the rest. An audit
-//! event that does not fit is refused: the thread that wrote it learns so
-//! from `take_audit_refusal`, and its request fails instead of a token
-//! leaving without its audit line.
+//! The queue has two lanes. Audit events have one of their own, of
+//! `capacity` bytes, and go first: the writer takes every audit event queued
+//! before any ordinary line, and writes ordinary lines in chunks of at most
+//! `ORDINARY_CHUNK` bytes, so a flood of ordinary lines (strangers' 401s,
+//! say) neither fills the audit lane nor makes an audit event wait behind
+//! more than one chunk. Ordinary lines have three quarters of `capacity`.
+//!
+//! The queue never blocks a logger. An ordinary line that does not fit is
+//! dropped, and counted. An audit event that does not fit is refused: the
+//! thread that wrote it learns so from `take_audit_refusal`, and its request
+//! fails instead of a token leaving without its audit line.
 
 use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -21,6 +27,8 @@ use crate::telemetry::metrics::{LogDrop, log_lines_dropped, log_lines_dropped_so
 const FLUSH_EVERY: Duration = Duration::from_millis(5);
 /// A batch this large wakes the writer at once.
 const WAKE_AT_BYTES: usize = 256 * 1024;
+/// The most ordinary lines written at once: what an audit event may wait behind.
+const ORDINARY_CHUNK: usize = 16 * 1024;
 
 thread_local! {
     /// Set when an audit event written on this thread did not fit.
@@ -40,15 +48,47 @@ struct Queue {
     filled: Condvar,
     /// Signalled when the writer has written all it took.
     written: Condvar,
-    /// Bytes the queue holds at most; ordinary lines stop at three quarters.
+    /// Bytes the audit lane holds at most; the ordinary lane holds three quarters of it.
     capacity: usize,
 }
 
 struct Pending {
-    bytes: Vec<u8>,
+    /// Audit events, written first.
+    audit: Vec<u8>,
+    /// Everything else.
+    ordinary: Vec<u8>,
     /// The writer holds a batch it has not finished writing.
     writing: bool,
     closed: bool,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.audit.is_empty() && self.ordinary.is_empty()
+    }
+
+    fn lines(&self) -> u64 {
+        lines_in(&self.audit) + lines_in(&self.ordinary)
+    }
+
+    /// The next batch into `batch`: every audit event queued, else at most
+    /// `ORDINARY_CHUNK` bytes of whole ordinary lines (or one longer line).
+    fn take_into(&mut self, batch: &mut Vec<u8>) {
+        if !self.audit.is_empty() {
+            std::mem::swap(&mut self.audit, batch);
+            return;
+        }
+        if self.ordinary.len() <= ORDINARY_CHUNK {
+            std::mem::swap(&mut self.ordinary, batch);
+            return;
+        }
+        let end = self.ordinary[..ORDINARY_CHUNK]
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .or_else(|| self.ordinary.iter().position(|b| *b == b'\n'))
+            .map_or(self.ordinary.len(), |newline| newline + 1);
+        batch.extend(self.ordinary.drain(..end));
+    }
 }
 
 /// The queue's two entrances: `ordinary()` for log lines, `audit()` for the
@@ -79,7 +119,8 @@ impl LogQueue {
     ) -> (Self, WriterGuard) {
         let queue = Arc::new(Queue {
             pending: Mutex::new(Pending {
-                bytes: Vec::with_capacity(WAKE_AT_BYTES.min(capacity)),
+                audit: Vec::with_capacity(WAKE_AT_BYTES.min(capacity)),
+                ordinary: Vec::new(),
                 writing: false,
                 closed: false,
             }),
@@ -97,13 +138,13 @@ impl LogQueue {
                         let mut pending = shared.lock();
                         pending.writing = false;
                         shared.written.notify_all();
-                        if pending.bytes.is_empty() && !pending.closed {
+                        if pending.is_empty() && !pending.closed {
                             pending = shared
                                 .filled
                                 .wait_timeout(pending, FLUSH_EVERY)
                                 .map_or_else(|e| e.into_inner().0, |(guard, _)| guard);
                         }
-                        std::mem::swap(&mut pending.bytes, &mut batch);
+                        pending.take_into(&mut batch);
                         pending.writing = !batch.is_empty();
                         pending.closed && batch.is_empty()
                     };
@@ -154,7 +195,7 @@ impl Queue {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `line` if it fits under its limit.
+    /// Queues `line` in its lane if it fits.
     fn push(&self, line: &[u8], audit: bool) -> bool {
         let limit = if audit {
             self.capacity
@@ -162,11 +203,18 @@ impl Queue {
             self.capacity / 4 * 3
         };
         let mut pending = self.lock();
-        if pending.closed || pending.bytes.len() + line.len() > limit {
+        let Pending {
+            audit: audit_lane,
+            ordinary,
+            closed,
+            ..
+        } = &mut *pending;
+        let lane = if audit { audit_lane } else { ordinary };
+        if *closed || lane.len() + line.len() > limit {
             return false;
         }
-        pending.bytes.extend_from_slice(line);
-        if pending.bytes.len() >= WAKE_AT_BYTES {
+        lane.extend_from_slice(line);
+        if lane.len() >= WAKE_AT_BYTES {
             self.filled.notify_one();
         }
         true
@@ -182,7 +230,7 @@ impl WriterGuard {
         let mut pending = queue.lock();
         pending.closed = true;
         queue.filled.notify_one();
-        while !pending.bytes.is_empty() || pending.writing {
+        while !pending.is_empty() || pending.writing {
             let now = Instant::now();
             if now >= deadline {
                 break;
@@ -192,8 +240,8 @@ impl WriterGuard {
                 .wait_timeout(pending, deadline - now)
                 .map_or_else(|e| e.into_inner().0, |(guard, _)| guard);
         }
-        let drained = pending.bytes.is_empty() && !pending.writing;
-        let unwritten = lines_in(&pending.bytes);
+        let drained = pending.is_empty() && !pending.writing;
+        let unwritten = pending.lines();
         drop(pending);
         if drained && let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -319,7 +367,7 @@ mod tests {
     }
 
     #[test]
-    fn a_blocked_output_never_blocks_a_logger_and_audit_lines_keep_the_last_quarter() {
+    fn a_blocked_output_never_blocks_a_logger_and_audit_events_have_a_lane_of_their_own() {
         let out = Gated::default();
         let gate = out.gate.lock().unwrap();
         let (queue, guard) = LogQueue::spawn(out.clone(), 4096);
@@ -347,7 +395,7 @@ mod tests {
             .expect("a logger waited for a blocked output");
         logger.join().unwrap();
         assert_eq!(ordinary_kept, 30, "ordinary lines stop at three quarters");
-        assert_eq!(audit_kept, 10, "audit lines use the rest");
+        assert_eq!(audit_kept, 40, "audit events have all of their own lane");
         assert!(
             !write_line(&queue.audit(), &line),
             "a refused audit line is told"
@@ -359,9 +407,35 @@ mod tests {
 
         let drained = guard.finish(Instant::now() + Duration::from_millis(100));
         assert_eq!(
-            drained.unwritten, 40,
+            drained.unwritten, 70,
             "still queued behind the blocked output"
         );
         drop(gate);
+    }
+
+    #[test]
+    fn audit_events_are_written_ahead_of_ordinary_lines_queued_before_them() {
+        let out = Gated::default();
+        let gate = out.gate.lock().unwrap();
+        let (queue, guard) = LogQueue::spawn(out.clone(), 1 << 20);
+        let line = |what: &str, i: usize| format!("{what}-{i:04}-{}\n", "x".repeat(90));
+        assert!(queue.0.push(line("first", 0).as_bytes(), false));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !queue.0.lock().writing {
+            assert!(Instant::now() < deadline, "the writer never took the line");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A flood of ordinary lines, far more than one chunk, then one audit event.
+        for i in 0..2_000 {
+            assert!(queue.0.push(line("ordinary", i).as_bytes(), false));
+        }
+        assert!(queue.0.push(line("audit", 0).as_bytes(), true));
+        drop(gate);
+        guard.finish(Instant::now() + Duration::from_secs(30));
+        let text = String::from_utf8(out.out.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2_002);
+        let audit_at = lines.iter().position(|l| l.starts_with("audit-")).unwrap();
+        assert_eq!(audit_at, 1, "right after the line the writer held");
     }
 }

@@ -362,3 +362,105 @@ async fn pretty_logs_write_no_colour_codes_into_a_pipe() {
         "escape codes in a pipe: {output:?}"
     );
 }
+
+/// Reads `stdout` at about `bytes_per_second`, as a slow log collector
+/// would; what it read, once the broker closes it.
+async fn drain_slowly(mut stdout: tokio::process::ChildStdout, bytes_per_second: usize) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut read = Vec::new();
+    let mut buffer = vec![0; bytes_per_second / 10];
+    while let Ok(n) = stdout.read(&mut buffer).await {
+        if n == 0 {
+            break;
+        }
+        read.extend_from_slice(&buffer[..n]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    read
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_strangers_beside_a_slow_stdout_fails_no_legitimate_read() {
+    let (_sim, upstream) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = command();
+    command
+        .arg("--config")
+        .arg(config_file(&dir, upstream, "[log]\nqueue_bytes = 262144\n"))
+        .env("TOKEN_BROKER__SERVER__SHUTDOWN_GRACE", "2s");
+    let (mut broker, stdout) = Running::start_stalled(command).await;
+    let drained = tokio::spawn(drain_slowly(stdout, 40_000));
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    let url = broker.tokens_url(&member_query(ALICE, "AGENT"));
+    // Strangers: as many requests with a key nobody has as they can send.
+    let strangers: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut sent = 0u64;
+                while tokio::time::Instant::now() < until {
+                    let refused = client
+                        .get(&url)
+                        .bearer_auth("not-a-key-of-anyone-0123456789abcdef")
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(refused.status(), 401);
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    // A legitimate caller: 40 reads a second.
+    let client = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    while tokio::time::Instant::now() < until {
+        statuses.push(
+            get(&client, url.clone(), READER_KEY)
+                .await
+                .status()
+                .as_u16(),
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut sent = 0;
+    for stranger in strangers {
+        sent += stranger.await.unwrap();
+    }
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} legitimate reads failed beside {sent} strangers' requests: {statuses:?}",
+        statuses.len()
+    );
+    let sampled = broker
+        .metric(r#"token_broker_log_lines_dropped_total{reason="sampled"}"#)
+        .await
+        .unwrap();
+    let refused = broker
+        .metric(r#"token_broker_log_lines_dropped_total{reason="audit_refused"}"#)
+        .await
+        .unwrap();
+    broker.terminate();
+    broker.wait().await;
+    let output = String::from_utf8_lossy(&drained.await.unwrap()).into_owned();
+    eprintln!(
+        "{sent} strangers' requests, {} reads, {sampled} request lines sampled away",
+        statuses.len()
+    );
+    assert_eq!(refused, 0.0, "no audit event was refused");
+    assert!(
+        sampled > 0.0,
+        "past the budget, strangers' lines are not written"
+    );
+    let told = events(&output)
+        .into_iter()
+        .any(|e| e["status"] == 401 && e["suppressed_before"].as_u64().is_some_and(|n| n > 0));
+    assert!(
+        told,
+        "a written 401 line says how many went unwritten before it"
+    );
+}

@@ -129,12 +129,15 @@ label_values! {
 label_values! {
     /// `reason` of `token_broker_log_lines_dropped_total`.
     LogDrop {
-        /// An ordinary line found the log queue three-quarters full.
+        /// An ordinary line found its lane of the log queue full.
         QueueFull => "queue_full",
-        /// An audit event found the log queue full; its request failed with a 503.
+        /// An audit event found its lane of the log queue full; its request failed with a 503.
         AuditRefused => "audit_refused",
         /// Writing to stdout failed (closed or broken).
         WriteFailed => "write_failed",
+        /// The request line of a request refused before its caller was known
+        /// (a 401), past `UNAUTHENTICATED_LINES_PER_SECOND`.
+        Sampled => "sampled",
     }
 }
 
