@@ -30,7 +30,7 @@
 //!   to have been heard soon after; silence for `SILENCE_LIMIT`, or a
 //!   number never heard, counts as lost:
 //!   the broker drops every local entry at once and this replica
-//!   re-subscribes (and drops them again once it has).
+//!   re-subscribes (and drops them again once its canary comes back).
 //!
 //! Redis trouble degrades, never fails: every call is bounded by
 //! `cache.redis_timeout`, and a failed or slow call makes the replica act as

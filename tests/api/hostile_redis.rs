@@ -321,3 +321,27 @@ async fn an_invalidation_lost_while_the_canary_still_comes_back_is_noticed_by_it
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_fetched_while_deaf_is_dropped_once_the_subscription_hears_again() {
+    let Some(fleet) = Fleet::start(1, "").await else {
+        return;
+    };
+    let (proxy, deaf) = behind_a_proxy(&fleet).await;
+    proxy.set(Fault::DropMessages);
+    wait_for_metric(&deaf, "token_broker_shared_cache_canary_misses_total", 1.0).await;
+    // Subscribed again (still deaf); what follows happens before this
+    // subscription's own silence limit.
+    let resubscribed = "token_broker_shared_cache_operations_total{op=\"subscribe\",result=\"ok\"}";
+    wait_for_metric(&deaf, resubscribed, 2.0).await;
+    // Not in sync: asked of the vendor, kept briefly.
+    assert_eq!(
+        token_of(deaf.get_token(&alice()).await).await.0,
+        ALICE_AGENT_TOKEN
+    );
+    // Its invalidation is published while messages still do not arrive.
+    rotate_and_delete(&fleet, &fleet.replicas[0], "tok-alice-rotated").await;
+    proxy.set(Fault::Pass);
+    wait_for_metric(&deaf, "token_broker_shared_cache_subscribed", 1.0).await;
+    until_served(&deaf, "tok-alice-rotated", Duration::from_secs(2)).await;
+}

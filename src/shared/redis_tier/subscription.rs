@@ -117,7 +117,9 @@ impl RedisTier {
     /// Handles messages and sends canaries until the subscription ends, goes
     /// deaf, or `stop`. In sync from the first canary heard back (by then
     /// the fleet's epoch was read, so nothing from before it is trusted);
-    /// for a process's first subscription, only after `SETTLE`.
+    /// for a process's first subscription, only after `SETTLE`. Every local
+    /// entry is dropped as it becomes in sync: entries fetched meanwhile may
+    /// have missed invalidations the canary had not yet proved it heard.
     async fn listen(&self, pubsub: redis::aio::PubSub, stop: &CancellationToken) -> Ended {
         let (_sink_half, mut messages) = pubsub.split();
         let fleet = &self.0.fleet;
@@ -134,6 +136,10 @@ impl RedisTier {
                             last_heard = Instant::now();
                             let settled = *self.0.fleet.settled.get_or_init(|| last_heard + SETTLE);
                             if !self.0.in_sync.load(Ordering::Acquire) && last_heard >= settled {
+                                // What was fetched while this replica was not
+                                // in sync may have missed an invalidation
+                                // published before the canary proved hearing.
+                                self.emit(Event::Lost);
                                 self.set_in_sync(true);
                             }
                         }
