@@ -30,6 +30,9 @@ const CANARY_EVERY: Duration = Duration::from_millis(250);
 /// or deaf subscription is noticed within 2 s.
 const SILENCE_LIMIT: Duration = Duration::from_millis(1250);
 
+/// The longest an invalidation the fleet's sequence announced may take to arrive.
+const MISSED_GRACE_AT_MOST: Duration = Duration::from_millis(750);
+
 /// How long a process listens to its canaries before it first trusts
 /// Redis: long enough for a replica that saw an invalidation a restore undid
 /// to notice (on its own canary) and raise the fleet's epoch, so a replica
@@ -154,8 +157,10 @@ impl RedisTier {
                     if last_heard.elapsed() >= SILENCE_LIMIT {
                         return Ended::Deaf;
                     }
-                    // A `DELETE` publishes within two Redis calls of advancing the sequence.
-                    if fleet.missed(self.0.timeout * 2) {
+                    // A `DELETE` publishes within two Redis calls of advancing
+                    // the sequence; never waited for long enough to break the
+                    // 2 s bound (a slower one costs a needless loss, not safety).
+                    if fleet.missed((self.0.timeout * 2).min(MISSED_GRACE_AT_MOST)) {
                         return Ended::Missed;
                     }
                     let answered = fleet.canaries_heard.load(Ordering::Acquire)
