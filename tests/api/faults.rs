@@ -833,6 +833,9 @@ async fn sentinel_failovers(min_replicas: u32) {
                 hostile.act(&fleet, connection, roll, true, rng).await;
                 tokio::time::sleep(Duration::from_millis(rng.random_range(1000..2000))).await;
             }
+            if Instant::now() + Duration::from_secs(8) > end {
+                break;
+            }
             fleet.phase("failover");
             set.failover().await;
             failovers += 1;
