@@ -124,6 +124,7 @@ impl RedisTier {
     /// entry is dropped as it becomes in sync: entries fetched meanwhile may
     /// have missed invalidations the canary had not yet proved it heard.
     async fn listen(&self, pubsub: redis::aio::PubSub, stop: &CancellationToken) -> Ended {
+        // The sink half is held while listening, though nothing is sent on it.
         let (_sink_half, mut messages) = pubsub.split();
         let fleet = &self.0.fleet;
         let mut last_heard = Instant::now();
