@@ -42,9 +42,8 @@ pub enum Nodes {
 /// One server at a time: a fixed one, or the primary Sentinel names.
 pub struct SingleNodes {
     source: Source,
-    current: ArcSwapOption<ConnectionManager>,
-    /// The server `current` talks to.
-    address: ArcSwapOption<ConnectionAddr>,
+    /// The connection commands go to, and the server it talks to.
+    current: ArcSwapOption<(ConnectionManager, ConnectionAddr)>,
     config: ConnectionManagerConfig,
 }
 
@@ -121,7 +120,6 @@ impl Nodes {
                 Ok(Nodes::Single(Box::new(SingleNodes {
                     source: Source::Fixed(client),
                     current: ArcSwapOption::empty(),
-                    address: ArcSwapOption::empty(),
                     config,
                 })))
             }
@@ -156,7 +154,6 @@ impl Nodes {
                 Ok(Nodes::Single(Box::new(SingleNodes {
                     source: Source::Sentinel(tokio::sync::Mutex::new(sentinel)),
                     current: ArcSwapOption::empty(),
-                    address: ArcSwapOption::empty(),
                     config,
                 })))
             }
@@ -219,10 +216,7 @@ impl Nodes {
             return;
         }
         match self {
-            Nodes::Single(single) => {
-                single.current.store(None);
-                single.address.store(None);
-            }
+            Nodes::Single(single) => single.current.store(None),
             Nodes::Cluster(cluster) => cluster.current.store(None),
         }
     }
@@ -242,13 +236,12 @@ impl Nodes {
         let primary = sentinel.lock().await.async_get_client().await?;
         let primary = primary.get_connection_info().addr();
         let moved = single
-            .address
+            .current
             .load()
             .as_deref()
-            .is_some_and(|current| current != primary);
+            .is_some_and(|(_, address)| address != primary);
         if moved {
             single.current.store(None);
-            single.address.store(None);
         }
         Ok(moved)
     }
@@ -280,14 +273,14 @@ impl SingleNodes {
 
     async fn connection(&self) -> RedisResult<ConnectionManager> {
         if let Some(current) = self.current.load_full() {
-            return Ok(ConnectionManager::clone(&current));
+            return Ok(current.0.clone());
         }
         let client = self.client().await?;
         let address = client.get_connection_info().addr().clone();
         let manager = ConnectionManager::new_lazy_with_config(client, self.config.clone())?;
         // Several calls may race here; each gets a working manager, the last one stays.
-        self.current.store(Some(Arc::new(manager.clone())));
-        self.address.store(Some(Arc::new(address)));
+        self.current
+            .store(Some(Arc::new((manager.clone(), address))));
         Ok(manager)
     }
 }

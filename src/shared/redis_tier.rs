@@ -306,14 +306,19 @@ impl RedisTier {
         let timeout = self.0.timeout;
         let invocation = invoking::<(String, i64)>(invocation);
         let sealer = &self.0.sealer;
-        let (moved, replicas): ((Option<u64>, bool), u32) = self
+        let moved: Moved = self
             .call(SharedCacheOp::Invalidate, |mut connection| {
                 let invoked = invocation(connection.clone());
                 let entry = &entry;
                 async move {
                     let (generation, replaced) = invoked.await?;
-                    let Some(generation) = believable(&generation) else {
-                        return Ok(((None, replaced == 1), 0));
+                    let mut moved = Moved {
+                        generation: believable(&generation),
+                        replaced: replaced == 1,
+                        replicas: 0,
+                    };
+                    let Some(generation) = moved.generation else {
+                        return Ok(moved);
                     };
                     let message = sealer.seal_message(&Message::Invalidated {
                         identity: identity.clone(),
@@ -325,20 +330,18 @@ impl RedisTier {
                         .arg(message)
                         .query_async(&mut connection)
                         .await?;
-                    if min_replicas == 0 {
-                        return Ok(((Some(generation), replaced == 1), 0));
+                    if min_replicas > 0 {
+                        // Half the bound for WAIT itself, so its answer still arrives in time.
+                        moved.replicas = connection
+                            .wait_replicas(entry, min_replicas, timeout / 2)
+                            .await?;
                     }
-                    // Half the bound for WAIT itself, so its answer still arrives in time.
-                    let replicas = connection
-                        .wait_replicas(entry, min_replicas, timeout / 2)
-                        .await?;
-                    Ok(((Some(generation), replaced == 1), replicas))
+                    Ok(moved)
                 }
             })
             .await
             .ok_or(NotShared)?;
-        let (generation, replaced) = moved;
-        if replaced {
+        if moved.replaced {
             // Redis held a generation no replica wrote: whatever was sealed
             // against the old one must go everywhere before this DELETE is
             // confirmed.
@@ -346,6 +349,7 @@ impl RedisTier {
                 .await
                 .ok_or(NotShared)?;
         }
+        let (generation, replicas) = (moved.generation, moved.replicas);
         let Some(generation) = generation else {
             tracing::warn!(
                 "the invalidation left a generation out of range in Redis; it is not confirmed (the next one replaces it)"
@@ -444,6 +448,16 @@ impl RedisTier {
             Some(Change::Reopened) | None => {}
         }
     }
+}
+
+/// What an invalidation's script, publish and `WAIT` came to.
+struct Moved {
+    /// The key's new generation; `None` if Redis answered one out of range.
+    generation: Option<u64>,
+    /// The generation Redis held was not believable, and was replaced.
+    replaced: bool,
+    /// Redis replicas that acknowledged it (0 without `redis_min_replicas`).
+    replicas: u32,
 }
 
 /// What `claim` found.

@@ -149,21 +149,21 @@ impl Fleet {
         if epoch < known.epoch || sequence < known.sequence {
             return Seen::RolledBack;
         }
-        self.sequence.fetch_max(sequence, Ordering::AcqRel);
-        if self.epoch.fetch_max(epoch, Ordering::AcqRel) < epoch {
-            self.raised_past(sequence);
+        if self.learn(epoch, sequence) {
             Seen::Raised
         } else {
             Seen::AsKnown
         }
     }
 
-    /// Another replica raised the epoch to `epoch`; whether that is news.
+    /// The epoch was raised to `epoch` (by a replica, maybe this one) with
+    /// the sequence at `sequence`; whether that is news.
     pub(super) fn learn(&self, epoch: u64, sequence: u64) -> bool {
         self.sequence.fetch_max(sequence, Ordering::AcqRel);
         let news = self.epoch.fetch_max(epoch, Ordering::AcqRel) < epoch;
         if news {
-            self.raised_past(sequence);
+            // The numbers a raise skipped were never published.
+            self.continuity().past(sequence);
         }
         news
     }
@@ -199,12 +199,6 @@ impl Fleet {
         }
     }
 
-    /// The epoch was raised with the sequence at `sequence`: the numbers
-    /// skipped by the raise were never published.
-    fn raised_past(&self, sequence: u64) {
-        self.continuity().past(sequence);
-    }
-
     /// Whether an invalidation a canary saw announced more than `grace` ago
     /// was never heard.
     pub(super) fn missed(&self, grace: Duration) -> bool {
@@ -225,15 +219,25 @@ impl Fleet {
 impl RedisTier {
     /// What Redis shows of the fleet: `epoch` and `sequence` (`None` where
     /// not believable). Learns them, or raises the epoch past them when they
-    /// are less than this replica `known` before it asked.
-    async fn saw_fleet(&self, known: Known, epoch: Option<u64>, sequence: Option<u64>) {
+    /// are less than this replica `known` before it asked. `Some(true)`:
+    /// taken as they were; `Some(false)`: rolled back, and the epoch raised;
+    /// `None`: rolled back, and the raise failed.
+    async fn saw_fleet(
+        &self,
+        known: Known,
+        epoch: Option<u64>,
+        sequence: Option<u64>,
+    ) -> Option<bool> {
         match self.0.fleet.see(known, epoch, sequence) {
-            Seen::AsKnown => {}
-            Seen::Raised => self.saw_raised(),
-            Seen::RolledBack => {
-                self.raise_epoch("the fleet's epoch or sequence went back")
-                    .await;
+            Seen::AsKnown => Some(true),
+            Seen::Raised => {
+                self.saw_raised();
+                Some(true)
             }
+            Seen::RolledBack => self
+                .raise_epoch("the fleet's epoch or sequence went back")
+                .await
+                .map(|_| false),
         }
     }
 
@@ -266,9 +270,7 @@ impl RedisTier {
         fleet.raising.store(false, Ordering::Release);
         let (epoch, sequence) = raised?;
         let (epoch, sequence) = (believable(&epoch)?, believable(&sequence)?);
-        fleet.epoch.fetch_max(epoch, Ordering::AcqRel);
-        fleet.sequence.fetch_max(sequence, Ordering::AcqRel);
-        fleet.raised_past(sequence);
+        fleet.learn(epoch, sequence);
         self.0.metrics.shared_cache_rollbacks.inc();
         self.emit(Event::Lost);
         tracing::warn!(
@@ -306,21 +308,15 @@ impl RedisTier {
                 .call(SharedCacheOp::Invalidate, invoking(invocation))
                 .await?;
             let (epoch, sequence) = (believable(&epoch), believable(&sequence));
-            match self.0.fleet.see(known, epoch, sequence) {
-                Seen::AsKnown => return sequence,
-                Seen::Raised => {
-                    self.saw_raised();
-                    return sequence;
-                }
-                Seen::RolledBack => {
-                    self.raise_epoch("the fleet's epoch or sequence went back")
-                        .await?;
-                }
+            // Rolled back (and raised): advance again, in the new epoch.
+            if self.saw_fleet(known, epoch, sequence).await? {
+                return sequence;
             }
         }
         None
     }
 
+    /// Another replica raised the epoch: everything held here goes.
     pub(super) fn saw_raised(&self) {
         self.emit(Event::Lost);
         tracing::warn!(
@@ -363,7 +359,8 @@ impl RedisTier {
             return false;
         };
         let (epoch, sequence) = (believable(&epoch), believable(&sequence));
-        self.saw_fleet(known, epoch, sequence).await;
+        // A failed raise is tried again with the next canary.
+        let _ = self.saw_fleet(known, epoch, sequence).await;
         if let Some(sequence) = sequence {
             fleet.expect(sequence);
         }
