@@ -1,7 +1,8 @@
 //! A TCP proxy that injects faults between a broker and Redis: pass, delay,
 //! blackhole, reset (every connection, open or new, is reset) and drop
 //! messages (every reply passes, PONGs included, but no published message
-//! reaches a subscriber: a subscription left on a server nobody publishes to).
+//! reaches a subscriber: a subscription left on a server nobody publishes to),
+//! or only those on one channel (the others, canaries included, still arrive).
 //!
 //! A blackhole is a partition as TCP sees it: connections stay open and
 //! nothing goes through, in either direction, for as long as it lasts; what
@@ -23,6 +24,8 @@ pub enum Fault {
     Blackhole,
     Reset,
     DropMessages,
+    /// Drops the messages published on this channel only.
+    DropChannel(&'static str),
 }
 
 /// A proxy on 127.0.0.1 in front of `target`; stops when dropped.
@@ -108,7 +111,7 @@ async fn pump(
         match now {
             Fault::Delay(delay) => tokio::time::sleep(delay).await,
             Fault::Reset => return,
-            Fault::Pass | Fault::Blackhole | Fault::DropMessages => {}
+            Fault::Pass | Fault::Blackhole | Fault::DropMessages | Fault::DropChannel(_) => {}
         }
         if !replies {
             if to.write_all(&buffer[..read]).await.is_err() {
@@ -121,9 +124,7 @@ async fn pump(
         let mut at = 0;
         while let Some(length) = frame_length(&pending[at..]) {
             let frame = &pending[at..at + length];
-            let published = frame.starts_with(b"*3\r\n$7\r\nmessage\r\n")
-                || frame.starts_with(b">3\r\n$7\r\nmessage\r\n");
-            if !(published && now == Fault::DropMessages) {
+            if !dropped(frame, now) {
                 passed.extend_from_slice(frame);
             }
             at += length;
@@ -132,6 +133,24 @@ async fn pump(
         if to.write_all(&passed).await.is_err() {
             return;
         }
+    }
+}
+
+/// Whether `frame`, one whole frame from Redis, is a published message that
+/// `fault` drops.
+fn dropped(frame: &[u8], fault: Fault) -> bool {
+    let Some(rest) = frame
+        .strip_prefix(b"*3\r\n$7\r\nmessage\r\n")
+        .or_else(|| frame.strip_prefix(b">3\r\n$7\r\nmessage\r\n"))
+    else {
+        return false;
+    };
+    match fault {
+        Fault::DropMessages => true,
+        Fault::DropChannel(channel) => {
+            rest.starts_with(format!("${}\r\n{channel}\r\n", channel.len()).as_bytes())
+        }
+        _ => false,
     }
 }
 
@@ -178,7 +197,9 @@ async fn through_the_blackhole(fault: &mut watch::Receiver<Fault>) -> bool {
                 }
             }
             Fault::Reset => return false,
-            Fault::Pass | Fault::Delay(_) | Fault::DropMessages => return true,
+            Fault::Pass | Fault::Delay(_) | Fault::DropMessages | Fault::DropChannel(_) => {
+                return true;
+            }
         }
     }
 }

@@ -304,12 +304,15 @@ async fn an_invalidation_lost_while_the_canary_still_comes_back_is_noticed_by_it
         return;
     };
     let (proxy, lossy) = behind_a_proxy(&fleet).await;
-    // Published messages are lost for a moment, far shorter than the
-    // canary's silence limit: only the invalidation falls into it.
-    proxy.set(Fault::DropMessages);
+    // Only the invalidation is lost: canaries keep coming back, so the
+    // canary never misses, however long the DELETE takes.
+    proxy.set(Fault::DropChannel(INVALIDATED));
     rotate_and_delete(&fleet, &fleet.replicas[0], "tok-alice-rotated").await;
     proxy.set(Fault::Pass);
-    until_served(&lossy, "tok-alice-rotated", Duration::from_secs(2)).await;
+    // Without the sequence it would serve the old token for its whole ttl;
+    // the bound leaves a loaded machine room (the 2 s promise is the fault
+    // suite's to judge).
+    until_served(&lossy, "tok-alice-rotated", Duration::from_secs(5)).await;
     let misses = lossy
         .metric("token_broker_shared_cache_canary_misses_total")
         .await;
