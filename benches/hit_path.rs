@@ -1,7 +1,9 @@
 //! The cache-hit path in process: the API service through `oneshot`, from
 //! request to response bytes, with the production per-request work (request
-//! id, span, authentication, metrics) and JSON logging at `info` into a sink, so a
-//! regression shows without a network.
+//! id, span, authentication, metrics) and JSON logging at `info` into a sink
+//! through the service's log queue (so one request at a time waits for the
+//! write of its audit event, its batch of one), so a regression shows
+//! without a network.
 //!
 //!     cargo bench --bench hit_path
 
@@ -13,14 +15,15 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use tower::ServiceExt;
 use tracing_subscriber::layer::SubscriberExt;
 
-use token_broker::audit::Auditor;
+use token_broker::audit::{Auditor, SubjectKey};
 use token_broker::broker::{Broker, FetchFuture, TokenSource};
 use token_broker::callers::Callers;
 use token_broker::config::{ClientSettings, KeyDigest, LogFormat, Scope, Settings, Sources};
 use token_broker::domain::{Identity, Token};
 use token_broker::http::{AppParts, AppState, router};
-use token_broker::telemetry::log_layers;
+use token_broker::telemetry::log_layer;
 use token_broker::telemetry::metrics::Metrics;
+use token_broker::telemetry::writer::LogQueue;
 use token_broker::upstream::Fetched;
 
 const KEY: &str = "bench-caller-key-0123456789abcdef0123";
@@ -53,13 +56,10 @@ fn request() -> Request<Body> {
 }
 
 fn hit_path(c: &mut Criterion) {
-    // The layers `telemetry::init` installs, at the default level, into a sink.
-    let subscriber = tracing_subscriber::registry().with(log_layers(
-        "info",
-        LogFormat::Json,
-        std::io::sink,
-        std::io::sink,
-    ));
+    // What `telemetry::init` installs, at the default level, into a sink.
+    let (queue, _writer) = LogQueue::spawn(std::io::sink(), 1 << 24);
+    let subscriber =
+        tracing_subscriber::registry().with(log_layer("info", LogFormat::Json, queue.ordinary()));
     tracing::subscriber::set_global_default(subscriber).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -79,7 +79,11 @@ fn hit_path(c: &mut Criterion) {
             Arc::new(Immediate),
             metrics.clone(),
         )),
-        auditor: Auditor::with_key(b"bench-audit-key-0123456789".to_vec()),
+        auditor: Auditor::new(
+            SubjectKey::with_key(b"bench-audit-key-0123456789".to_vec()),
+            queue.audit_trail(),
+            LogFormat::Json,
+        ),
         callers: Callers::new(&clients, false, None),
         metrics,
     }));

@@ -1,13 +1,15 @@
 //! The audit trail: one structured event for every request on a token route
 //! from a known caller, whatever it came to (issued, invalidated, denied,
-//! rate limited, failed), on the `audit` tracing target so operators can
-//! route it. It is that request's only log line.
+//! rate limited, failed), with the `audit` target so operators can route it.
+//! It is that request's only log line, and its answer leaves once the write
+//! of the event has returned (`Auditor::record`, then `Commit::written`).
 //!
 //! Events name the caller, the identity kind and type, the status, duration,
 //! cache result, request id and trace id, and carry `subject`, an HMAC-SHA256
 //! of the email or user id under a key every replica shares, instead of the
 //! value itself. Never a token.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::time::Duration;
 
@@ -15,22 +17,37 @@ use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::{Digest, Sha256};
 
-use crate::config::{AuditSettings, ConfigError};
+use crate::config::{AuditSettings, ConfigError, LogFormat};
 use crate::domain::{Identity, Proof, Subject};
 use crate::telemetry::AUDIT_TARGET;
-use crate::telemetry::writer::take_audit_refusal;
+use crate::telemetry::line::Line;
+pub use crate::telemetry::writer::{AuditTrail, AuditUnavailable, Commit};
 
 /// Shortest accepted `audit.hash_key_file` content.
 const MIN_KEY_BYTES: usize = 16;
 
-/// Writes audit events; holds the subject-hashing key.
+/// How long a request waits for the write of its audit event before it
+/// fails with 503 `audit-unavailable`: far longer than a write to a log
+/// collector that keeps up takes (microseconds), long enough for a pipe
+/// that a slow collector drains to pass the lines ahead of it.
+pub const WRITE_WITHIN: Duration = Duration::from_secs(5);
+
+/// Writes audit events: the subject key, the trail they are committed to,
+/// and the log format.
 pub struct Auditor {
+    key: SubjectKey,
+    trail: AuditTrail,
+    format: LogFormat,
+}
+
+/// The key of the HMAC that stands for an email or user id in audit events.
+pub struct SubjectKey {
     /// HMAC state with the key already absorbed: each subject clones it
     /// instead of hashing the key again.
     keyed: Hmac<Sha256>,
 }
 
-impl Auditor {
+impl SubjectKey {
     /// The key from `audit.hash_key_file`, or else one derived from the partner key.
     pub fn from_settings(
         settings: &AuditSettings,
@@ -90,50 +107,62 @@ impl Auditor {
         subject.copy_from_slice(&mac.finalize().into_bytes()[..16]);
         Subject::from_hash(subject)
     }
+}
+
+thread_local! {
+    /// The line being written; reused, so an event allocates nothing here.
+    static LINE: RefCell<String> = RefCell::new(String::with_capacity(1024));
+}
+
+impl Auditor {
+    pub fn new(key: SubjectKey, trail: AuditTrail, format: LogFormat) -> Self {
+        Self { key, trail, format }
+    }
+
+    /// The keyed hash of the email or user id of `identity`.
+    pub fn subject(&self, identity: &Identity) -> Subject {
+        self.key.subject(identity)
+    }
 
     /// Whose token a request asked for, as its audit event names them.
     pub fn identity(&self, identity: &Identity) -> AuditedIdentity {
         AuditedIdentity::with_subject(identity, self.subject(identity))
     }
 
-    /// Writes the audit event of one token-route request. `Err` when the log
-    /// output could not take it: the request must then fail, since no
+    /// Queues the audit event of one token-route request; its answer may
+    /// leave once `Commit::written` says the event is written. `Err` when
+    /// the log output cannot take it: the request must then fail, since no
     /// token leaves without its audit event.
-    pub fn record(&self, record: &Record<'_>) -> Result<(), AuditUnavailable> {
-        let mut hex = [0; 32];
-        let identity = record.identity.as_ref();
-        // `message` as a plain field: written as it is, no formatting.
-        tracing::info!(
-            target: AUDIT_TARGET,
-            message = record.event.message(),
-            outcome = record.event.as_str(),
-            status = record.status,
-            rule = record.rule,
-            caller = record.caller,
-            proof = record.proof.method(),
-            service_account = record.proof.service_account(),
-            spiffe_id = record.proof.spiffe_id(),
-            identity = identity.map(|i| i.kind),
-            user_type = identity.and_then(|i| i.user_type),
-            subject = identity.map(|i| i.subject.hex(&mut hex)),
-            cache = record.cache,
-            active = record.active,
-            duration_us = crate::telemetry::whole_micros(record.duration),
-            route = record.route,
-            request_id = record.request_id,
-            trace_id = record.trace_id,
-        );
-        if take_audit_refusal() {
-            Err(AuditUnavailable)
-        } else {
-            Ok(())
-        }
+    pub fn record(&self, record: &Record<'_>) -> Result<Commit, AuditUnavailable> {
+        LINE.with(|line| {
+            let mut out = line.borrow_mut();
+            let mut hex = [0; 32];
+            let identity = record.identity.as_ref();
+            let mut line = Line::info(&mut out, self.format, AUDIT_TARGET, record.event.message());
+            line.text("outcome", Some(record.event.as_str()))
+                .number("status", Some(u64::from(record.status)))
+                .text("rule", record.rule)
+                .text("caller", record.caller)
+                .text("proof", Some(record.proof.method()))
+                .text("service_account", record.proof.service_account())
+                .text("spiffe_id", record.proof.spiffe_id())
+                .text("identity", identity.map(|i| i.kind))
+                .text("user_type", identity.and_then(|i| i.user_type))
+                .text("subject", identity.map(|i| i.subject.hex(&mut hex)))
+                .text("cache", record.cache)
+                .flag("active", record.active)
+                .number(
+                    "duration_us",
+                    Some(crate::telemetry::whole_micros(record.duration)),
+                )
+                .text("route", Some(record.route))
+                .text("request_id", Some(record.request_id))
+                .text("trace_id", record.trace_id);
+            line.end();
+            self.trail.commit(out.as_bytes())
+        })
     }
 }
-
-/// The log output did not take an audit event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AuditUnavailable;
 
 /// Whose token a request asked for: the kind of identity, the type, and the
 /// keyed hash of the email or user id, never the value.
@@ -237,9 +266,9 @@ mod tests {
 
     #[test]
     fn subjects_are_keyed_stable_and_distinct() {
-        let a = Auditor::with_key(b"0123456789abcdef".to_vec());
-        let b = Auditor::with_key(b"0123456789abcdef".to_vec());
-        let other = Auditor::with_key(b"fedcba9876543210".to_vec());
+        let a = SubjectKey::with_key(b"0123456789abcdef".to_vec());
+        let b = SubjectKey::with_key(b"0123456789abcdef".to_vec());
+        let other = SubjectKey::with_key(b"fedcba9876543210".to_vec());
         let alice = member("alice@example.com", UserType::Agent);
         assert_eq!(
             a.subject(&alice),
@@ -273,17 +302,17 @@ mod tests {
         let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
         mac.update(b"email:alice@example.com");
         let expected = hex::encode(&mac.finalize().into_bytes()[..16]);
-        let subject =
-            Auditor::with_key(key.to_vec()).subject(&member("alice@example.com", UserType::Agent));
+        let subject = SubjectKey::with_key(key.to_vec())
+            .subject(&member("alice@example.com", UserType::Agent));
         assert_eq!(subject.to_string(), expected);
     }
 
     #[test]
     fn the_derived_key_follows_the_partner_key() {
         let settings = AuditSettings::default();
-        let one = Auditor::from_settings(&settings, &SecretString::from("pk-1")).unwrap();
-        let same = Auditor::from_settings(&settings, &SecretString::from("pk-1")).unwrap();
-        let two = Auditor::from_settings(&settings, &SecretString::from("pk-2")).unwrap();
+        let one = SubjectKey::from_settings(&settings, &SecretString::from("pk-1")).unwrap();
+        let same = SubjectKey::from_settings(&settings, &SecretString::from("pk-1")).unwrap();
+        let two = SubjectKey::from_settings(&settings, &SecretString::from("pk-2")).unwrap();
         let id = member("a@example.com", UserType::Agent);
         assert_eq!(one.subject(&id), same.subject(&id));
         assert_ne!(one.subject(&id), two.subject(&id));
@@ -297,7 +326,7 @@ mod tests {
         let settings = AuditSettings {
             hash_key_file: Some(path),
         };
-        let err = Auditor::from_settings(&settings, &SecretString::from("pk"))
+        let err = SubjectKey::from_settings(&settings, &SecretString::from("pk"))
             .err()
             .unwrap();
         assert!(err.to_string().contains("audit.hash_key_file"));

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
 
-use crate::audit::Auditor;
+use crate::audit::SubjectKey;
 use crate::callers::service_accounts::Verifier;
 use crate::config::{
     CALLER_KEY_PREFIX, ClientSettings, ConfigError, KeyDigest, Scope, Settings, Sources,
@@ -147,10 +147,12 @@ async fn run_service(
             "server.plaintext is on: callers' keys and tokens cross the network without TLS; only behind a mesh or on a network that encrypts"
         );
     }
-    let app = Application::build(settings).await.map_err(|e| match e {
-        StartupError::Config(e) => Failure::Config(e),
-        other => Failure::Other(other.to_string()),
-    })?;
+    let app = Application::build(settings, telemetry.audit_trail())
+        .await
+        .map_err(|e| match e {
+            StartupError::Config(e) => Failure::Config(e),
+            other => Failure::Other(other.to_string()),
+        })?;
     let scheme = if settings.server.tls().is_some() {
         "https"
     } else {
@@ -263,7 +265,7 @@ async fn check_config(file: Option<PathBuf>) -> Result<(), Failure> {
     let settings = load(file)?;
     settings.require_serving()?;
     let partner_key = settings.upstream.read_partner_key()?;
-    Auditor::from_settings(&settings.audit, &partner_key)?;
+    SubjectKey::from_settings(&settings.audit, &partner_key)?;
     // Reads the files they name (keys, password, JWKS, CA); connects to nothing.
     let metrics = std::sync::Arc::new(Metrics::new());
     crate::shared::from_settings(&settings.cache, settings.upstream.timeout, metrics.clone())?;

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState, Readiness};
-use crate::audit::Auditor;
+use crate::audit::{AuditTrail, Auditor, SubjectKey};
 use crate::broker::Broker;
 use crate::callers::Callers;
 use crate::callers::service_accounts::Verifier;
@@ -66,8 +66,9 @@ pub struct Application {
 }
 
 impl Application {
-    /// Wires the service from validated settings; reads the partner key.
-    pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
+    /// Wires the service from validated settings, its audit events
+    /// committed to `audit_trail`; reads the partner key.
+    pub async fn build(settings: &Settings, audit_trail: AuditTrail) -> Result<Self, StartupError> {
         let tls_files = settings.server.tls();
         let metrics = Arc::new(Metrics::build(Features {
             shared_cache: settings.cache.redis_form().is_some(),
@@ -82,7 +83,11 @@ impl Application {
             metrics.register_clients([crate::config::ANONYMOUS]);
         }
         let partner_key = PartnerKey::load(&settings.upstream, metrics.clone())?;
-        let auditor = Auditor::from_settings(&settings.audit, &partner_key.current())?;
+        let auditor = Auditor::new(
+            SubjectKey::from_settings(&settings.audit, &partner_key.current())?,
+            audit_trail,
+            settings.log.format,
+        );
         let reloaders = partner_key.spawn_reloaders()?;
         let upstream = UpstreamClient::new(&settings.upstream, partner_key, metrics.clone())?;
         let tier = crate::shared::from_settings(

@@ -13,6 +13,7 @@
 
 mod escape;
 mod json;
+pub mod line;
 pub mod metrics;
 mod otlp;
 pub mod process;
@@ -27,7 +28,6 @@ pub use trace_context::{HexId, TraceParent, record_trace_ids};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
@@ -37,8 +37,9 @@ use tracing_subscriber::{EnvFilter, Layer};
 use crate::config::{LogFormat, LogSettings};
 use otlp::{exporting_provider, protocol_name, silent_provider};
 
-/// The tracing target of the audit trail: its events have a log layer and a
-/// queue entrance of their own, and `log.level` does not filter them.
+/// The target the audit trail's lines name. They do not pass through
+/// `tracing`: the audit trail writes them into a lane of the log queue of
+/// their own (`writer::AuditTrail`), and `log.level` does not filter them.
 pub const AUDIT_TARGET: &str = "audit";
 
 /// `duration` in whole microseconds, as log lines give durations.
@@ -57,9 +58,16 @@ pub struct Telemetry {
     exporting: bool,
     /// Stops the log writer thread once the queue is written.
     log_writer: writer::WriterGuard,
+    /// Where audit events are committed.
+    audit_trail: writer::AuditTrail,
 }
 
 impl Telemetry {
+    /// Where the audit trail commits its events.
+    pub fn audit_trail(&self) -> writer::AuditTrail {
+        self.audit_trail.clone()
+    }
+
     /// Flushes and stops span export (bounded by the exporter's own timeout),
     /// then writes the log lines still queued, until `deadline` at most, and
     /// says on stderr how many lines were lost.
@@ -68,6 +76,7 @@ impl Telemetry {
             provider,
             exporting,
             log_writer,
+            ..
         } = self;
         if exporting {
             let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
@@ -122,7 +131,7 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     // A writer thread takes the lines off the request path; a full queue
     // drops lines rather than making a request wait.
     let (queue, log_writer) = writer::LogQueue::spawn(std::io::stdout(), settings.queue_bytes);
-    let (ordinary, audit) = (queue.ordinary(), queue.audit());
+    let ordinary = queue.ordinary();
     let (level, format) = (settings.level.as_str(), settings.format);
     // Without export, no OpenTelemetry layer at all. Not an absent
     // `Option<Layer>` either: that one is interested in every span, so spans
@@ -133,10 +142,10 @@ pub fn init(settings: &LogSettings) -> Telemetry {
             .with_filter(level_filter(level));
         tracing_subscriber::registry()
             .with(otel)
-            .with(log_layers(level, format, ordinary, audit))
+            .with(log_layer(level, format, ordinary))
             .try_init()
     } else {
-        logging_only(level, format, ordinary, audit).try_init()
+        logging_only(level, format, ordinary).try_init()
     };
     if let Some(error) = setup_error {
         tracing::error!(%error, "cannot set up OTLP trace export; traces are not exported");
@@ -147,41 +156,32 @@ pub fn init(settings: &LogSettings) -> Telemetry {
         provider,
         exporting,
         log_writer,
+        audit_trail: queue.audit_trail(),
     }
 }
 
-/// The log layers: `level` (an `EnvFilter` directive; `info` if invalid)
-/// filters every log but the audit trail, whose own layer writes each audit
-/// event to `audit` whatever the level says; the others go to `ordinary`.
-pub fn log_layers<S, W>(level: &str, format: LogFormat, ordinary: W, audit: W) -> impl Layer<S>
+/// The log layer: the configured format, filtered by `level` (an
+/// `EnvFilter` directive; `info` if invalid), writing to `writer`. (The
+/// audit trail does not pass through it.)
+pub fn log_layer<S, W>(level: &str, format: LogFormat, writer: W) -> impl Layer<S>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let general = level_filter(level).add_directive(
-        format!("{}=off", AUDIT_TARGET)
-            .parse()
-            .unwrap_or_else(|_| unreachable!("a valid directive")),
-    );
-    // A static filter: whether a callsite is an audit event is decided once.
-    let audit_only = Targets::new().with_target(AUDIT_TARGET, LevelFilter::TRACE);
-    log_layer(format, ordinary, true)
-        .with_filter(general)
-        .and_then(log_layer(format, audit, false).with_filter(audit_only))
+    formatted(format, writer).with_filter(level_filter(level))
 }
 
-/// The subscriber when no trace is exported: the log layers alone, so a span
+/// The subscriber when no trace is exported: the log layer alone, so a span
 /// the log level turns off is never made.
 fn logging_only<W>(
     level: &str,
     format: LogFormat,
-    ordinary: W,
-    audit: W,
+    writer: W,
 ) -> impl tracing::Subscriber + Send + Sync
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    tracing_subscriber::registry().with(log_layers(level, format, ordinary, audit))
+    tracing_subscriber::registry().with(log_layer(level, format, writer))
 }
 
 /// `log.level` as a filter; `info` if it does not parse (validated at load).
@@ -189,16 +189,15 @@ fn level_filter(level: &str) -> EnvFilter {
     EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// One log layer in the configured format, writing to `writer`; `request`:
-/// whether its events name the request they belong to.
-fn log_layer<S, W>(format: LogFormat, writer: W, request: bool) -> Box<dyn Layer<S> + Send + Sync>
+/// A layer writing each event in `format` to `writer`; JSON events in a
+/// request name it.
+fn formatted<S, W>(format: LogFormat, writer: W) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     match format {
-        LogFormat::Json if request => JsonLogs::new(writer).with_request().boxed(),
-        LogFormat::Json => JsonLogs::new(writer).boxed(),
+        LogFormat::Json => JsonLogs::new(writer).with_request().boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .with_writer(writer)
             // Colours for a person at a terminal, never escape codes in a file or pipe.
@@ -233,16 +232,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn without_export_a_span_below_the_log_level_is_never_made_and_audit_events_still_are() {
+    fn without_export_a_span_below_the_log_level_is_never_made() {
         let sink = json::tests::Sink::default();
-        let subscriber = logging_only("warn", LogFormat::Json, sink.clone(), sink.clone());
+        let subscriber = logging_only("warn", LogFormat::Json, sink.clone());
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("request", request_id = "r-1");
             assert!(span.is_disabled());
             assert!(!tracing::warn_span!("failing").is_disabled());
-            span.in_scope(|| tracing::info!(target: AUDIT_TARGET, "token issued"));
+            span.in_scope(|| tracing::warn!("shown"));
+            tracing::info!("hidden");
         });
         let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
-        assert!(text.contains(r#""message":"token issued""#), "{text}");
+        assert!(text.contains(r#""message":"shown""#), "{text}");
+        assert!(!text.contains("hidden"), "{text}");
     }
 }

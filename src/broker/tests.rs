@@ -348,7 +348,7 @@ async fn memory_stays_bounded_by_max_entries() {
 async fn the_audit_subject_is_computed_once_per_cache_entry() {
     let source = Counting::new();
     let broker = broker(source.clone(), Duration::from_secs(600), 100);
-    let auditor = crate::audit::Auditor::with_key(b"0123456789abcdef".to_vec());
+    let auditor = crate::audit::SubjectKey::with_key(b"0123456789abcdef".to_vec());
     let id = member("a@example.com", UserType::Agent);
     let computed = AtomicUsize::new(0);
     let subject_of = |issued: &Issued| {

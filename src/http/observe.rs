@@ -22,7 +22,7 @@ use tower::Service;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::audit::{EventKind, Record};
+use crate::audit::{self, EventKind, Record};
 use crate::broker::CacheResult;
 use crate::callers::Rule;
 use crate::http::AppState;
@@ -276,7 +276,8 @@ where
                 started,
                 &mut response,
                 exporting,
-            );
+            )
+            .await;
             response.headers_mut().insert(X_REQUEST_ID, id);
             Ok(response)
         };
@@ -286,7 +287,10 @@ where
 }
 
 /// The audit event or log line, and the metrics, of one answered request.
-fn finish(
+/// On a token route the answer waits for the write of its audit event, and
+/// becomes a 503 `audit-unavailable` if that write fails or does not return
+/// in time: a token that cannot be audited is not handed out.
+async fn finish(
     state: &AppState,
     unauthenticated: &Unauthenticated,
     route: &'static str,
@@ -303,8 +307,8 @@ fn finish(
         .map(CacheResult::as_str);
     let token_route = matches!(route, TOKENS_ROUTE | VENDOR_ROUTE);
     // The context is read once: the caller, for the metrics, and on a token
-    // route the request's audit event, its only line. A token that cannot be
-    // audited is not handed out.
+    // route the request's audit event, its only line.
+    let mut audit = None;
     let who = RequestContext::current(|request| {
         let (caller, proof) = request.who()?;
         if token_route {
@@ -324,14 +328,21 @@ fn finish(
                 request_id: request.request_id(),
                 trace_id: trace_id.as_ref().map(|id| id.as_str()),
             };
-            if state.auditor.record(&record).is_err() {
-                *response = ApiError::AuditUnavailable.into_response();
-                result = ClientResult::Refused;
-            }
+            audit = Some(state.auditor.record(&record));
         }
         Some(caller.cloned())
     })
     .flatten();
+    if let Some(audit) = audit {
+        let written = match audit {
+            Ok(commit) => commit.written(audit::WRITE_WITHIN).await,
+            Err(refused) => Err(refused),
+        };
+        if written.is_err() {
+            *response = ApiError::AuditUnavailable.into_response();
+            result = ClientResult::Refused;
+        }
+    }
     // A token-route request whose asker is known wrote its audit event;
     // the client, if any, is counted below.
     let audited = token_route && who.is_some();
@@ -361,7 +372,8 @@ fn finish(
             span.record("otel.status_code", "ERROR");
         }
     }
-    state.metrics.http_request(route, status, elapsed);
+    // The wait for the audit event's write is part of the answer's time.
+    state.metrics.http_request(route, status, started.elapsed());
     if let Some(client) = client {
         state.metrics.client_request(&client, result);
     }
@@ -381,13 +393,15 @@ fn event_of(outcome: Option<&Outcome>, status: u16) -> EventKind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::Auditor;
+    use crate::audit::{Auditor, SubjectKey};
     use crate::broker::{Broker, FetchFuture, TokenSource};
     use crate::callers::Callers;
+    use crate::config::LogFormat;
     use crate::config::{Settings, Sources};
     use crate::domain::Identity;
     use crate::http::AppParts;
     use crate::telemetry::metrics::Metrics;
+    use crate::telemetry::writer::LogQueue;
     use crate::upstream::UpstreamError;
     use axum::routing::get;
     use std::sync::Arc;
@@ -410,7 +424,11 @@ mod tests {
                 Arc::new(Nothing),
                 metrics.clone(),
             )),
-            auditor: Auditor::with_key(b"test-audit-key".to_vec()),
+            auditor: Auditor::new(
+                SubjectKey::with_key(b"test-audit-key".to_vec()),
+                LogQueue::spawn(std::io::sink(), 1 << 16).0.audit_trail(),
+                LogFormat::Json,
+            ),
             callers: Callers::new(&[], false, None),
             metrics,
         })

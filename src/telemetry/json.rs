@@ -58,7 +58,7 @@ thread_local! {
 }
 
 /// Appends `now` as RFC 3339 UTC with microseconds, as `humantime` writes it.
-fn push_timestamp(line: &mut String, now: SystemTime) {
+pub(super) fn push_timestamp(line: &mut String, now: SystemTime) {
     let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let second = since_epoch.as_secs();
     SECOND.with(|cached| {
@@ -112,17 +112,12 @@ where
                 return;
             };
             line.clear();
-            line.push_str("{\"timestamp\":\"");
-            push_timestamp(&mut line, SystemTime::now());
-            line.push_str("\",\"level\":\"");
-            line.push_str(event.metadata().level().as_str());
-            line.push('"');
+            open_line(&mut line, event.metadata().level());
             event.record(&mut JsonFields {
                 out: &mut line,
                 leading_comma: true,
             });
-            line.push_str(",\"target\":");
-            push_json_str(&mut line, event.metadata().target());
+            name_target(&mut line, event.metadata().target());
             let mut first = true;
             if self.request {
                 RequestContext::for_log_lines(|request| {
@@ -156,6 +151,21 @@ where
             let _ = self.writer.make_writer().write_all(line.as_bytes());
         });
     }
+}
+
+/// Starts a JSON log line: `{"timestamp":"…","level":"…"`, now.
+pub(super) fn open_line(line: &mut String, level: &tracing::Level) {
+    line.push_str("{\"timestamp\":\"");
+    push_timestamp(line, SystemTime::now());
+    line.push_str("\",\"level\":\"");
+    line.push_str(level.as_str());
+    line.push('"');
+}
+
+/// The `target` member, after the event's fields.
+pub(super) fn name_target(line: &mut String, target: &str) {
+    line.push_str(",\"target\":");
+    push_json_str(line, target);
 }
 
 /// Opens the entry of span `name` in `spans`, and the list itself before the

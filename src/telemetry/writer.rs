@@ -1,46 +1,37 @@
 //! Where log lines go: a bounded queue in memory that a thread of its own
-//! writes to stdout every few milliseconds, so a request neither makes a
-//! system call nor waits to log, and a stalled reader of stdout (a full
-//! pipe, a stuck log collector) never stops the service.
+//! writes to stdout, so a request never makes a system call to log, and a
+//! stalled reader of stdout (a full pipe, a stuck log collector) never stops
+//! the service.
 //!
-//! The queue has two lanes. Audit events have one of their own, of
-//! `capacity` bytes, and go first: the writer takes every audit event queued
-//! before any ordinary line, and writes ordinary lines in chunks of at most
-//! `ORDINARY_CHUNK` bytes, so a flood of ordinary lines (strangers' 401s,
-//! say) neither fills the audit lane nor makes an audit event wait behind
-//! more than one chunk. Ordinary lines have three quarters of `capacity`.
-//!
-//! The queue never blocks a logger. An ordinary line that does not fit is
-//! dropped, and counted. An audit event that does not fit is refused: the
-//! thread that wrote it learns so from `take_audit_refusal`, and its request
-//! fails instead of a token leaving without its audit line.
+//! The queue has two lanes.
+//! - Audit events have one of their own, of `capacity` bytes, and are
+//!   committed: `AuditTrail::commit` queues one and answers a `Commit`,
+//!   which resolves once the write that carries it has returned. Events of
+//!   concurrent requests share that write (group commit): an arrival wakes
+//!   the writer if it sleeps, and while it writes one batch the next fills.
+//!   An event that does not fit is refused at once; one whose write has not
+//!   returned in time is withdrawn if the writer has not taken it yet.
+//! - Ordinary lines are fire-and-forget: three quarters of `capacity`,
+//!   written every few milliseconds in chunks of at most `ORDINARY_CHUNK`
+//!   bytes, so a flood of them (strangers' 401s, say) neither fills the audit
+//!   lane nor makes an audit event wait behind more than one chunk. One that
+//!   does not fit is dropped, and counted.
 
-use std::cell::Cell;
+use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
 use tracing_subscriber::fmt::MakeWriter;
 
 use crate::telemetry::metrics::{LogDrop, log_lines_dropped, log_lines_dropped_so_far};
 
-/// How long a line may wait in the queue before the writer thread takes it.
+/// How long an ordinary line may wait in the queue before the writer takes it.
 const FLUSH_EVERY: Duration = Duration::from_millis(5);
 /// A batch this large wakes the writer at once.
 const WAKE_AT_BYTES: usize = 256 * 1024;
 /// The most ordinary lines written at once: what an audit event may wait behind.
 const ORDINARY_CHUNK: usize = 16 * 1024;
-
-thread_local! {
-    /// Set when an audit event written on this thread did not fit.
-    static AUDIT_REFUSED: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Whether an audit event written on this thread since the last call was
-/// refused, clearing the mark. Events are written synchronously, so right
-/// after `tracing::info!(target: "audit", …)` this says whether it was queued.
-pub fn take_audit_refusal() -> bool {
-    AUDIT_REFUSED.with(|refused| refused.replace(false))
-}
 
 struct Queue {
     pending: Mutex<Pending>,
@@ -50,15 +41,32 @@ struct Queue {
     written: Condvar,
     /// Bytes the audit lane holds at most; the ordinary lane holds three quarters of it.
     capacity: usize,
+    /// The audit batches written so far, for the requests that wait on them.
+    committed: watch::Sender<Committed>,
+}
+
+/// How far the audit batches are written.
+#[derive(Debug, Clone, Copy, Default)]
+struct Committed {
+    /// Every audit batch up to this number has been written (or failed).
+    through: u64,
+    /// The last audit batch whose write failed; 0 for none.
+    failed: u64,
 }
 
 struct Pending {
     /// Audit events, written first.
     audit: Vec<u8>,
+    /// Events in `audit` whose requests stopped waiting: left out of the write.
+    withdrawn: Vec<Range<usize>>,
+    /// The number of the audit batch `audit` will be written as (from 1).
+    filling: u64,
     /// Everything else.
     ordinary: Vec<u8>,
     /// The writer holds a batch it has not finished writing.
     writing: bool,
+    /// The writer waits for lines: an audit event wakes it.
+    sleeping: bool,
     closed: bool,
 }
 
@@ -71,16 +79,21 @@ impl Pending {
         lines_in(&self.audit) + lines_in(&self.ordinary)
     }
 
-    /// The next batch into `batch`: every audit event queued, else at most
-    /// `ORDINARY_CHUNK` bytes of whole ordinary lines (or one longer line).
-    fn take_into(&mut self, batch: &mut Vec<u8>) {
+    /// The next batch into `batch`: every audit event queued (then its
+    /// number), else at most `ORDINARY_CHUNK` bytes of whole ordinary lines
+    /// (or one longer line).
+    fn take_into(&mut self, batch: &mut Vec<u8>) -> Option<u64> {
         if !self.audit.is_empty() {
             std::mem::swap(&mut self.audit, batch);
-            return;
+            if !self.withdrawn.is_empty() {
+                remove_ranges(batch, &mut self.withdrawn);
+            }
+            self.filling += 1;
+            return Some(self.filling - 1);
         }
         if self.ordinary.len() <= ORDINARY_CHUNK {
             std::mem::swap(&mut self.ordinary, batch);
-            return;
+            return None;
         }
         let end = self.ordinary[..ORDINARY_CHUNK]
             .iter()
@@ -88,11 +101,25 @@ impl Pending {
             .or_else(|| self.ordinary.iter().position(|b| *b == b'\n'))
             .map_or(self.ordinary.len(), |newline| newline + 1);
         batch.extend(self.ordinary.drain(..end));
+        None
     }
 }
 
-/// The queue's two entrances: `ordinary()` for log lines, `audit()` for the
-/// audit trail.
+/// Removes the (disjoint) `ranges` from `bytes`, emptying `ranges`.
+fn remove_ranges(bytes: &mut Vec<u8>, ranges: &mut Vec<Range<usize>>) {
+    ranges.sort_by_key(|range| range.start);
+    let mut kept = Vec::with_capacity(bytes.len());
+    let mut from = 0;
+    for range in ranges.drain(..) {
+        kept.extend_from_slice(&bytes[from..range.start]);
+        from = range.end;
+    }
+    kept.extend_from_slice(&bytes[from..]);
+    *bytes = kept;
+}
+
+/// The queue: `ordinary()` is the entrance for log lines, `audit_trail()`
+/// the one for audit events.
 #[derive(Clone)]
 pub struct LogQueue(Arc<Queue>);
 
@@ -120,13 +147,17 @@ impl LogQueue {
         let queue = Arc::new(Queue {
             pending: Mutex::new(Pending {
                 audit: Vec::with_capacity(WAKE_AT_BYTES.min(capacity)),
+                withdrawn: Vec::new(),
+                filling: 1,
                 ordinary: Vec::new(),
                 writing: false,
+                sleeping: false,
                 closed: false,
             }),
             filled: Condvar::new(),
             written: Condvar::new(),
             capacity,
+            committed: watch::Sender::new(Committed::default()),
         });
         let shared = queue.clone();
         let thread = std::thread::Builder::new()
@@ -134,29 +165,39 @@ impl LogQueue {
             .spawn(move || {
                 let mut batch = Vec::with_capacity(WAKE_AT_BYTES.min(capacity));
                 loop {
-                    let closed = {
+                    let (taken, closed) = {
                         let mut pending = shared.lock();
                         pending.writing = false;
                         shared.written.notify_all();
                         if pending.is_empty() && !pending.closed {
+                            pending.sleeping = true;
                             pending = shared
                                 .filled
                                 .wait_timeout(pending, FLUSH_EVERY)
                                 .map_or_else(|e| e.into_inner().0, |(guard, _)| guard);
+                            pending.sleeping = false;
                         }
-                        pending.take_into(&mut batch);
-                        pending.writing = !batch.is_empty();
-                        pending.closed && batch.is_empty()
+                        let taken = pending.take_into(&mut batch);
+                        pending.writing = !batch.is_empty() || taken.is_some();
+                        (taken, pending.closed && !pending.writing)
                     };
                     if closed {
                         return;
                     }
-                    if !batch.is_empty() {
-                        if out.write_all(&batch).and_then(|()| out.flush()).is_err() {
-                            log_lines_dropped(LogDrop::WriteFailed, lines_in(&batch));
-                        }
-                        batch.clear();
+                    let written = batch.is_empty()
+                        || out.write_all(&batch).and_then(|()| out.flush()).is_ok();
+                    if !written {
+                        log_lines_dropped(LogDrop::WriteFailed, lines_in(&batch));
                     }
+                    if let Some(number) = taken {
+                        shared.committed.send_modify(|committed| {
+                            committed.through = number;
+                            if !written {
+                                committed.failed = number;
+                            }
+                        });
+                    }
+                    batch.clear();
                     if batch.capacity() > 4 * WAKE_AT_BYTES {
                         batch.shrink_to(WAKE_AT_BYTES);
                     }
@@ -175,17 +216,14 @@ impl LogQueue {
     /// The entrance for ordinary log lines: dropped when the queue is
     /// three-quarters full.
     pub fn ordinary(&self) -> Entrance {
-        Entrance {
-            queue: self.0.clone(),
-            audit: false,
-        }
+        Entrance(self.0.clone())
     }
 
-    /// The entrance for audit events: refused only when the queue is full.
-    pub fn audit(&self) -> Entrance {
-        Entrance {
+    /// The entrance for audit events.
+    pub fn audit_trail(&self) -> AuditTrail {
+        AuditTrail {
             queue: self.0.clone(),
-            audit: true,
+            waits: true,
         }
     }
 }
@@ -195,29 +233,114 @@ impl Queue {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `line` in its lane if it fits.
-    fn push(&self, line: &[u8], audit: bool) -> bool {
-        let limit = if audit {
-            self.capacity
-        } else {
-            self.capacity / 4 * 3
-        };
+    /// Queues an ordinary `line` if it fits.
+    fn push(&self, line: &[u8]) -> bool {
         let mut pending = self.lock();
-        let Pending {
-            audit: audit_lane,
-            ordinary,
-            closed,
-            ..
-        } = &mut *pending;
-        let lane = if audit { audit_lane } else { ordinary };
-        if *closed || lane.len() + line.len() > limit {
+        if pending.closed || pending.ordinary.len() + line.len() > self.capacity / 4 * 3 {
             return false;
         }
-        lane.extend_from_slice(line);
-        if lane.len() >= WAKE_AT_BYTES {
+        pending.ordinary.extend_from_slice(line);
+        if pending.ordinary.len() >= WAKE_AT_BYTES {
             self.filled.notify_one();
         }
         true
+    }
+}
+
+/// Where audit events are committed: the audit lane of a `LogQueue`.
+#[derive(Clone)]
+pub struct AuditTrail {
+    queue: Arc<Queue>,
+    /// Whether a commit waits for its write (always, but in a benchmark).
+    waits: bool,
+}
+
+/// An audit event the log output did not write: its lane was full (stdout
+/// blocked), the write failed, or it did not return in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditUnavailable;
+
+impl AuditTrail {
+    /// Queues `line`, one whole audit event, and wakes the writer if it
+    /// sleeps. `Err` when the audit lane cannot take it.
+    pub fn commit(&self, line: &[u8]) -> Result<Commit, AuditUnavailable> {
+        let queue = &self.queue;
+        let mut pending = queue.lock();
+        if pending.closed || pending.audit.len() + line.len() > queue.capacity {
+            drop(pending);
+            log_lines_dropped(LogDrop::AuditRefused, 1);
+            return Err(AuditUnavailable);
+        }
+        let start = pending.audit.len();
+        pending.audit.extend_from_slice(line);
+        if pending.sleeping {
+            pending.sleeping = false;
+            queue.filled.notify_one();
+        }
+        Ok(Commit {
+            queue: queue.clone(),
+            batch: pending.filling,
+            line: start..pending.audit.len(),
+            waits: self.waits,
+        })
+    }
+
+    /// The same lane, its commits done once queued, as before group commit:
+    /// for `bench/run` to measure what waiting for the write costs. The
+    /// service never uses it (a crash would lose the queued events of
+    /// answered requests).
+    #[doc(hidden)]
+    pub fn done_when_queued(self) -> Self {
+        Self {
+            waits: false,
+            ..self
+        }
+    }
+}
+
+/// One queued audit event: `written` waits for the write that carries it.
+#[must_use = "an audit event counts once its write has returned"]
+pub struct Commit {
+    queue: Arc<Queue>,
+    /// The audit batch it will be written in.
+    batch: u64,
+    /// Where it sits in the audit lane until that batch is taken.
+    line: Range<usize>,
+    waits: bool,
+}
+
+impl Commit {
+    /// Waits, `within` at most, for the write of this event to return.
+    /// `Err` when it failed or took longer. One that took longer is counted
+    /// as refused, and withdrawn if the writer has not taken it yet (else it
+    /// may still be written later, as the event of a request that failed).
+    pub async fn written(self, within: Duration) -> Result<(), AuditUnavailable> {
+        if !self.waits {
+            return Ok(());
+        }
+        let mut committed = self.queue.committed.subscribe();
+        let waited = tokio::time::timeout(
+            within,
+            committed.wait_for(|committed| committed.through >= self.batch),
+        )
+        .await;
+        match waited {
+            Ok(Ok(committed)) if committed.failed < self.batch => Ok(()),
+            Ok(_) => Err(AuditUnavailable),
+            Err(_elapsed) => {
+                log_lines_dropped(LogDrop::AuditRefused, 1);
+                self.withdraw();
+                Err(AuditUnavailable)
+            }
+        }
+    }
+
+    /// Leaves the event out of its batch, if the writer has not taken it.
+    fn withdraw(self) {
+        let mut pending = self.queue.lock();
+        if pending.filling == self.batch {
+            pending.withdrawn.push(self.line);
+        }
     }
 }
 
@@ -279,22 +402,14 @@ fn lines_in(bytes: &[u8]) -> u64 {
     bytes.iter().filter(|b| **b == b'\n').count() as u64
 }
 
-/// One entrance of the queue, as a `MakeWriter`: each write is one line.
+/// The entrance for ordinary lines, as a `MakeWriter`: each write is one line.
 #[derive(Clone)]
-pub struct Entrance {
-    queue: Arc<Queue>,
-    audit: bool,
-}
+pub struct Entrance(Arc<Queue>);
 
 impl std::io::Write for &Entrance {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if !self.queue.push(buf, self.audit) {
-            if self.audit {
-                AUDIT_REFUSED.with(|refused| refused.set(true));
-                log_lines_dropped(LogDrop::AuditRefused, 1);
-            } else {
-                log_lines_dropped(LogDrop::QueueFull, 1);
-            }
+        if !self.0.push(buf) {
+            log_lines_dropped(LogDrop::QueueFull, 1);
         }
         // Accepted either way: a logger is never told to retry.
         Ok(buf.len())
@@ -317,18 +432,50 @@ impl<'a> MakeWriter<'a> for Entrance {
 mod tests {
     use super::*;
     use std::io::Write as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::mpsc;
 
-    /// Collects what is written; blocks every write while `gate` is held.
+    /// Collects what is written and counts the writes; blocks every write
+    /// while `gate` is shut, and fails every write while `failing` is set.
     #[derive(Clone, Default)]
     struct Gated {
         out: Arc<Mutex<Vec<u8>>>,
-        gate: Arc<Mutex<()>>,
+        gate: Arc<Gate>,
+        writes: Arc<AtomicUsize>,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    #[derive(Default)]
+    struct Gate {
+        shut: Mutex<bool>,
+        opened: Condvar,
+    }
+
+    impl Gate {
+        fn shut(&self) {
+            *self.shut.lock().unwrap() = true;
+        }
+
+        fn open(&self) {
+            *self.shut.lock().unwrap() = false;
+            self.opened.notify_all();
+        }
+
+        fn pass(&self) {
+            let mut shut = self.shut.lock().unwrap();
+            while *shut {
+                shut = self.opened.wait(shut).unwrap();
+            }
+        }
     }
 
     impl std::io::Write for Gated {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let _open = self.gate.lock().unwrap();
+            self.gate.pass();
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            self.writes.fetch_add(1, Ordering::SeqCst);
             self.out.lock().unwrap().extend_from_slice(buf);
             Ok(buf.len())
         }
@@ -337,10 +484,22 @@ mod tests {
         }
     }
 
-    fn write_line(entrance: &Entrance, line: &str) -> bool {
-        (&*entrance).write_all(line.as_bytes()).unwrap();
-        !take_audit_refusal()
+    impl Gated {
+        fn text(&self) -> String {
+            String::from_utf8(self.out.lock().unwrap().clone()).unwrap()
+        }
     }
+
+    /// Waits until the writer holds a batch it is writing.
+    fn until_writing(queue: &LogQueue) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !queue.0.lock().writing {
+            assert!(Instant::now() < deadline, "the writer never took the line");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    const A_WHILE: Duration = Duration::from_secs(30);
 
     #[test]
     fn nothing_is_lost_while_the_output_keeps_up_and_finish_writes_the_rest() {
@@ -351,7 +510,9 @@ mod tests {
                 let entrance = queue.ordinary();
                 std::thread::spawn(move || {
                     for i in 0..20_000 {
-                        write_line(&entrance, &format!("{t}-{i}\n"));
+                        (&entrance)
+                            .write_all(format!("{t}-{i}\n").as_bytes())
+                            .unwrap();
                     }
                 })
             })
@@ -359,50 +520,118 @@ mod tests {
         for thread in threads {
             thread.join().unwrap();
         }
-        let drained = guard.finish(Instant::now() + Duration::from_secs(30));
+        let drained = guard.finish(Instant::now() + A_WHILE);
         assert_eq!(drained.unwritten, 0);
-        let text = String::from_utf8(out.out.lock().unwrap().clone()).unwrap();
+        let text = out.text();
         assert_eq!(text.lines().count(), 80_000);
         assert!(text.lines().any(|l| l == "3-19999"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_resolves_once_its_write_returned_and_concurrent_events_share_one_write() {
+        let out = Gated::default();
+        out.gate.shut();
+        let (queue, guard) = LogQueue::spawn(out.clone(), 1 << 20);
+        let trail = queue.audit_trail();
+        let first = trail.commit(b"first\n").unwrap();
+        until_writing(&queue);
+        // While the writer is stuck on "first", the next batch fills.
+        let waiting: Vec<_> = (0..50)
+            .map(|i| {
+                let commit = trail.commit(format!("event-{i}\n").as_bytes()).unwrap();
+                tokio::spawn(commit.written(A_WHILE))
+            })
+            .collect();
+        let first = tokio::spawn(first.written(A_WHILE));
+        tokio::task::yield_now().await;
+        assert!(
+            !first.is_finished() && waiting.iter().all(|w| !w.is_finished()),
+            "released before the write returned"
+        );
+        out.gate.open();
+        assert_eq!(first.await.unwrap(), Ok(()));
+        for waiter in waiting {
+            assert_eq!(waiter.await.unwrap(), Ok(()));
+        }
+        assert_eq!(
+            out.writes.load(Ordering::SeqCst),
+            2,
+            "the 50 events behind the first share one write"
+        );
+        assert!(out.text().starts_with("first\nevent-0\n"));
+        guard.finish(Instant::now() + A_WHILE);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_not_written_in_time_is_withdrawn_and_a_failed_write_is_an_error() {
+        let out = Gated::default();
+        out.gate.shut();
+        let (queue, guard) = LogQueue::spawn(out.clone(), 1 << 20);
+        let trail = queue.audit_trail();
+        let stuck = trail.commit(b"stuck\n").unwrap();
+        until_writing(&queue);
+        let late = trail.commit(b"late\n").unwrap();
+        let kept = trail.commit(b"kept\n").unwrap();
+        let kept = tokio::spawn(kept.written(A_WHILE));
+        let refused_before = log_lines_dropped_so_far(LogDrop::AuditRefused);
+        assert_eq!(
+            late.written(Duration::from_millis(50)).await,
+            Err(AuditUnavailable)
+        );
+        assert!(log_lines_dropped_so_far(LogDrop::AuditRefused) > refused_before);
+        // "stuck" was taken already: it cannot be withdrawn, only given up on.
+        let refused_before = log_lines_dropped_so_far(LogDrop::AuditRefused);
+        assert_eq!(
+            stuck.written(Duration::from_millis(50)).await,
+            Err(AuditUnavailable)
+        );
+        assert!(log_lines_dropped_so_far(LogDrop::AuditRefused) > refused_before);
+        out.gate.open();
+        assert_eq!(kept.await.unwrap(), Ok(()));
+        assert_eq!(
+            out.text(),
+            "stuck\nkept\n",
+            "the withdrawn event is left out"
+        );
+
+        out.failing.store(true, Ordering::SeqCst);
+        let failed = trail.commit(b"lost\n").unwrap();
+        assert_eq!(failed.written(A_WHILE).await, Err(AuditUnavailable));
+        guard.finish(Instant::now() + A_WHILE);
     }
 
     #[test]
     fn a_blocked_output_never_blocks_a_logger_and_audit_events_have_a_lane_of_their_own() {
         let out = Gated::default();
-        let gate = out.gate.lock().unwrap();
+        out.gate.shut();
         let (queue, guard) = LogQueue::spawn(out.clone(), 4096);
         let line = format!("{}\n", "x".repeat(99));
         // The writer takes the first line and blocks on the gate.
-        assert!(queue.0.push(line.as_bytes(), false));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !queue.0.lock().writing {
-            assert!(Instant::now() < deadline, "the writer never took the line");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        assert!(queue.0.push(line.as_bytes()));
+        until_writing(&queue);
         let (done, finished) = mpsc::channel();
         let logger = {
             let queue = queue.clone();
             let line = line.clone();
             std::thread::spawn(move || {
-                let ordinary = (0..100).filter(|_| queue.0.push(line.as_bytes(), false));
-                let ordinary = ordinary.count();
-                let audit = (0..100).filter(|_| queue.0.push(line.as_bytes(), true));
-                done.send((ordinary, audit.count())).unwrap();
+                let ordinary = (0..100).filter(|_| queue.0.push(line.as_bytes())).count();
+                let trail = queue.audit_trail();
+                let audit: Vec<Commit> = (0..100)
+                    .filter_map(|_| trail.commit(line.as_bytes()).ok())
+                    .collect();
+                done.send((ordinary, audit.len())).unwrap();
+                // Dropped without waiting: they stay queued.
             })
         };
         let (ordinary_kept, audit_kept) = finished
-            .recv_timeout(Duration::from_secs(30))
+            .recv_timeout(A_WHILE)
             .expect("a logger waited for a blocked output");
         logger.join().unwrap();
         assert_eq!(ordinary_kept, 30, "ordinary lines stop at three quarters");
         assert_eq!(audit_kept, 40, "audit events have all of their own lane");
         assert!(
-            !write_line(&queue.audit(), &line),
-            "a refused audit line is told"
-        );
-        assert!(
-            write_line(&queue.ordinary(), &line),
-            "an ordinary line never is"
+            queue.audit_trail().commit(line.as_bytes()).is_err(),
+            "a refused audit event is told"
         );
 
         let drained = guard.finish(Instant::now() + Duration::from_millis(100));
@@ -410,32 +639,40 @@ mod tests {
             drained.unwritten, 70,
             "still queued behind the blocked output"
         );
-        drop(gate);
+        out.gate.open();
     }
 
     #[test]
     fn audit_events_are_written_ahead_of_ordinary_lines_queued_before_them() {
         let out = Gated::default();
-        let gate = out.gate.lock().unwrap();
+        out.gate.shut();
         let (queue, guard) = LogQueue::spawn(out.clone(), 1 << 20);
         let line = |what: &str, i: usize| format!("{what}-{i:04}-{}\n", "x".repeat(90));
-        assert!(queue.0.push(line("first", 0).as_bytes(), false));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !queue.0.lock().writing {
-            assert!(Instant::now() < deadline, "the writer never took the line");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        assert!(queue.0.push(line("first", 0).as_bytes()));
+        until_writing(&queue);
         // A flood of ordinary lines, far more than one chunk, then one audit event.
         for i in 0..2_000 {
-            assert!(queue.0.push(line("ordinary", i).as_bytes(), false));
+            assert!(queue.0.push(line("ordinary", i).as_bytes()));
         }
-        assert!(queue.0.push(line("audit", 0).as_bytes(), true));
-        drop(gate);
-        guard.finish(Instant::now() + Duration::from_secs(30));
-        let text = String::from_utf8(out.out.lock().unwrap().clone()).unwrap();
+        let _queued = queue
+            .audit_trail()
+            .commit(line("audit", 0).as_bytes())
+            .unwrap();
+        out.gate.open();
+        guard.finish(Instant::now() + A_WHILE);
+        let text = out.text();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2_002);
         let audit_at = lines.iter().position(|l| l.starts_with("audit-")).unwrap();
         assert_eq!(audit_at, 1, "right after the line the writer held");
+    }
+
+    #[test]
+    fn withdrawn_ranges_leave_the_rest_in_order() {
+        let mut bytes = b"a\nbb\nccc\ndd\n".to_vec();
+        let mut ranges = vec![5..9, 0..2];
+        remove_ranges(&mut bytes, &mut ranges);
+        assert_eq!(bytes, b"bb\ndd\n");
+        assert!(ranges.is_empty());
     }
 }

@@ -316,3 +316,36 @@ async fn every_token_request_from_a_known_caller_writes_one_audit_event_whatever
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_finds_its_audit_event_already_written() {
+    let app = std::sync::Arc::new(TestApp::spawn().await);
+    // Concurrent requests, so events share writes; each answer, the moment
+    // it arrives, must find its event written (a 5 ms batch would not).
+    let askers: Vec<_> = (0..8)
+        .map(|asker| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let url = app.url(&format!("/v1/tokens?{}", member_query(ALICE, "AGENT")));
+                for i in 0..50 {
+                    let id = format!("commit-{asker}-{i}");
+                    let response = app
+                        .http
+                        .get(&url)
+                        .bearer_auth(READER_KEY)
+                        .header("x-request-id", &id)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 200);
+                    let written = app.audit_events().iter().any(|e| e["request_id"] == id);
+                    assert!(written, "{id} was answered before its event was written");
+                }
+            })
+        })
+        .collect();
+    for asker in askers {
+        asker.await.unwrap();
+    }
+    assert_eq!(app.audit_events().len(), 400);
+}

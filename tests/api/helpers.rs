@@ -13,6 +13,7 @@ use token_broker::config::{Settings, Sources};
 use token_broker::domain::UserType;
 use token_broker::simulator::Simulator;
 use token_broker::startup::Application;
+use token_broker::telemetry::writer::LogQueue;
 use tokio::sync::oneshot;
 
 pub const PARTNER_KEY: &str = "pk-test-partner-key-4b1d";
@@ -132,7 +133,11 @@ impl TestAppBuilder {
         settings
             .require_serving()
             .expect("test configuration can serve");
-        let app = Application::build(&settings)
+        // Audit events are written to memory, in order, as the binary writes
+        // them to stdout; the writer thread ends with the test process.
+        let audit = Captured::default();
+        let (queue, _writer) = LogQueue::spawn(audit.clone(), settings.log.queue_bytes);
+        let app = Application::build(&settings, queue.audit_trail())
             .await
             .expect("application builds");
         let api = app.api_addr();
@@ -150,7 +155,22 @@ impl TestAppBuilder {
             sim: self.simulator,
             http: reqwest::Client::new(),
             stop: Some(stop),
+            audit,
         }
+    }
+}
+
+/// What a log queue wrote, kept in memory.
+#[derive(Clone, Default)]
+pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -160,6 +180,7 @@ pub struct TestApp {
     pub sim: Simulator,
     pub http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
+    audit: Captured,
 }
 
 impl TestApp {
@@ -175,6 +196,14 @@ impl TestApp {
 
     pub async fn spawn() -> TestApp {
         Self::builder().spawn().await
+    }
+
+    /// The audit events written so far (each answered request's is there).
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        let text = String::from_utf8(self.audit.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|line| serde_json::from_str(line).expect("an audit event is one JSON line"))
+            .collect()
     }
 
     pub fn url(&self, path_and_query: &str) -> String {

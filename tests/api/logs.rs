@@ -225,10 +225,11 @@ async fn a_token_request_writes_one_line_its_audit_event_and_other_requests_a_re
     }
 }
 
-/// A broker with a small log queue whose stdout nobody reads yet, and
-/// requests for alice (request ids `blocked-N`) until one is refused for
-/// want of its audit event. Checks the admin listener as it goes. Returns
-/// the ids answered 200.
+/// Requests for alice (request ids `blocked-N`) to a broker whose stdout
+/// nobody reads, until one fails for want of its audit event: once the pipe
+/// is full, the write of the next event does not return in time (or its
+/// lane is full). Checks the admin listener as it goes. Returns the ids
+/// answered 200.
 async fn fill_the_log_output(broker: &Running) -> Vec<String> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -269,7 +270,7 @@ async fn fill_the_log_output(broker: &Running) -> Vec<String> {
     panic!("20000 audit events fit in a 64 KiB queue and a blocked pipe");
 }
 
-/// The smallest log queue there is, so a few hundred requests fill it.
+/// The smallest log queue there is.
 const SMALL_QUEUE: &str = "[log]\nqueue_bytes = 65536\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
