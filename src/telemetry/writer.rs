@@ -163,6 +163,7 @@ impl LogQueue {
         let thread = std::thread::Builder::new()
             .name("token-broker-logs".into())
             .spawn(move || {
+                yield_on_wakeup();
                 let mut batch = Vec::with_capacity(WAKE_AT_BYTES.min(capacity));
                 loop {
                     let (taken, closed) = {
@@ -373,6 +374,29 @@ impl WriterGuard {
             dropped: dropped_so_far(),
             unwritten,
         }
+    }
+}
+
+/// Puts the calling thread (the writer) under `SCHED_BATCH`, at nice 0: it
+/// gets its fair share of the CPU, but its wakeups do not preempt the
+/// thread that woke it. Otherwise every audit event that finds the writer
+/// asleep hands the core to it at once, and on a busy core batches shrink
+/// to two or three events: measured on one pinned core, 64 connections,
+/// about 200,000 context switches and 35-45k answers per 5 s run, against
+/// 18,000 and 53-57k under `SCHED_BATCH` (about 19 events per write). Best
+/// effort: where the policy cannot be set, the writer runs as it is.
+fn yield_on_wakeup() {
+    #[cfg(target_os = "linux")]
+    {
+        use thread_priority::{
+            NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityOsValue,
+            ThreadSchedulePolicy, set_thread_priority_and_policy, thread_native_id,
+        };
+        let _ = set_thread_priority_and_policy(
+            thread_native_id(),
+            ThreadPriority::Os(ThreadPriorityOsValue::default()),
+            ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch),
+        );
     }
 }
 
