@@ -465,3 +465,77 @@ async fn a_flood_of_strangers_beside_a_slow_stdout_fails_no_legitimate_read() {
         "a written 401 line says how many went unwritten before it"
     );
 }
+
+/// Four keep-alive callers ask as fast as they can; SIGKILL comes once a few
+/// hundred answers are in. Every request answered 200 must have its audit
+/// event in what the process wrote before it died (a 5 ms batch lost a few).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_no_audit_event_of_an_answered_request() {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::AsyncReadExt;
+
+    for round in 0..3 {
+        let (_sim, upstream) = upstream().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = command();
+        command.arg("--config").arg(config_file(&dir, upstream, ""));
+        let (mut broker, mut stdout) = Running::start_stalled(command).await;
+        let written = tokio::spawn(async move {
+            let mut bytes = Vec::new();
+            let _ = stdout.read_to_end(&mut bytes).await;
+            bytes
+        });
+        let url = broker.tokens_url(&member_query(ALICE, "AGENT"));
+        let answered = Arc::new(Mutex::new(Vec::new()));
+        let callers: Vec<_> = (0..4)
+            .map(|caller| {
+                let (url, answered) = (url.clone(), answered.clone());
+                tokio::spawn(async move {
+                    let client = reqwest::Client::new();
+                    for i in 0.. {
+                        let id = format!("kill-{round}-{caller}-{i}");
+                        let sent = client
+                            .get(&url)
+                            .bearer_auth(READER_KEY)
+                            .header("x-request-id", &id)
+                            .send()
+                            .await;
+                        match sent {
+                            Ok(response) if response.status() == 200 => {
+                                answered.lock().unwrap().push(id);
+                            }
+                            // The process is gone.
+                            _ => return,
+                        }
+                    }
+                })
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while answered.lock().unwrap().len() < 400 {
+            assert!(tokio::time::Instant::now() < deadline, "too few answers");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        broker.child.start_kill().unwrap();
+        broker.child.wait().await.unwrap();
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        let output = String::from_utf8_lossy(&written.await.unwrap()).into_owned();
+        let audited: std::collections::HashSet<String> = audit_events(&output)
+            .iter()
+            .filter_map(|e| e["request_id"].as_str().map(str::to_owned))
+            .collect();
+        let answered = answered.lock().unwrap();
+        let lost: Vec<_> = answered
+            .iter()
+            .filter(|id| !audited.contains(*id))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "round {round}: {} of {} answered requests have no audit event: {lost:?}",
+            lost.len(),
+            answered.len()
+        );
+    }
+}
