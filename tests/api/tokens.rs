@@ -254,9 +254,12 @@ async fn delete_makes_the_next_read_go_upstream() {
 async fn a_delete_during_a_slow_fetch_keeps_its_answer_out_of_the_cache() {
     let app = TestApp::spawn().await;
     let query = member_query(ALICE, "AGENT");
-    app.sim.set_latency(Duration::from_millis(600));
+    app.sim.set_latency(Duration::from_secs(1));
     let delete = async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Once the fetch has reached the vendor, during its one second there.
+        while app.sim.calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         app.delete_token_as(Some(INVALIDATOR_KEY), &query).await
     };
     let (fetched, deleted) = tokio::join!(app.get_token(&query), delete);

@@ -26,32 +26,50 @@ pub fn command() -> Command {
     command
 }
 
-/// Collects the child's stdout and stderr, line by line.
-fn capture(child: &mut Child) -> Arc<Mutex<Vec<String>>> {
-    let output = Arc::new(Mutex::new(Vec::new()));
-    collect(child.stdout.take().unwrap(), &output);
-    collect(child.stderr.take().unwrap(), &output);
-    output
+/// The child's output, line by line, and the readers that collect it.
+#[derive(Clone, Default)]
+struct Output {
+    lines: Arc<Mutex<Vec<String>>>,
+    readers: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
-/// Appends each line of `stream` to `output` until it ends.
-fn collect(
-    stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
-    output: &Arc<Mutex<Vec<String>>>,
-) {
-    let output = output.clone();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stream).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            output.lock().unwrap().push(line);
+impl Output {
+    /// Collects the child's stdout and stderr.
+    fn capture(child: &mut Child) -> Self {
+        let output = Output::default();
+        output.collect(child.stdout.take().unwrap());
+        output.collect(child.stderr.take().unwrap());
+        output
+    }
+
+    /// Appends each line of `stream` until it ends.
+    fn collect(&self, stream: impl tokio::io::AsyncRead + Unpin + Send + 'static) {
+        let lines = self.lines.clone();
+        let reader = tokio::spawn(async move {
+            let mut stream = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = stream.next_line().await {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        self.readers.lock().unwrap().push(reader);
+    }
+
+    /// Waits until every stream read so far has ended (the process exited).
+    async fn drained(&self) {
+        let readers = std::mem::take(&mut *self.readers.lock().unwrap());
+        for reader in readers {
+            tokio::time::timeout(Duration::from_secs(10), reader)
+                .await
+                .expect("the output ends once the process has exited")
+                .unwrap();
         }
-    });
+    }
 }
 
 /// A running `token-broker` whose output is captured line by line.
 pub struct Running {
     pub child: Child,
-    output: Arc<Mutex<Vec<String>>>,
+    output: Output,
     pub api: SocketAddr,
     pub admin: SocketAddr,
 }
@@ -70,10 +88,10 @@ impl Running {
     /// Starts `args` and waits until the broker logs that it is listening.
     pub async fn start(mut command: Command) -> Running {
         let mut child = command.spawn().expect("binary starts");
-        let output = capture(&mut child);
+        let output = Output::capture(&mut child);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let listening = output.lock().unwrap().iter().find_map(|line| {
+            let listening = output.lines.lock().unwrap().iter().find_map(|line| {
                 let event: serde_json::Value = serde_json::from_str(line).ok()?;
                 (event["message"] == "listening").then(|| {
                     (
@@ -93,7 +111,7 @@ impl Running {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "broker did not start: {:?}",
-                output.lock().unwrap()
+                output.lines.lock().unwrap()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -129,8 +147,8 @@ impl Running {
             .env("TOKEN_BROKER__SERVER__ADMIN_LISTEN", admin.to_string());
         let mut child = command.spawn().expect("binary starts");
         let stdout = child.stdout.take().unwrap();
-        let output = Arc::new(Mutex::new(Vec::new()));
-        collect(child.stderr.take().unwrap(), &output);
+        let output = Output::default();
+        output.collect(child.stderr.take().unwrap());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let http = reqwest::Client::new();
         while http
@@ -142,7 +160,7 @@ impl Running {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "broker did not start: {:?}",
-                output.lock().unwrap()
+                output.lines.lock().unwrap()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -167,7 +185,7 @@ impl Running {
 
     /// Starts reading the stdout `start_stalled` left unread.
     pub fn read_stdout(&self, stdout: tokio::process::ChildStdout) {
-        collect(stdout, &self.output);
+        self.output.collect(stdout);
     }
 
     /// The value of `sample` on its `/metrics`; `None` when it is not there.
@@ -182,7 +200,7 @@ impl Running {
     }
 
     pub fn output(&self) -> String {
-        self.output.lock().unwrap().join("\n")
+        self.output.lines.lock().unwrap().join("\n")
     }
 
     pub fn terminate(&self) {
@@ -205,8 +223,7 @@ impl Running {
             .await
             .expect("broker exits after SIGTERM")
             .unwrap();
-        // Let the readers drain the pipes.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.output.drained().await;
         status.code().expect("exited, not killed")
     }
 }
