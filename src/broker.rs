@@ -226,7 +226,7 @@ impl Broker {
         identity: &Identity,
         caller: &Arc<str>,
     ) -> Result<Issued, BrokerError> {
-        self.lookup_in_cache(identity, caller, false).await
+        self.cached_or_fetched(identity, caller, false).await
     }
 
     /// The token for `identity` from a vendor fetch made after this call,
@@ -237,7 +237,7 @@ impl Broker {
         identity: &Identity,
         caller: &Arc<str>,
     ) -> Result<Issued, BrokerError> {
-        self.lookup_in_cache(identity, caller, true).await
+        self.cached_or_fetched(identity, caller, true).await
     }
 
     /// Counts one lookup result.
@@ -260,7 +260,7 @@ impl Broker {
         span
     }
 
-    async fn lookup_in_cache(
+    async fn cached_or_fetched(
         &self,
         identity: &Identity,
         caller: &Arc<str>,
@@ -496,8 +496,8 @@ impl Broker {
             return entry;
         }
         let mut permit = match tier.lock(identity).await {
-            Lock::Write(permit) => permit,
-            Lock::Read(mut waiter) => {
+            Lock::Fetch(permit) => permit,
+            Lock::Wait(mut waiter) => {
                 let mut seen = waiter.take_current();
                 loop {
                     if let Some(entry) = self.usable_shared(identity, generation, want, seen).await
@@ -506,7 +506,7 @@ impl Broker {
                     }
                     match waiter.next().await {
                         Some(Next::Value(value)) => seen = Some(value),
-                        Some(Next::Write(permit)) => break permit,
+                        Some(Next::Fetch(permit)) => break permit,
                         // The holder outran our wait, or Redis cannot be asked: ask alone.
                         None => break Permit::alone(),
                     }

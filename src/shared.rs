@@ -82,12 +82,12 @@ pub trait SharedTier: Send + Sync + 'static {
     fn start(&self, sink: EventSink, stop: CancellationToken);
 }
 
-/// The answer to `SharedTier::lock`.
+/// The answer to `SharedTier::lock`: who asks the vendor.
 pub enum Lock {
-    /// Ask the vendor, then `publish` through the permit.
-    Write(Permit),
-    /// Another replica is asking; wait for its answer.
-    Read(Waiter),
+    /// This replica fetches: ask the vendor, then `publish` through the permit.
+    Fetch(Permit),
+    /// Another replica is fetching; wait for its answer.
+    Wait(Waiter),
 }
 
 /// The right to fetch one identity and share the answer.
@@ -125,7 +125,7 @@ impl SharedTier for NoSharedTier {
     }
 
     fn lock<'a>(&'a self, _: &'a Identity) -> TierFuture<'a, Lock> {
-        Box::pin(std::future::ready(Lock::Write(Permit::alone())))
+        Box::pin(std::future::ready(Lock::Fetch(Permit::alone())))
     }
 
     fn invalidate<'a>(&'a self, _: &'a Identity) -> TierFuture<'a, Result<(), NotShared>> {

@@ -479,16 +479,16 @@ impl SharedTier for RedisTier {
     fn lock<'a>(&'a self, identity: &'a Identity) -> TierFuture<'a, Lock> {
         Box::pin(async move {
             if !self.in_sync() {
-                return Lock::Write(Permit::alone());
+                return Lock::Fetch(Permit::alone());
             }
             let name = self.0.sealer.name(identity);
             // Registered before the claim, so a release right after it is
             // not missed; dropped unused, it unregisters.
             let waiter = Waiter::register(self, identity, &name, Instant::now() + self.0.wait);
             match self.claim(identity, &name).await {
-                None => Lock::Write(Permit::alone()),
-                Some(Claimed::Acquired(permit)) => Lock::Write(permit),
-                Some(Claimed::Held(current)) => Lock::Read(waiter.seeing(current)),
+                None => Lock::Fetch(Permit::alone()),
+                Some(Claimed::Acquired(permit)) => Lock::Fetch(permit),
+                Some(Claimed::Held(current)) => Lock::Wait(waiter.seeing(current)),
             }
         })
     }

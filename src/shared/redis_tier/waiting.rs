@@ -70,7 +70,7 @@ pub enum Next {
     /// What Redis holds now (possibly too old for the caller: wait again).
     Value(Stored),
     /// The lock was free: this replica fetches.
-    Write(Permit),
+    Fetch(Permit),
 }
 
 impl Waiter {
@@ -124,7 +124,7 @@ impl Waiter {
             }
             self.seen = slot.releases.load(Ordering::Acquire);
             match self.tier.claim(&self.identity, &self.name).await? {
-                Claimed::Acquired(permit) => return Some(Next::Write(permit)),
+                Claimed::Acquired(permit) => return Some(Next::Fetch(permit)),
                 Claimed::Held(Some(value)) => return Some(Next::Value(value)),
                 Claimed::Held(None) => continue,
             }
