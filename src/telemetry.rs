@@ -189,15 +189,14 @@ fn level_filter(level: &str) -> EnvFilter {
     EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// A layer writing each event in `format` to `writer`; JSON events in a
-/// request name it.
+/// A layer writing each event in `format` to `writer`.
 fn formatted<S, W>(format: LogFormat, writer: W) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     match format {
-        LogFormat::Json => JsonLogs::new(writer).with_request().boxed(),
+        LogFormat::Json => JsonLogs::new(writer).boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .with_writer(writer)
             // Colours for a person at a terminal, never escape codes in a file or pipe.

@@ -24,28 +24,16 @@ use super::request::RequestContext;
 /// when they are recorded.
 struct SpanFields(String);
 
-/// Writes each event as one JSON line to `W`.
+/// Writes each event as one JSON line to `W`; an event in a request names
+/// it (`RequestContext`) as the first of its `spans`, when no request span
+/// does.
 pub struct JsonLogs<W> {
     writer: W,
-    /// Whether an event in a request names it (`RequestContext`) as the
-    /// first of its `spans`, when no request span does.
-    request: bool,
 }
 
 impl<W> JsonLogs<W> {
     pub fn new(writer: W) -> Self {
-        Self {
-            writer,
-            request: false,
-        }
-    }
-
-    /// Events in a request name it, as a `request` span would.
-    pub fn with_request(self) -> Self {
-        Self {
-            request: true,
-            ..self
-        }
+        Self { writer }
     }
 }
 
@@ -119,19 +107,17 @@ where
             });
             name_target(&mut line, event.metadata().target());
             let mut first = true;
-            if self.request {
-                RequestContext::for_log_lines(|request| {
-                    open_span(&mut line, &mut first, "request");
-                    // Its keys are known JSON-safe names: written as they are.
-                    request.fields(|key, value| {
-                        line.push_str(",\"");
-                        line.push_str(key);
-                        line.push_str("\":");
-                        push_json_str(&mut line, value);
-                    });
-                    line.push('}');
+            RequestContext::for_log_lines(|request| {
+                open_span(&mut line, &mut first, "request");
+                // Its keys are known JSON-safe names: written as they are.
+                request.fields(|key, value| {
+                    line.push_str(",\"");
+                    line.push_str(key);
+                    line.push_str("\":");
+                    push_json_str(&mut line, value);
                 });
-            }
+                line.push('}');
+            });
             if let Some(scope) = ctx.event_scope(event) {
                 for span in scope.from_root() {
                     open_span(&mut line, &mut first, span.name());
@@ -335,8 +321,7 @@ pub(super) mod tests {
     #[tokio::test]
     async fn events_in_a_request_name_it_first_among_their_spans() {
         let sink = Sink::default();
-        let subscriber =
-            tracing_subscriber::registry().with(JsonLogs::new(sink.clone()).with_request());
+        let subscriber = tracing_subscriber::registry().with(JsonLogs::new(sink.clone()));
         let _default = tracing::subscriber::set_default(subscriber);
         let trace = crate::telemetry::TraceParent::from_headers(&Default::default());
         let (trace_id, span_id) = (trace.trace_id, trace.span_id);
