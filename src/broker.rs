@@ -37,7 +37,9 @@ use tracing::Instrument;
 
 use crate::config::CacheSettings;
 use crate::domain::Identity;
-use crate::shared::{Event, Lock, Next, NoSharedTier, NotShared, Permit, SharedTier, Stored};
+use crate::shared::{
+    Event, Fill, NoSharedTier, NotShared, Publish, SharedTier, Stored, TierFuture,
+};
 use crate::telemetry::metrics::{Lookup, Metrics, UpstreamOutcome};
 use crate::upstream::{Askers, Fetched, UpstreamClient, UpstreamError};
 use entry::{Answer, Entry, Lifetime};
@@ -479,8 +481,9 @@ impl Broker {
         }
     }
 
-    /// One flight's work: the shared tier first; else one replica asks the
-    /// vendor while the others wait for its answer (within `upstream.timeout`).
+    /// One flight's work, through the shared tier: a value the fleet
+    /// holds, else this replica's vendor fetch, else another replica's
+    /// (within `upstream.timeout`).
     async fn fill(
         &self,
         identity: &Identity,
@@ -488,39 +491,24 @@ impl Broker {
         generation: Generation,
         want: Want,
     ) -> Result<Arc<Entry>, UpstreamError> {
-        let tier = &self.0.tier;
-        if let Some(entry) = self
-            .usable_shared(identity, generation, want, tier.lookup(identity).await)
-            .await
-        {
-            return entry;
-        }
-        let mut permit = match tier.lock(identity).await {
-            Lock::Fetch(permit) => permit,
-            Lock::Wait(mut waiter) => {
-                let mut seen = waiter.take_current();
-                loop {
-                    if let Some(entry) = self.usable_shared(identity, generation, want, seen).await
-                    {
-                        return entry;
-                    }
-                    match waiter.next().await {
-                        Some(Next::Value(value)) => seen = Some(value),
-                        Some(Next::Fetch(permit)) => break permit,
-                        // The holder outran our wait, or Redis cannot be asked: ask alone.
-                        None => break Permit::alone(),
-                    }
-                }
-            }
+        let filling = Filling {
+            broker: self,
+            identity,
+            askers,
+            generation,
+            want,
+            answer: std::sync::Mutex::new(None),
         };
-        // Stored by another replica between the lookup and the lock.
-        if let Some(entry) = self
-            .usable_shared(identity, generation, want, permit.current.take())
-            .await
-        {
-            return entry;
+        self.0.tier.fill(identity, &filling).await;
+        let answer = filling
+            .answer
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        match answer {
+            Some(answer) => answer,
+            // A tier that neither offered a value nor fetched: ask alone.
+            None => self.ask_vendor(identity, askers, generation).await.1,
         }
-        self.ask_vendor(identity, askers, generation, permit).await
     }
 
     /// A value read from the shared tier as this fill's answer, if `want`
@@ -530,9 +518,9 @@ impl Broker {
         identity: &Identity,
         generation: Generation,
         want: Want,
-        stored: Option<Stored>,
+        stored: Stored,
     ) -> Option<Result<Arc<Entry>, UpstreamError>> {
-        let entry = Entry::from_shared(stored?);
+        let entry = Entry::from_shared(stored);
         let usable = match entry.answer {
             Answer::NotFound => entry.age() < self.0.policy.negative_ttl,
             Answer::Token { .. } => want.accepts(&entry),
@@ -554,15 +542,14 @@ impl Broker {
         None
     }
 
-    /// Asks the vendor and records the answer here and, through `permit`,
-    /// in the shared tier.
+    /// Asks the vendor and keeps the answer here; with what the shared tier
+    /// should hold, unless the fetch failed.
     async fn ask_vendor(
         &self,
         identity: &Identity,
         askers: &Askers,
         generation: Generation,
-        permit: Permit,
-    ) -> Result<Arc<Entry>, UpstreamError> {
+    ) -> (Option<Publish>, Result<Arc<Entry>, UpstreamError>) {
         let inner = &self.0;
         let fetched = inner.source.fetch(identity, askers).await;
         if fetched.is_ok() && inner.serving_stale.swap(false, Ordering::AcqRel) {
@@ -582,17 +569,16 @@ impl Broker {
                     (!inner.policy.negative_ttl.is_zero()).then(|| Entry::new(Answer::NotFound));
                 (kept, Err(UpstreamError::NotFound))
             }
-            // Dropping the permit releases the lock for the next replica.
-            Err(error) => return Err(error),
+            // Nothing to share: the fleet's lock goes to the next replica.
+            Err(error) => return (None, Err(error)),
         };
         self.remember(identity, generation, entry.clone()).await;
-        let stored = entry.as_deref().and_then(Entry::to_stored);
+        let value = entry.as_deref().and_then(Entry::to_stored);
         let ttl = match entry.as_deref().map(|e| &e.answer) {
             Some(Answer::NotFound) => inner.policy.negative_ttl,
             _ => inner.policy.ttl + inner.stale_for,
         };
-        permit.publish(stored.as_ref(), ttl).await;
-        result
+        (Some(Publish { value, ttl }), result)
     }
 
     /// Keeps `entry` (or drops the key, given `None`) unless the key was
@@ -616,6 +602,50 @@ impl Broker {
         if self.0.generations.of(identity) != generation {
             store.invalidate(identity).await;
         }
+    }
+}
+
+/// The broker's half of one flight's `SharedTier::fill`: it judges what
+/// the fleet holds, asks the vendor, and keeps the flight's answer.
+struct Filling<'a> {
+    broker: &'a Broker,
+    identity: &'a Identity,
+    askers: &'a Askers,
+    generation: Generation,
+    want: Want,
+    answer: std::sync::Mutex<Option<Result<Arc<Entry>, UpstreamError>>>,
+}
+
+impl Filling<'_> {
+    fn answered(&self, answer: Result<Arc<Entry>, UpstreamError>) {
+        *self.answer.lock().unwrap_or_else(PoisonError::into_inner) = Some(answer);
+    }
+}
+
+impl Fill for Filling<'_> {
+    fn accept(&self, stored: Stored) -> TierFuture<'_, bool> {
+        Box::pin(async move {
+            let usable = self
+                .broker
+                .usable_shared(self.identity, self.generation, self.want, stored)
+                .await;
+            let taken = usable.is_some();
+            if let Some(answer) = usable {
+                self.answered(answer);
+            }
+            taken
+        })
+    }
+
+    fn fetch(&self) -> TierFuture<'_, Option<Publish>> {
+        Box::pin(async move {
+            let (publish, answer) = self
+                .broker
+                .ask_vendor(self.identity, self.askers, self.generation)
+                .await;
+            self.answered(answer);
+            publish
+        })
     }
 }
 

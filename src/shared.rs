@@ -1,19 +1,31 @@
 //! The shared tier: the second cache level behind every replica's moka
-//! cache, shaped like a cache lock. The broker asks it four things:
+//! cache, shaped like a cache lock. It owns a miss across the fleet:
 //!
-//! - `lookup`: what the fleet already has for an identity;
-//! - `lock`: `Write(permit)` (this replica asks the vendor and `publish`es the
-//!   answer through the permit, which releases the lock on drop) or
-//!   `Read(waiter)` (another replica is asking; the waiter is woken when the
-//!   answer is stored);
+//! - `fill`: one call for one miss. The tier looks at what the fleet holds
+//!   and offers it to the broker (`Fill::accept`); else it takes the
+//!   identity's fetch lock, has the broker ask the vendor (`Fill::fetch`) and
+//!   shares the answer; or, while another replica holds the lock, waits for
+//!   that replica's answer and offers it. Locks and waiters never leave the
+//!   tier;
 //! - `invalidate`: every replica drops the identity, and confirms only what
 //!   the fleet will hold;
 //! - `admit`: the fleet-wide rate limit.
 //!
-//! With no Redis configured, `NoSharedTier` stands in: nothing to look up,
-//! every lock is this replica's, invalidations are local. With Redis,
-//! `redis_tier::RedisTier` keeps key naming, sealing, the lock protocol,
-//! waking, subscription liveness and the remembered invalidations to itself.
+//! Three tiers implement it. With no Redis configured, `NoSharedTier` stands
+//! in: nothing to look up, every fetch is this replica's, invalidations are
+//! local. With Redis, `redis_tier::RedisTier` keeps key naming, sealing, the
+//! lock protocol, waking, subscription liveness and the remembered
+//! invalidations to itself. `in_process::Fleet` is a whole fleet inside one
+//! process, on tokio's clock, with a network that can delay, drop, duplicate
+//! and replay messages and a store that can be lost or restored: the tests
+//! run the broker's cross-replica logic on it by seed.
+//!
+//! Generations are one concept with two homes. The broker's (`broker::flights`)
+//! keep a fetch begun before an invalidation from storing its answer in this
+//! replica's memory; the tier's keep it from storing (or anyone from reading)
+//! it in the fleet's. Both remember invalidations in `crate::remembered`.
+
+pub mod fleet_view;
 
 pub mod nodes;
 pub mod redis_tier;
@@ -30,7 +42,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{CacheSettings, ConfigError};
 use crate::domain::Identity;
 use crate::telemetry::metrics::Metrics;
-pub use redis_tier::{Next, Waiter};
 pub use sealed::{Stored, StoredAnswer};
 
 /// A future the tier returns.
@@ -57,11 +68,13 @@ pub struct NotShared;
 
 /// The second cache level.
 pub trait SharedTier: Send + Sync + 'static {
-    /// What the fleet holds for `identity`, if it can be trusted.
-    fn lookup<'a>(&'a self, identity: &'a Identity) -> TierFuture<'a, Option<Stored>>;
-
-    /// The right to fetch `identity` from the vendor, or a wait for whoever has it.
-    fn lock<'a>(&'a self, identity: &'a Identity) -> TierFuture<'a, Lock>;
+    /// One miss of `identity` for the fleet: what the fleet holds, if
+    /// `fill` accepts it; else `fill` asks the vendor, with the fleet's fetch
+    /// lock when it can be had, and its answer is shared; or, while another
+    /// replica fetches, that replica's answer (if `fill` accepts it) once it
+    /// comes, for at most the wait the tier was built with. Returns once
+    /// `fill` accepted a value or fetched.
+    fn fill<'a>(&'a self, identity: &'a Identity, fill: &'a dyn Fill) -> TierFuture<'a, ()>;
 
     /// Makes every replica drop `identity`; `Ok` only once the fleet holds it.
     fn invalidate<'a>(&'a self, identity: &'a Identity) -> TierFuture<'a, Result<(), NotShared>>;
@@ -82,50 +95,34 @@ pub trait SharedTier: Send + Sync + 'static {
     fn start(&self, sink: EventSink, stop: CancellationToken);
 }
 
-/// The answer to `SharedTier::lock`: who asks the vendor.
-pub enum Lock {
-    /// This replica fetches: ask the vendor, then `publish` through the permit.
-    Fetch(Permit),
-    /// Another replica is fetching; wait for its answer.
-    Wait(Waiter),
+/// The broker's half of a `SharedTier::fill`.
+pub trait Fill: Send + Sync {
+    /// Whether `stored`, read from the fleet, answers this miss. (It may
+    /// keep a value it does not take, say a stale token for stale-if-error.)
+    fn accept(&self, stored: Stored) -> TierFuture<'_, bool>;
+
+    /// Asks the vendor; what the fleet should hold afterwards, or `None`
+    /// when there is nothing to share (the fetch failed).
+    fn fetch(&self) -> TierFuture<'_, Option<Publish>>;
 }
 
-/// The right to fetch one identity and share the answer.
-pub struct Permit {
-    /// What the shared cache held when the lock was taken.
-    pub current: Option<Stored>,
-    held: Option<redis_tier::Held>,
-}
-
-impl Permit {
-    /// A permit that shares nothing: no Redis, or Redis unusable now.
-    pub fn alone() -> Self {
-        Self {
-            current: None,
-            held: None,
-        }
-    }
-
-    /// Stores `value` (or removes the shared entry, given `None`) for `ttl`,
-    /// unless the identity was invalidated since the lock was taken, and
-    /// releases the lock.
-    pub async fn publish(self, value: Option<&Stored>, ttl: Duration) {
-        if let Some(held) = self.held {
-            held.publish(value, ttl).await;
-        }
-    }
+/// What a fetch leaves in the fleet: `value` (or no entry, given `None`)
+/// for `ttl`, unless the identity was invalidated since the fetch began.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    pub value: Option<Stored>,
+    pub ttl: Duration,
 }
 
 /// The tier when no Redis is configured: this replica alone.
 pub struct NoSharedTier;
 
 impl SharedTier for NoSharedTier {
-    fn lookup<'a>(&'a self, _: &'a Identity) -> TierFuture<'a, Option<Stored>> {
-        Box::pin(std::future::ready(None))
-    }
-
-    fn lock<'a>(&'a self, _: &'a Identity) -> TierFuture<'a, Lock> {
-        Box::pin(std::future::ready(Lock::Fetch(Permit::alone())))
+    fn fill<'a>(&'a self, _: &'a Identity, fill: &'a dyn Fill) -> TierFuture<'a, ()> {
+        Box::pin(async move {
+            // Nobody to share the answer with.
+            fill.fetch().await;
+        })
     }
 
     fn invalidate<'a>(&'a self, _: &'a Identity) -> TierFuture<'a, Result<(), NotShared>> {

@@ -55,7 +55,7 @@ mod waiting;
 
 use super::nodes::{Commands, Nodes, Options};
 use super::sealed::{KeyName, Message, Sealed, Sealer, Stored};
-use super::{EventSink, Lock, NotShared, Permit, SharedTier, TierFuture};
+use super::{EventSink, Fill, NotShared, SharedTier, TierFuture};
 use crate::breaker::{Breaker, Change, Ticket};
 use crate::config::{CacheSettings, ConfigError, SharedRedis, read_secret_file};
 use crate::domain::Identity;
@@ -63,8 +63,7 @@ use crate::remembered::{Lowest, Remembered};
 use crate::telemetry::metrics::{Metrics, SharedCacheOp, SharedCacheResult, ValueRefusal};
 use fleet::Fleet;
 use scripts::{RATE_LIMIT, STORE, UNLOCK, believable};
-use waiting::Waiters;
-pub use waiting::{Next, Waiter};
+use waiting::{Waiter, Waiters};
 
 /// Prefix of every key this service writes; the version changes with the layout.
 const PREFIX: &str = "token-broker:v3";
@@ -203,7 +202,7 @@ impl RedisTier {
     async fn claim(&self, identity: &Identity, name: &KeyName) -> Option<Claimed> {
         let owner = format!("{:032x}", rand::random::<u128>());
         let lowest = self.0.invalidated.get(identity);
-        let epoch = self.0.fleet.epoch();
+        let epoch = self.0.fleet.view.epoch();
         let mut invocation = self.0.claim.prepare_invoke();
         invocation
             .key(entry_key(name))
@@ -226,19 +225,19 @@ impl RedisTier {
         let generation = believable(&generation)?;
         let current = self.accept(identity, &value, generation, lowest);
         Some(if acquired == 1 {
-            Claimed::Acquired(Permit {
+            Claimed::Ours(Permit {
                 current,
-                held: Some(Held {
+                lock: FetchLock {
                     tier: self.clone(),
                     identity: identity.clone(),
                     name: name.clone(),
                     owner,
                     sealed: Sealed { epoch, generation },
                     released: false,
-                }),
+                },
             })
         } else {
-            Claimed::Held(current)
+            Claimed::Theirs(current)
         })
     }
 
@@ -262,7 +261,7 @@ impl RedisTier {
             tracing::warn!("a shared cache value does not decrypt for its key; ignoring it");
             return None;
         };
-        if opened.sealed.epoch != self.0.fleet.epoch() {
+        if opened.sealed.epoch != self.0.fleet.view.epoch() {
             self.0
                 .metrics
                 .shared_cache_value_refused(ValueRefusal::StaleEpoch);
@@ -460,37 +459,75 @@ struct Moved {
     replicas: u32,
 }
 
-/// What `claim` found.
+/// What `claim` found, with what Redis held for the identity.
 enum Claimed {
-    Acquired(Permit),
-    Held(Option<Stored>),
+    /// The lock was free and is now this replica's.
+    Ours(Permit),
+    /// Another replica holds it.
+    Theirs(Option<Stored>),
+}
+
+/// The right to fetch one identity and share the answer.
+struct Permit {
+    /// What Redis held when the lock was taken.
+    current: Option<Stored>,
+    lock: FetchLock,
+}
+
+impl RedisTier {
+    /// `SharedTier::fill` on Redis: a value the fleet holds, else the fetch
+    /// lock, else a wait for the lock's holder.
+    async fn fill_shared(&self, identity: &Identity, fill: &dyn Fill) {
+        if !self.in_sync() {
+            // Invalidations may be missed meanwhile: neither read nor share.
+            fill.fetch().await;
+            return;
+        }
+        if let Some(stored) = self.get(identity).await
+            && fill.accept(stored).await
+        {
+            return;
+        }
+        let name = self.0.sealer.name(identity);
+        // Registered before the claim, so a release right after it is not missed.
+        let mut waiter = Waiter::register(self, identity, &name, Instant::now() + self.0.wait);
+        let mut claimed = self.claim(identity, &name).await;
+        let permit = loop {
+            match claimed {
+                // Redis cannot be asked, or the holder outran the wait: ask alone.
+                None => break None,
+                Some(Claimed::Ours(permit)) => break Some(permit),
+                Some(Claimed::Theirs(seen)) => {
+                    if let Some(stored) = seen
+                        && fill.accept(stored).await
+                    {
+                        return;
+                    }
+                    claimed = waiter.next().await;
+                }
+            }
+        };
+        drop(waiter);
+        let Some(Permit { current, lock }) = permit else {
+            fill.fetch().await;
+            return;
+        };
+        // Stored by another replica between the look and the lock; dropping
+        // the lock releases it.
+        if let Some(stored) = current
+            && fill.accept(stored).await
+        {
+            return;
+        }
+        if let Some(publish) = fill.fetch().await {
+            lock.publish(publish.value.as_ref(), publish.ttl).await;
+        }
+    }
 }
 
 impl SharedTier for RedisTier {
-    fn lookup<'a>(&'a self, identity: &'a Identity) -> TierFuture<'a, Option<Stored>> {
-        Box::pin(async move {
-            if !self.in_sync() {
-                return None;
-            }
-            self.get(identity).await
-        })
-    }
-
-    fn lock<'a>(&'a self, identity: &'a Identity) -> TierFuture<'a, Lock> {
-        Box::pin(async move {
-            if !self.in_sync() {
-                return Lock::Fetch(Permit::alone());
-            }
-            let name = self.0.sealer.name(identity);
-            // Registered before the claim, so a release right after it is
-            // not missed; dropped unused, it unregisters.
-            let waiter = Waiter::register(self, identity, &name, Instant::now() + self.0.wait);
-            match self.claim(identity, &name).await {
-                None => Lock::Fetch(Permit::alone()),
-                Some(Claimed::Acquired(permit)) => Lock::Fetch(permit),
-                Some(Claimed::Held(current)) => Lock::Wait(waiter.seeing(current)),
-            }
-        })
+    fn fill<'a>(&'a self, identity: &'a Identity, fill: &'a dyn Fill) -> TierFuture<'a, ()> {
+        Box::pin(self.fill_shared(identity, fill))
     }
 
     fn invalidate<'a>(&'a self, identity: &'a Identity) -> TierFuture<'a, Result<(), NotShared>> {
@@ -535,7 +572,7 @@ impl SharedTier for RedisTier {
 
 /// A held fetch lock: `publish` stores the answer and releases it; dropped
 /// unpublished, it is released all the same.
-pub struct Held {
+struct FetchLock {
     tier: RedisTier,
     identity: Identity,
     name: KeyName,
@@ -545,8 +582,8 @@ pub struct Held {
     released: bool,
 }
 
-impl Held {
-    pub(super) async fn publish(mut self, value: Option<&Stored>, ttl: Duration) {
+impl FetchLock {
+    async fn publish(mut self, value: Option<&Stored>, ttl: Duration) {
         self.released = true;
         let sealed = value.map(|v| self.tier.0.sealer.seal(&self.identity, self.sealed, v));
         let mut invocation = self.tier.0.store.prepare_invoke();
@@ -571,7 +608,7 @@ impl Held {
     }
 }
 
-impl Drop for Held {
+impl Drop for FetchLock {
     fn drop(&mut self) {
         if self.released {
             return;

@@ -77,7 +77,7 @@ impl RedisTier {
             match subscribed {
                 Ok(Ok(pubsub)) => {
                     self.record(SharedCacheOp::Subscribe, SharedCacheResult::Ok, None);
-                    self.0.fleet.subscribed();
+                    self.0.fleet.view.subscribed();
                     // Invalidations sent while this replica was not listening were missed.
                     self.emit(Event::Lost);
                     let ended = self.listen(pubsub, &stop).await;
@@ -161,7 +161,7 @@ impl RedisTier {
                     // A `DELETE` publishes within two Redis calls of advancing
                     // the sequence; never waited for long enough to break the
                     // 2 s bound (a slower one costs a needless loss, not safety).
-                    if fleet.missed((self.0.timeout * 2).min(MISSED_GRACE_AT_MOST)) {
+                    if fleet.view.missed((self.0.timeout * 2).min(MISSED_GRACE_AT_MOST)) {
                         return Ended::Missed;
                     }
                     let answered = fleet.canaries_heard.load(Ordering::Acquire)
@@ -202,12 +202,12 @@ impl RedisTier {
                 // and sequence only rise, and the entry is dropped either way.
                 self.0.metrics.shared_cache_invalidations_heard.inc();
                 self.0.invalidated.raise(&identity, generation);
-                self.0.fleet.heard_sequence(sequence);
+                self.0.fleet.view.heard_sequence(sequence);
                 self.emit(Event::Invalidated(identity));
             }
             Message::Epoch { epoch, sequence } => {
                 // Learned only when higher: a replayed old raise is nothing new.
-                if self.0.fleet.learn(epoch, sequence) {
+                if self.0.fleet.view.learn(epoch, sequence) {
                     self.saw_raised();
                 }
             }

@@ -9,8 +9,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::super::Permit;
-use super::super::sealed::{KeyName, Stored};
+use super::super::sealed::KeyName;
 use super::{Claimed, RedisTier};
 use crate::domain::Identity;
 
@@ -54,23 +53,13 @@ impl Waiters {
 
 /// Waiting for another replica's fetch of one identity: woken when its lock
 /// is released, else looking again every `FALLBACK_POLL`, until `upstream.timeout`.
-pub struct Waiter {
+pub(super) struct Waiter {
     tier: RedisTier,
     identity: Identity,
     name: KeyName,
     slot: Option<Arc<WaitSlot>>,
     seen: u64,
-    /// What Redis held when the wait began.
-    current: Option<Stored>,
     deadline: Instant,
-}
-
-/// What a waiter got.
-pub enum Next {
-    /// What Redis holds now (possibly too old for the caller: wait again).
-    Value(Stored),
-    /// The lock was free: this replica fetches.
-    Fetch(Permit),
 }
 
 impl Waiter {
@@ -89,25 +78,15 @@ impl Waiter {
             name: name.clone(),
             slot: Some(slot),
             seen,
-            current: None,
             deadline,
         }
     }
 
-    /// With what Redis held when the wait began.
-    pub(super) fn seeing(mut self, current: Option<Stored>) -> Self {
-        self.current = current;
-        self
-    }
-
-    /// What Redis held when the wait began.
-    pub fn take_current(&mut self) -> Option<Stored> {
-        self.current.take()
-    }
-
-    /// The next thing worth looking at; `None` once `upstream.timeout` has
-    /// passed or Redis cannot be asked (the caller then asks the vendor alone).
-    pub async fn next(&mut self) -> Option<Next> {
+    /// The next thing worth looking at: the lock, now free and this
+    /// replica's, or a value Redis holds now (possibly too old for the
+    /// caller: wait again). `None` once `upstream.timeout` has passed or
+    /// Redis cannot be asked (the caller then asks the vendor alone).
+    pub(super) async fn next(&mut self) -> Option<Claimed> {
         let slot = self.slot.clone()?;
         loop {
             let now = Instant::now();
@@ -124,9 +103,8 @@ impl Waiter {
             }
             self.seen = slot.releases.load(Ordering::Acquire);
             match self.tier.claim(&self.identity, &self.name).await? {
-                Claimed::Acquired(permit) => return Some(Next::Fetch(permit)),
-                Claimed::Held(Some(value)) => return Some(Next::Value(value)),
-                Claimed::Held(None) => continue,
+                Claimed::Theirs(None) => continue,
+                claimed => return Some(claimed),
             }
         }
     }
