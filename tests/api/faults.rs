@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use token_broker::shared::history::{Kind, Limits, Op, judge};
 use token_broker::simulator::Simulator;
 use tokio::time::Instant;
 
@@ -123,30 +124,6 @@ fn customer(key: usize) -> String {
 
 fn token(key: usize, version: u64) -> String {
     format!("tok-{key}-v{version}")
-}
-
-/// What happened, in the order the client saw it.
-#[derive(Debug, Clone)]
-enum Kind {
-    Read {
-        status: u16,
-        version: Option<u64>,
-        /// `X-Cache`: where the answer came from.
-        cache: Option<String>,
-    },
-    Delete {
-        status: u16,
-        version: u64,
-    },
-}
-
-#[derive(Debug, Clone)]
-struct Op {
-    broker: usize,
-    key: usize,
-    start: Duration,
-    end: Duration,
-    kind: Kind,
 }
 
 /// The seed of this run: given, or drawn (and printed either way).
@@ -505,57 +482,13 @@ impl Brokers {
         for (at, what) in self.phases.lock().unwrap().iter() {
             eprintln!("seed {seed}: at {at:.2?}: {what}");
         }
-        let confirmed: Vec<(usize, u64, Duration)> = history
-            .iter()
-            .filter_map(|op| match op.kind {
-                Kind::Delete {
-                    status: 204,
-                    version,
-                } => Some((op.key, version, op.end)),
-                _ => None,
-            })
-            .collect();
-        let bound = UPSTREAM_TIMEOUT + REDIS_TIMEOUT + SLACK;
-        let mut reads = 0;
-        let mut longest = Duration::ZERO;
-        for op in &history {
-            let took = op.end - op.start;
-            longest = longest.max(took);
-            assert!(took <= bound, "seed {seed}: {op:?} took {took:?}");
-            match op.kind {
-                Kind::Read {
-                    status, version, ..
-                } => {
-                    reads += 1;
-                    assert_eq!(status, 200, "seed {seed}: {op:?}");
-                    let version = version.expect("a 200 carries a token");
-                    for &(key, rotated_to, at) in &confirmed {
-                        let stale = key == op.key
-                            && version < rotated_to
-                            && op.start > at + INVALIDATION_BOUND;
-                        if stale {
-                            // What the key went through, for whoever reads the failure.
-                            let window = at.saturating_sub(Duration::from_secs(2))..op.end;
-                            for other in history
-                                .iter()
-                                .filter(|o| o.key == key && window.contains(&o.start))
-                            {
-                                eprintln!("seed {seed}: key {key}: {other:?}");
-                            }
-                        }
-                        assert!(
-                            !stale,
-                            "seed {seed}: broker {} served v{version} of key {key} {:?} after the DELETE for v{rotated_to} was confirmed",
-                            op.broker,
-                            op.start - at
-                        );
-                    }
-                }
-                Kind::Delete { status, .. } => {
-                    assert!(matches!(status, 204 | 503), "seed {seed}: {op:?}");
-                }
-            }
-        }
+        let limits = Limits {
+            invalidation_bound: INVALIDATION_BOUND,
+            longest: UPSTREAM_TIMEOUT + REDIS_TIMEOUT + SLACK,
+        };
+        let judged = judge(&history, limits).unwrap_or_else(|violation| {
+            panic!("seed {seed}: {violation}");
+        });
         for (i, broker) in self.processes.lock().unwrap().iter().enumerate() {
             let output = broker.output();
             assert!(
@@ -564,11 +497,11 @@ impl Brokers {
             );
         }
         eprintln!(
-            "seed {seed}: {reads} reads, {} confirmed invalidations, longest request {longest:?}: no violation",
-            confirmed.len()
+            "seed {seed}: {} reads, {} confirmed invalidations, longest request {:?}: no violation",
+            judged.reads, judged.confirmed, judged.longest
         );
         assert!(
-            reads > 0 && !confirmed.is_empty(),
+            judged.reads > 0 && judged.confirmed > 0,
             "seed {seed}: nothing ran"
         );
         self.check_phases(seed, &history);
