@@ -26,6 +26,9 @@
 //! it in the fleet's. Both remember invalidations in `crate::remembered`.
 
 pub mod fleet_view;
+pub mod history;
+#[cfg(test)]
+pub mod in_process;
 
 pub mod nodes;
 pub mod redis_tier;
