@@ -2,6 +2,9 @@
 //! stale-if-error against a counting token source, on tokio's paused clock
 //! where time matters.
 
+mod fleet;
+mod simulation;
+
 use super::*;
 use crate::domain::{Email, Token, UserId, UserType};
 use std::sync::Mutex;
