@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -28,8 +27,9 @@ use histogram::latency_histogram;
 pub use tls::TlsMetrics;
 
 pub use labels::{
-    ClientResult, LogDrop, Lookup, ServiceAccountResult, SharedCacheOp, SharedCacheResult,
-    UpstreamOutcome, ValueRefusal,
+    BuildLabels, CallerLabels, ClientLabels, ClientResult, HttpLabels, ListenerLabels, LogDrop,
+    Lookup, OperationLabels, OutcomeLabels, ReasonLabels, ResultLabels, RouteLabels,
+    ServiceAccountResult, SharedCacheOp, SharedCacheResult, UpstreamOutcome, ValueRefusal,
 };
 
 /// Log lines dropped, by reason: process-wide, as stdout is, so the log
@@ -61,60 +61,6 @@ pub fn log_lines_dropped_so_far(reason: LogDrop) -> u64 {
             reason: reason.as_str(),
         })
         .get()
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BuildLabels {
-    pub version: &'static str,
-    pub commit: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HttpLabels {
-    pub route: &'static str,
-    pub status: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    pub route: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
-    pub outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ListenerLabels {
-    pub listener: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OperationLabels {
-    pub op: &'static str,
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CallerLabels {
-    pub client: Arc<str>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ClientLabels {
-    pub client: Arc<str>,
-    pub result: &'static str,
 }
 
 type HistogramFamily<L> = Family<L, LatencyHistogram, fn() -> LatencyHistogram>;
