@@ -45,7 +45,7 @@ use crate::upstream::{Askers, Fetched, UpstreamClient, UpstreamError};
 use entry::{Answer, Entry, Lifetime};
 pub use entry::{CacheResult, Issued};
 use flights::{FlightKey, Generation, Generations, Purpose, Want};
-use freshness::{Asked, Decision, Held, Policy};
+use freshness::{Asked, Decision, Held, Lifetimes};
 
 /// A future returned by a `TokenSource`.
 pub type FetchFuture<'a> =
@@ -144,7 +144,7 @@ struct Inner {
     generations: Generations,
     tier: Arc<dyn SharedTier>,
     source: Arc<dyn TokenSource>,
-    policy: Policy,
+    lifetimes: Lifetimes,
     stale_for: Duration,
     /// Set while stale answers are served, so the outage is logged once.
     serving_stale: AtomicBool,
@@ -192,7 +192,7 @@ impl Broker {
             ),
             tier,
             source,
-            policy: Policy {
+            lifetimes: Lifetimes {
                 ttl: settings.ttl,
                 refresh_after: settings.ttl.mul_f64(settings.refresh_ahead),
                 negative_ttl: settings.negative_ttl,
@@ -278,7 +278,7 @@ impl Broker {
                 revalidate,
                 in_sync: inner.tier.in_sync(),
             };
-            match freshness::decide(&inner.policy, held, entry.age(), asked) {
+            match freshness::decide(&inner.lifetimes, held, entry.age(), asked) {
                 Decision::Serve => return self.counted_cached(&entry),
                 Decision::ServeAndRefresh => {
                     if !entry.refreshing.swap(true, Ordering::AcqRel) {
@@ -291,13 +291,13 @@ impl Broker {
         }
         let (purpose, want) = if revalidate {
             let want = Want {
-                max_age: inner.policy.revalidate_interval,
+                max_age: inner.lifetimes.revalidate_interval,
                 since: Some(Instant::now()),
             };
             (Purpose::Revalidate, want)
         } else {
             let want = Want {
-                max_age: inner.policy.ttl,
+                max_age: inner.lifetimes.ttl,
                 since: None,
             };
             (Purpose::Lookup, want)
@@ -349,7 +349,7 @@ impl Broker {
         error.is_outage()
             && matches!(entry.answer, Answer::Token { active: true, .. })
             && freshness::servable_when_failing(
-                self.0.policy.ttl,
+                self.0.lifetimes.ttl,
                 self.0.stale_for,
                 entry.age(),
                 self.0.tier.in_sync(),
@@ -371,7 +371,7 @@ impl Broker {
         span.follows_from(tracing::Span::current());
         crate::telemetry::record_trace_ids(&span);
         let want = Want {
-            max_age: self.0.policy.refresh_after,
+            max_age: self.0.lifetimes.refresh_after,
             since: None,
         };
         let stop = self.0.stop.clone();
@@ -522,7 +522,7 @@ impl Broker {
     ) -> Option<Result<Arc<Entry>, UpstreamError>> {
         let entry = Entry::from_shared(stored);
         let usable = match entry.answer {
-            Answer::NotFound => entry.age() < self.0.policy.negative_ttl,
+            Answer::NotFound => entry.age() < self.0.lifetimes.negative_ttl,
             Answer::Token { .. } => want.accepts(&entry),
         };
         if usable {
@@ -534,7 +534,7 @@ impl Broker {
             });
         }
         if matches!(entry.answer, Answer::Token { .. })
-            && entry.age() < self.0.policy.ttl + self.0.stale_for
+            && entry.age() < self.0.lifetimes.ttl + self.0.stale_for
             && !self.0.store.contains_key(identity)
         {
             self.remember(identity, generation, Some(entry)).await;
@@ -566,7 +566,7 @@ impl Broker {
             }
             Err(UpstreamError::NotFound) => {
                 let kept =
-                    (!inner.policy.negative_ttl.is_zero()).then(|| Entry::new(Answer::NotFound));
+                    (!inner.lifetimes.negative_ttl.is_zero()).then(|| Entry::new(Answer::NotFound));
                 (kept, Err(UpstreamError::NotFound))
             }
             // Nothing to share: the fleet's lock goes to the next replica.
@@ -575,8 +575,8 @@ impl Broker {
         self.remember(identity, generation, entry.clone()).await;
         let value = entry.as_deref().and_then(Entry::to_stored);
         let ttl = match entry.as_deref().map(|e| &e.answer) {
-            Some(Answer::NotFound) => inner.policy.negative_ttl,
-            _ => inner.policy.ttl + inner.stale_for,
+            Some(Answer::NotFound) => inner.lifetimes.negative_ttl,
+            _ => inner.lifetimes.ttl + inner.stale_for,
         };
         (Some(Publish { value, ttl }), result)
     }

@@ -9,7 +9,7 @@
 //! guesses a method from the shape of a header: a bearer credential is a key
 //! if its digest is configured, else whatever the next method makes of it.
 //! `policy` holds what a known caller may do; its rate limit is taken here,
-//! the fleet's through the shared tier when Redis answers.
+//! the fleet's through the `FleetLimiter` when Redis answers.
 
 mod certificates;
 mod keys;
@@ -26,7 +26,7 @@ use governor::clock::{Clock, DefaultClock};
 
 use crate::config::{ClientSettings, KeyDigest};
 use crate::domain::{Identity, Proof};
-use crate::shared::{NoSharedTier, SharedTier};
+use crate::shared::{FleetLimiter, NoSharedTier};
 use crate::tls::PeerCertificate;
 use certificates::Certificates;
 use keys::Keys;
@@ -155,7 +155,7 @@ pub struct Callers {
     methods: Vec<Box<dyn Method>>,
     anonymous: Option<Arc<Policy>>,
     /// The fleet-wide rate limiter, when Redis is shared.
-    tier: Arc<dyn SharedTier>,
+    limiter: Arc<dyn FleetLimiter>,
 }
 
 impl Callers {
@@ -197,13 +197,13 @@ impl Callers {
         Self {
             methods,
             anonymous: allow_anonymous.then(|| Arc::new(Policy::anonymous())),
-            tier: Arc::new(NoSharedTier),
+            limiter: Arc::new(NoSharedTier),
         }
     }
 
-    /// Rate limits hold for the whole fleet through `tier` while it answers.
-    pub fn with_tier(mut self, tier: Arc<dyn SharedTier>) -> Self {
-        self.tier = tier;
+    /// Rate limits hold for the whole fleet through `limiter` while it answers.
+    pub fn with_limiter(mut self, limiter: Arc<dyn FleetLimiter>) -> Self {
+        self.limiter = limiter;
         self
     }
 
@@ -235,7 +235,7 @@ impl Callers {
         let Some((per_minute, limiter)) = &caller.policy.limit else {
             return Ok(());
         };
-        let fleet = self.tier.admit(&caller.policy.name, *per_minute).await;
+        let fleet = self.limiter.admit(&caller.policy.name, *per_minute).await;
         let verdict = fleet.unwrap_or_else(|| {
             limiter
                 .check()

@@ -9,7 +9,9 @@
 //!   tier;
 //! - `invalidate`: every replica drops the identity, and confirms only what
 //!   the fleet will hold;
-//! - `admit`: the fleet-wide rate limit.
+//!
+//! Redis also holds the fleet-wide rate limit (`FleetLimiter`), a second job
+//! with a trait of its own.
 //!
 //! Three tiers implement it. With no Redis configured, `NoSharedTier` stands
 //! in: nothing to look up, every fetch is this replica's, invalidations are
@@ -82,6 +84,17 @@ pub trait SharedTier: Send + Sync + 'static {
     /// Makes every replica drop `identity`; `Ok` only once the fleet holds it.
     fn invalidate<'a>(&'a self, identity: &'a Identity) -> TierFuture<'a, Result<(), NotShared>>;
 
+    /// Whether this replica hears every invalidation right now. While it
+    /// does not, the broker keeps an answer only briefly.
+    fn in_sync(&self) -> bool;
+
+    /// Starts delivering events to `sink` until `stop`.
+    fn start(&self, sink: EventSink, stop: CancellationToken);
+}
+
+/// The fleet-wide rate limit: one budget per client across every replica.
+/// Redis serves both this and the cache; they are two jobs, so two traits.
+pub trait FleetLimiter: Send + Sync + 'static {
     /// Takes one request from `client`'s fleet-wide budget; `None` when the
     /// fleet cannot be asked (the caller falls back to a per-replica limiter).
     fn admit<'a>(
@@ -89,13 +102,6 @@ pub trait SharedTier: Send + Sync + 'static {
         client: &'a str,
         per_minute: NonZeroU32,
     ) -> TierFuture<'a, Option<Result<(), Duration>>>;
-
-    /// Whether this replica hears every invalidation right now. While it
-    /// does not, the broker keeps an answer only briefly.
-    fn in_sync(&self) -> bool;
-
-    /// Starts delivering events to `sink` until `stop`.
-    fn start(&self, sink: EventSink, stop: CancellationToken);
 }
 
 /// The broker's half of a `SharedTier::fill`.
@@ -132,6 +138,14 @@ impl SharedTier for NoSharedTier {
         Box::pin(std::future::ready(Ok(())))
     }
 
+    fn in_sync(&self) -> bool {
+        true
+    }
+
+    fn start(&self, _: EventSink, _: CancellationToken) {}
+}
+
+impl FleetLimiter for NoSharedTier {
     fn admit<'a>(
         &'a self,
         _: &'a str,
@@ -139,12 +153,12 @@ impl SharedTier for NoSharedTier {
     ) -> TierFuture<'a, Option<Result<(), Duration>>> {
         Box::pin(std::future::ready(None))
     }
+}
 
-    fn in_sync(&self) -> bool {
-        true
-    }
-
-    fn start(&self, _: EventSink, _: CancellationToken) {}
+/// What the fleet shares: the cache tier and the rate limit.
+pub struct Shared {
+    pub tier: Arc<dyn SharedTier>,
+    pub limiter: Arc<dyn FleetLimiter>,
 }
 
 /// The tier `settings` ask for. `wait` bounds how long a replica waits for
@@ -153,11 +167,17 @@ pub fn from_settings(
     settings: &CacheSettings,
     wait: Duration,
     metrics: Arc<Metrics>,
-) -> Result<Arc<dyn SharedTier>, ConfigError> {
+) -> Result<Shared, ConfigError> {
     Ok(
         match redis_tier::RedisTier::from_settings(settings, wait, metrics)? {
-            Some(tier) => Arc::new(tier),
-            None => Arc::new(NoSharedTier),
+            Some(tier) => Shared {
+                tier: Arc::new(tier.clone()),
+                limiter: Arc::new(tier),
+            },
+            None => Shared {
+                tier: Arc::new(NoSharedTier),
+                limiter: Arc::new(NoSharedTier),
+            },
         },
     )
 }

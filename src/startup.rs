@@ -90,7 +90,7 @@ impl Application {
         );
         let reloaders = partner_key.spawn_reloaders()?;
         let upstream = UpstreamClient::new(&settings.upstream, partner_key, metrics.clone())?;
-        let tier = crate::shared::from_settings(
+        let shared = crate::shared::from_settings(
             &settings.cache,
             settings.upstream.timeout,
             metrics.clone(),
@@ -99,7 +99,7 @@ impl Application {
             &settings.cache,
             Arc::new(upstream),
             metrics.clone(),
-            tier.clone(),
+            shared.tier,
         ));
         broker.listen_to_tier();
         let stop = CancellationToken::new();
@@ -109,7 +109,7 @@ impl Application {
             None => None,
         };
         let callers = Callers::new(&settings.clients, settings.auth.allow_anonymous, verifier)
-            .with_tier(tier);
+            .with_limiter(shared.limiter);
         let readiness = Readiness::default();
         let api_router = http::router(AppState::new(http::AppParts {
             broker: broker.clone(),

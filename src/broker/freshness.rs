@@ -10,7 +10,7 @@ pub const UNSYNCED_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// The settings the decision reads.
 #[derive(Debug, Clone, Copy)]
-pub struct Policy {
+pub struct Lifetimes {
     pub ttl: Duration,
     pub refresh_after: Duration,
     pub negative_ttl: Duration,
@@ -43,21 +43,21 @@ pub enum Decision {
 }
 
 /// The decision for an entry holding `held`, `age` old.
-pub fn decide(policy: &Policy, held: Held, age: Duration, asked: Asked) -> Decision {
+pub fn decide(lifetimes: &Lifetimes, held: Held, age: Duration, asked: Asked) -> Decision {
     if !asked.in_sync && age >= UNSYNCED_MAX_AGE {
         return Decision::Fetch;
     }
     if asked.revalidate {
-        return if age < policy.revalidate_interval {
+        return if age < lifetimes.revalidate_interval {
             Decision::Serve
         } else {
             Decision::Fetch
         };
     }
     match held {
-        Held::NotFound if age < policy.negative_ttl => Decision::Serve,
-        Held::Token if age < policy.refresh_after => Decision::Serve,
-        Held::Token if age < policy.ttl => Decision::ServeAndRefresh,
+        Held::NotFound if age < lifetimes.negative_ttl => Decision::Serve,
+        Held::Token if age < lifetimes.refresh_after => Decision::Serve,
+        Held::Token if age < lifetimes.ttl => Decision::ServeAndRefresh,
         _ => Decision::Fetch,
     }
 }
@@ -77,7 +77,7 @@ pub fn servable_when_failing(
 mod tests {
     use super::*;
 
-    const POLICY: Policy = Policy {
+    const LIFETIMES: Lifetimes = Lifetimes {
         ttl: Duration::from_secs(600),
         refresh_after: Duration::from_secs(480),
         negative_ttl: Duration::from_secs(30),
@@ -95,19 +95,19 @@ mod tests {
     #[test]
     fn a_token_is_served_then_refreshed_ahead_then_fetched() {
         assert_eq!(
-            decide(&POLICY, Held::Token, secs(0), PLAIN),
+            decide(&LIFETIMES, Held::Token, secs(0), PLAIN),
             Decision::Serve
         );
         assert_eq!(
-            decide(&POLICY, Held::Token, secs(479), PLAIN),
+            decide(&LIFETIMES, Held::Token, secs(479), PLAIN),
             Decision::Serve
         );
         assert_eq!(
-            decide(&POLICY, Held::Token, secs(480), PLAIN),
+            decide(&LIFETIMES, Held::Token, secs(480), PLAIN),
             Decision::ServeAndRefresh
         );
         assert_eq!(
-            decide(&POLICY, Held::Token, secs(600), PLAIN),
+            decide(&LIFETIMES, Held::Token, secs(600), PLAIN),
             Decision::Fetch
         );
     }
@@ -115,11 +115,11 @@ mod tests {
     #[test]
     fn no_such_user_is_served_within_negative_ttl_only() {
         assert_eq!(
-            decide(&POLICY, Held::NotFound, secs(29), PLAIN),
+            decide(&LIFETIMES, Held::NotFound, secs(29), PLAIN),
             Decision::Serve
         );
         assert_eq!(
-            decide(&POLICY, Held::NotFound, secs(30), PLAIN),
+            decide(&LIFETIMES, Held::NotFound, secs(30), PLAIN),
             Decision::Fetch
         );
     }
@@ -131,8 +131,8 @@ mod tests {
             in_sync: true,
         };
         for held in [Held::Token, Held::NotFound] {
-            assert_eq!(decide(&POLICY, held, secs(9), asked), Decision::Serve);
-            assert_eq!(decide(&POLICY, held, secs(10), asked), Decision::Fetch);
+            assert_eq!(decide(&LIFETIMES, held, secs(9), asked), Decision::Serve);
+            assert_eq!(decide(&LIFETIMES, held, secs(10), asked), Decision::Fetch);
         }
     }
 
@@ -143,27 +143,27 @@ mod tests {
             in_sync: false,
         };
         assert_eq!(
-            decide(&POLICY, Held::Token, Duration::from_millis(999), asked),
+            decide(&LIFETIMES, Held::Token, Duration::from_millis(999), asked),
             Decision::Serve
         );
         assert_eq!(
-            decide(&POLICY, Held::Token, secs(1), asked),
+            decide(&LIFETIMES, Held::Token, secs(1), asked),
             Decision::Fetch
         );
         assert!(servable_when_failing(
-            POLICY.ttl,
+            LIFETIMES.ttl,
             secs(3600),
             secs(700),
             true
         ));
         assert!(!servable_when_failing(
-            POLICY.ttl,
+            LIFETIMES.ttl,
             secs(3600),
             secs(700),
             false
         ));
         assert!(!servable_when_failing(
-            POLICY.ttl,
+            LIFETIMES.ttl,
             secs(3600),
             secs(4200),
             true

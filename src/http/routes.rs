@@ -1,12 +1,30 @@
 //! The API's routes: the one table the router, the metric labels and the
 //! span names read.
 
+// Each path is written once, in these macros: the constants and the span
+// names below are made from them.
+macro_rules! tokens_path {
+    () => {
+        "/v1/tokens"
+    };
+}
+macro_rules! vendor_path {
+    () => {
+        "/ext/get-user-token"
+    };
+}
+macro_rules! openapi_path {
+    () => {
+        "/openapi.json"
+    };
+}
+
 /// The native token API.
-pub const TOKENS_ROUTE: &str = "/v1/tokens";
+pub const TOKENS_ROUTE: &str = tokens_path!();
 /// The drop-in route, same as the vendor's.
-pub const VENDOR_ROUTE: &str = "/ext/get-user-token";
+pub const VENDOR_ROUTE: &str = vendor_path!();
 /// The OpenAPI document.
-pub const OPENAPI_ROUTE: &str = "/openapi.json";
+pub const OPENAPI_ROUTE: &str = openapi_path!();
 
 /// Every route, as the `route` label names it.
 pub const ROUTES: [&str; 3] = [TOKENS_ROUTE, VENDOR_ROUTE, OPENAPI_ROUTE];
@@ -14,10 +32,10 @@ pub const ROUTES: [&str; 3] = [TOKENS_ROUTE, VENDOR_ROUTE, OPENAPI_ROUTE];
 /// The methods each route answers, with the span name OpenTelemetry gives a
 /// request to it: `{method} {route}`.
 pub const SPAN_NAMES: [(&str, &str, &str); 4] = [
-    ("GET", TOKENS_ROUTE, "GET /v1/tokens"),
-    ("DELETE", TOKENS_ROUTE, "DELETE /v1/tokens"),
-    ("GET", VENDOR_ROUTE, "GET /ext/get-user-token"),
-    ("GET", OPENAPI_ROUTE, "GET /openapi.json"),
+    ("GET", TOKENS_ROUTE, concat!("GET ", tokens_path!())),
+    ("DELETE", TOKENS_ROUTE, concat!("DELETE ", tokens_path!())),
+    ("GET", VENDOR_ROUTE, concat!("GET ", vendor_path!())),
+    ("GET", OPENAPI_ROUTE, concat!("GET ", openapi_path!())),
 ];
 
 /// The methods a known route serves, as its 405's `Allow` lists them: the

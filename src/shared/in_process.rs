@@ -19,7 +19,6 @@
 //! Values are not sealed: no test here is about a hostile writer.
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
@@ -644,15 +643,6 @@ impl SharedTier for Replica {
 
     fn invalidate<'a>(&'a self, identity: &'a Identity) -> TierFuture<'a, Result<(), NotShared>> {
         Box::pin(std::future::ready(self.invalidate_shared(identity)))
-    }
-
-    fn admit<'a>(
-        &'a self,
-        _: &'a str,
-        _: NonZeroU32,
-    ) -> TierFuture<'a, Option<Result<(), Duration>>> {
-        // No fleet-wide budget here: callers fall back to a per-replica one.
-        Box::pin(std::future::ready(None))
     }
 
     fn in_sync(&self) -> bool {

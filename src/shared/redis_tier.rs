@@ -55,7 +55,7 @@ mod waiting;
 
 use super::nodes::{Commands, Nodes, Options};
 use super::sealed::{KeyName, Message, Sealed, Sealer, Stored};
-use super::{EventSink, Fill, NotShared, SharedTier, TierFuture};
+use super::{EventSink, Fill, FleetLimiter, NotShared, SharedTier, TierFuture};
 use crate::breaker::{Breaker, Change, Ticket};
 use crate::config::{CacheSettings, ConfigError, SharedRedis, read_secret_file};
 use crate::domain::Identity;
@@ -534,6 +534,20 @@ impl SharedTier for RedisTier {
         Box::pin(self.invalidate_shared(identity))
     }
 
+    fn in_sync(&self) -> bool {
+        self.0.in_sync.load(Ordering::Acquire)
+    }
+
+    fn start(&self, sink: EventSink, stop: CancellationToken) {
+        if self.0.sink.set(sink).is_err() {
+            tracing::debug!("the shared tier was started twice; the first listener stays");
+            return;
+        }
+        tokio::spawn(self.clone().subscribe(stop));
+    }
+}
+
+impl FleetLimiter for RedisTier {
     fn admit<'a>(
         &'a self,
         client: &'a str,
@@ -555,18 +569,6 @@ impl SharedTier for RedisTier {
                 Ok(micros) => Err(Duration::from_micros(micros)),
             })
         })
-    }
-
-    fn in_sync(&self) -> bool {
-        self.0.in_sync.load(Ordering::Acquire)
-    }
-
-    fn start(&self, sink: EventSink, stop: CancellationToken) {
-        if self.0.sink.set(sink).is_err() {
-            tracing::debug!("the shared tier was started twice; the first listener stays");
-            return;
-        }
-        tokio::spawn(self.clone().subscribe(stop));
     }
 }
 

@@ -13,8 +13,8 @@ use tokio::time::{Instant, timeout_at};
 use crate::breaker::{Breaker, Change, Ticket};
 use crate::config::UpstreamSettings;
 use crate::telemetry::metrics::Metrics;
+use crate::upstream::UpstreamError;
 use crate::upstream::fair::{Askers, FairSlots};
-use crate::upstream::{Fetched, UpstreamError};
 
 /// First backoff ceiling; doubles per retry up to `MAX_BACKOFF`.
 const BASE_BACKOFF: Duration = Duration::from_millis(100);
@@ -48,14 +48,12 @@ impl Resilience {
     /// deadline (`upstream.timeout` from now) would pass. Each attempt waits
     /// for a vendor slot in the turns of its askers, and is given the
     /// deadline so it can end itself (and be counted) rather than be dropped.
-    pub async fn run<F, Fut>(
-        &self,
-        askers: &Askers,
-        mut attempt: F,
-    ) -> Result<Fetched, UpstreamError>
+    /// Generic over what a successful attempt returns, so a second vendor
+    /// endpoint shares the same circuit, slots and deadline.
+    pub async fn run<T, F, Fut>(&self, askers: &Askers, mut attempt: F) -> Result<T, UpstreamError>
     where
         F: FnMut(Instant) -> Fut,
-        Fut: Future<Output = Result<Fetched, UpstreamError>>,
+        Fut: Future<Output = Result<T, UpstreamError>>,
     {
         let deadline = Instant::now() + self.budget;
         let ticket = self.circuit.admit().map_err(|refused| {
@@ -101,7 +99,7 @@ impl Resilience {
 
     /// Tells the breaker how a fetch went: only an outage counts against
     /// the vendor; our own limits say nothing about it.
-    fn record(&self, ticket: Ticket<'_>, result: &Result<Fetched, UpstreamError>) {
+    fn record<T>(&self, ticket: Ticket<'_>, result: &Result<T, UpstreamError>) {
         let change = match result {
             Err(UpstreamError::Saturated | UpstreamError::CircuitOpen { .. }) => None,
             Err(error) if error.is_outage() => ticket.failed(),
@@ -139,6 +137,7 @@ fn backoff(retries: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::Fetched;
     use std::sync::Mutex;
 
     fn caller() -> &'static Askers {
@@ -187,7 +186,7 @@ mod tests {
     /// Runs one fetch whose every attempt returns `error`; returns the attempt count.
     async fn attempts_for(r: &Resilience, error: UpstreamError) -> usize {
         let calls = AtomicUsize::new(0);
-        let result = r
+        let result: Result<Fetched, _> = r
             .run(caller(), |_| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 let error = error.clone();
@@ -231,7 +230,7 @@ mod tests {
     async fn a_retry_succeeds_after_a_transient_failure() {
         let (r, _) = resilience(2, 100);
         let calls = AtomicUsize::new(0);
-        let result = r
+        let result: Result<Fetched, _> = r
             .run(caller(), |_| {
                 let n = calls.fetch_add(1, Ordering::SeqCst);
                 async move { if n == 0 { Err(unavailable(503)) } else { ok() } }
@@ -246,7 +245,7 @@ mod tests {
         let (r, _) = resilience(1, 100);
         let started = Instant::now();
         let times = Mutex::new(Vec::new());
-        let _ = r
+        let _: Result<Fetched, _> = r
             .run(caller(), |_| {
                 times.lock().unwrap().push(started.elapsed());
                 async {
@@ -280,7 +279,7 @@ mod tests {
 
         let started = Instant::now();
         let calls = AtomicUsize::new(0);
-        let result = r
+        let result: Result<Fetched, _> = r
             .run(caller(), |_| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 std::future::pending()
@@ -318,7 +317,7 @@ mod tests {
         }
         assert_eq!(metrics.upstream_circuit_open.get(), 1);
 
-        let open = r.run(caller(), failing).await;
+        let open: Result<Fetched, _> = r.run(caller(), failing).await;
         assert!(
             matches!(open, Err(UpstreamError::CircuitOpen { retry_after }) if retry_after == Duration::from_secs(10))
         );
@@ -364,19 +363,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_probe_reopens_and_definitive_answers_count_as_success() {
         let (r, metrics) = resilience(0, 1);
-        let _ = r
+        let _: Result<Fetched, _> = r
             .run(caller(), |_| async { Err(UpstreamError::Timeout) })
             .await;
         tokio::time::advance(Duration::from_secs(10)).await;
-        let _ = r.run(caller(), |_| async { Err(unavailable(502)) }).await;
+        let _: Result<Fetched, _> = r.run(caller(), |_| async { Err(unavailable(502)) }).await;
         assert!(matches!(
             r.run(caller(), |_| async { ok() }).await,
             Err(UpstreamError::CircuitOpen { .. })
         ));
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(matches!(
-            r.run(caller(), |_| async { Err(UpstreamError::NotFound) })
-                .await,
+            r.run(caller(), |_| async {
+                Err::<Fetched, _>(UpstreamError::NotFound)
+            })
+            .await,
             Err(UpstreamError::NotFound)
         ));
         assert_eq!(
@@ -389,13 +390,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_probe_whose_caller_went_away_lets_the_next_fetch_probe() {
         let (r, _) = resilience(0, 1);
-        let _ = r
+        let _: Result<Fetched, _> = r
             .run(caller(), |_| async { Err(UpstreamError::Timeout) })
             .await;
         tokio::time::advance(Duration::from_secs(10)).await;
         let abandoned = tokio::time::timeout(
             Duration::from_millis(10),
-            r.run(caller(), |_| std::future::pending()),
+            r.run(caller(), |_| std::future::pending::<Result<Fetched, _>>()),
         )
         .await;
         assert!(abandoned.is_err());
@@ -424,7 +425,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn callers_beyond_the_bound_give_up_at_the_deadline_with_saturated() {
         let (r, _) = resilience(0, 1000);
-        let holders = join_all((0..4).map(|_| r.run(caller(), |_| std::future::pending())));
+        let holders = join_all(
+            (0..4).map(|_| r.run(caller(), |_| std::future::pending::<Result<Fetched, _>>())),
+        );
         let waiting = async {
             // Let the holders take every permit first.
             tokio::task::yield_now().await;
