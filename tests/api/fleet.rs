@@ -267,11 +267,14 @@ async fn a_delete_during_a_slow_fetch_leaves_no_old_token_in_any_cache() {
     };
     fleet.subscribed().await;
     let (a, b) = (&fleet.replicas[0], &fleet.replicas[1]);
-    fleet.sim.set_latency(Duration::from_millis(800));
+    fleet.sim.set_latency(Duration::from_secs(2));
     let query = alice();
     let in_flight = a.get_token(&query);
+    // Sent once the fetch has reached the vendor, which holds it for 2 s.
     let delete = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        while fleet.sim.calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         b.delete_token_as(Some(INVALIDATOR_KEY), &alice()).await
     };
     let (fetched, deleted) = tokio::join!(in_flight, delete);

@@ -120,9 +120,9 @@ async fn connections_beyond_the_limit_get_a_503_and_the_service_recovers() {
         .config("[server]\nmax_connections = 2\n")
         .spawn()
         .await;
+    // The listener accepts in the order connections arrive: these two first.
     let idle_a = TcpStream::connect(app.api).await.unwrap();
     let idle_b = TcpStream::connect(app.api).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
 
     let mut extra = TcpStream::connect(app.api).await.unwrap();
     extra
@@ -131,14 +131,18 @@ async fn connections_beyond_the_limit_get_a_503_and_the_service_recovers() {
         .unwrap();
     let (answer, closed) = read_to_close(&mut extra).await;
     drop((idle_a, idle_b));
-    tokio::time::sleep(Duration::from_millis(100)).await;
 
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
     assert!(answer.contains("application/problem+json"));
     assert!(answer.contains("urn:token-broker:problem:overloaded"));
     assert!(answer.to_ascii_lowercase().contains("retry-after: 1"));
     assert!(closed);
-    still_serves(&app).await;
+    // Once the server has seen the idle ones close.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while app.get_token(&member_query(ALICE, "AGENT")).await.status() != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         app.metric(r#"token_broker_connections_shed_total{listener="api"}"#)
             .await

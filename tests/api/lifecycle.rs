@@ -139,15 +139,19 @@ async fn sighup_with_an_inline_key_does_not_stop_the_service() {
         .args(["-HUP", &pid])
         .status()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(sent.success());
+    // Once the signal was handled.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !broker.output().contains("nothing to re-read") {
+        assert!(tokio::time::Instant::now() < deadline, "SIGHUP not handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let response = broker
         .get_token(&member_query(ALICE, "AGENT"), READER_KEY)
         .await;
 
-    assert!(sent.success());
     assert_eq!(response.status(), 200, "still serving after SIGHUP");
     broker.stop().await;
-    assert!(broker.output().contains("nothing to re-read"));
 }
 
 #[tokio::test]

@@ -48,6 +48,8 @@ pub struct RedisServer {
     config: Option<String>,
     args: Vec<String>,
     dir: tempfile::TempDir,
+    /// Whether it ran once: a restart keeps its port.
+    started: bool,
 }
 
 impl RedisServer {
@@ -67,6 +69,7 @@ impl RedisServer {
             config: None,
             args: args.iter().map(|a| a.to_string()).collect(),
             dir: tempfile::tempdir().unwrap(),
+            started: false,
         };
         server.run().await;
         Some(server)
@@ -83,34 +86,67 @@ impl RedisServer {
             config: Some(path.display().to_string()),
             args: vec!["--sentinel".into()],
             dir,
+            started: false,
         };
         server.run().await;
         server
     }
 
+    /// Starts the server on its port and waits until it answers as itself.
+    /// A port is picked free and then released, so another process may take
+    /// it first: then the server exits, and a first start moves to a new
+    /// port (a restart keeps its port: the brokers know it).
     async fn run(&mut self) {
-        let mut command = Command::new("redis-server");
-        match &self.config {
-            // A config file comes first; a sentinel keeps no data.
-            Some(config) => command.arg(config),
-            None => command
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(self.dir.path()),
-        };
-        let child = command
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.connection().await.is_none() {
-            assert!(Instant::now() < deadline, "redis-server did not come up");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        loop {
+            let mut command = Command::new("redis-server");
+            match &self.config {
+                // A config file comes first; a sentinel keeps no data.
+                Some(config) => command.arg(config),
+                None => command
+                    .args(["--save", "", "--appendonly", "no"])
+                    .arg("--dir")
+                    .arg(self.dir.path()),
+            };
+            let mut child = command
+                .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+                .args(&self.args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server starts");
+            let pid = child.id();
+            let up = loop {
+                assert!(Instant::now() < deadline, "redis-server did not come up");
+                if let Ok(Some(_)) = child.try_wait() {
+                    break false;
+                }
+                if self.answering_pid().await == Some(pid) {
+                    break true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            if up {
+                self.child = Some(child);
+                self.started = true;
+                return;
+            }
+            assert!(!self.started, "port {} was taken meanwhile", self.port);
+            self.port = free_port();
         }
+    }
+
+    /// The process id of whatever `redis-server` answers on this port.
+    async fn answering_pid(&self) -> Option<u32> {
+        let mut connection = self.connection().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut connection)
+            .await
+            .ok()?;
+        info.lines()
+            .find_map(|line| line.strip_prefix("process_id:"))
+            .and_then(|pid| pid.trim().parse().ok())
     }
 
     pub fn url(&self) -> String {

@@ -33,7 +33,10 @@ async fn rotate_under_load(key_file: &Path, rotate: impl FnOnce()) -> (TestApp, 
             statuses
         }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Some of the load has reached the vendor with the first key.
+    while app.sim.requests().len() < 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert!(
         app.sim
             .requests()

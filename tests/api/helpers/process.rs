@@ -117,10 +117,10 @@ impl Running {
         }
     }
 
-    /// Starts `command` on free ports it is given, and waits for `/healthz`:
-    /// for log levels that do not print the `listening` line.
+    /// Starts `command` on port 0 and waits for `/healthz`: for log levels
+    /// that do not print the `listening` line.
     pub async fn start_quiet(command: Command) -> Running {
-        let (running, stdout) = Running::start_on_free_ports(command).await;
+        let (running, stdout) = Running::start_unread(command).await;
         running.read_stdout(stdout);
         running
     }
@@ -129,34 +129,40 @@ impl Running {
     /// collector: once the pipe is full every write blocks) until
     /// `read_stdout`; stderr is captured. Waits for `/healthz`.
     pub async fn start_stalled(command: Command) -> (Running, tokio::process::ChildStdout) {
-        Running::start_on_free_ports(command).await
+        Running::start_unread(command).await
     }
 
-    /// Starts `command` on free ports, capturing stderr, and waits for
-    /// `/healthz`; stdout is handed back unread.
-    async fn start_on_free_ports(mut command: Command) -> (Running, tokio::process::ChildStdout) {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-        };
-        let (api, admin) = (free(), free());
-        command
-            .env("TOKEN_BROKER__SERVER__LISTEN", api.to_string())
-            .env("TOKEN_BROKER__SERVER__ADMIN_LISTEN", admin.to_string());
+    /// Starts `command` on port 0, capturing stderr, and waits for
+    /// `/healthz`; stdout is handed back unread. The ports are the ones the
+    /// process listens on (its two listening sockets, found in `/proc`): the
+    /// one answering `/healthz` is the admin listener.
+    async fn start_unread(mut command: Command) -> (Running, tokio::process::ChildStdout) {
         let mut child = command.spawn().expect("binary starts");
         let stdout = child.stdout.take().unwrap();
         let output = Output::default();
         output.collect(child.stderr.take().unwrap());
+        let pid = child.id().expect("just started");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let http = reqwest::Client::new();
-        while http
-            .get(format!("http://{admin}/healthz"))
-            .send()
-            .await
-            .is_err()
-        {
+        loop {
+            let ports = listening_ports(pid);
+            if let [first, second] = ports[..] {
+                for (admin, api) in [(first, second), (second, first)] {
+                    let healthz = format!("http://127.0.0.1:{admin}/healthz");
+                    if let Ok(response) = http.get(healthz).send().await
+                        && response.status() == 200
+                    {
+                        let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
+                        let running = Running {
+                            child,
+                            output,
+                            api: at(api),
+                            admin: at(admin),
+                        };
+                        return (running, stdout);
+                    }
+                }
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "broker did not start: {:?}",
@@ -164,13 +170,6 @@ impl Running {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let running = Running {
-            child,
-            output,
-            api,
-            admin,
-        };
-        (running, stdout)
     }
 
     /// `GET /v1/tokens?{query}` on this broker's API.
@@ -287,5 +286,33 @@ pub fn audit_events(output: &str) -> Vec<serde_json::Value> {
     events(output)
         .into_iter()
         .filter(|event| event["target"] == "audit")
+        .collect()
+}
+
+/// The TCP ports process `pid` listens on: its socket inodes, found among
+/// the listening sockets of its network namespace (Linux).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_str()?;
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|row| {
+            let fields: Vec<&str> = row.split_whitespace().collect();
+            // local address, state (0A: LISTEN), inode
+            let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
+            if *state != "0A" || !inodes.contains(*inode) {
+                return None;
+            }
+            u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
+        })
         .collect()
 }
