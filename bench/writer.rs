@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use token_broker::config::{Settings, Sources};
 use token_broker::startup::{Application, shutdown_signal};
-use token_broker::telemetry::log_layer;
 use token_broker::telemetry::writer::LogQueue;
+use token_broker::telemetry::{TraceMode, log_layer};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -43,7 +43,7 @@ async fn main() {
         "queued" => queue.audit_trail().done_when_queued(),
         other => panic!("unknown writer {other}"),
     };
-    let app = Application::build(&settings, trail)
+    let app = Application::build(&settings, trail, TraceMode::new(false, settings.log.format))
         .await
         .unwrap_or_else(|e| panic!("cannot start: {e}"));
     tracing::info!(api = %app.api_addr(), admin = %app.admin_addr(), writer, "listening");

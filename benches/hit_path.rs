@@ -21,9 +21,9 @@ use token_broker::callers::Callers;
 use token_broker::config::{ClientSettings, KeyDigest, LogFormat, Scope, Settings, Sources};
 use token_broker::domain::{Identity, Token};
 use token_broker::http::{AppParts, AppState, router};
-use token_broker::telemetry::log_layer;
 use token_broker::telemetry::metrics::Metrics;
 use token_broker::telemetry::writer::LogQueue;
+use token_broker::telemetry::{TraceMode, log_layer};
 use token_broker::upstream::Fetched;
 
 const KEY: &str = "bench-caller-key-0123456789abcdef0123";
@@ -86,6 +86,7 @@ fn hit_path(c: &mut Criterion) {
         ),
         callers: Callers::new(&clients, false, None),
         metrics,
+        trace_mode: TraceMode::new(false, LogFormat::Json),
     }));
     let warm = runtime.block_on(app.clone().oneshot(request())).unwrap();
     assert_eq!(warm.status(), 200);

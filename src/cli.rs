@@ -127,7 +127,7 @@ async fn run_service(
     settings: &Settings,
     on_ready: impl FnOnce(&Application),
 ) -> Result<(), Failure> {
-    let telemetry = telemetry::init(&settings.log);
+    let telemetry = telemetry::init(&settings.log, &settings.otel);
     disable_core_dumps();
     if settings.auth.allow_anonymous {
         tracing::warn!(
@@ -147,7 +147,7 @@ async fn run_service(
             "server.plaintext is on: callers' keys and tokens cross the network without TLS; only behind a mesh or on a network that encrypts"
         );
     }
-    let app = Application::build(settings, telemetry.audit_trail())
+    let app = Application::build(settings, telemetry.audit_trail(), telemetry.mode())
         .await
         .map_err(|e| match e {
             StartupError::Config(e) => Failure::Config(e),
@@ -329,7 +329,8 @@ async fn simulate_upstream(
     users: usize,
     any_user: bool,
 ) -> Result<(), Failure> {
-    let telemetry = telemetry::init(&load(None)?.log);
+    let settings = load(None)?;
+    let telemetry = telemetry::init(&settings.log, &settings.otel);
     let simulator = Simulator::demo(partner_key);
     simulator.set_latency(latency);
     simulator.set_any_user(any_user);

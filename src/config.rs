@@ -7,6 +7,7 @@ mod auth;
 mod cache;
 mod clients;
 mod log;
+mod otel;
 mod secrets;
 mod server;
 mod upstream;
@@ -25,6 +26,7 @@ pub use clients::{
     ANONYMOUS, CALLER_KEY_PREFIX, ClientSettings, KeyDigest, Scope, ServiceAccount, SpiffeId,
 };
 pub use log::{AuditSettings, LogFormat, LogLevel, LogSettings};
+pub use otel::OtelSettings;
 pub use secrets::{read_key_file, read_secret_file};
 pub use server::{ClientAuth, ServerSettings, TlsFiles};
 pub use upstream::{UpstreamSettings, is_loopback};
@@ -74,6 +76,8 @@ pub struct Sources {
     pub layers: Vec<String>,
     /// Environment variables; only `TOKEN_BROKER__…` ones are read.
     pub env: HashMap<String, String>,
+    /// The standard `OTEL_*` variables (trace export).
+    pub otel: HashMap<String, String>,
 }
 
 impl Sources {
@@ -85,6 +89,9 @@ impl Sources {
             layers: Vec::new(),
             env: std::env::vars()
                 .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+                .collect(),
+            otel: std::env::vars()
+                .filter(|(k, _)| k.starts_with("OTEL_"))
                 .collect(),
         }
     }
@@ -102,6 +109,9 @@ pub struct Settings {
     pub audit: AuditSettings,
     #[serde(default)]
     pub clients: Vec<ClientSettings>,
+    /// Trace export, from `Sources::otel` (not a configuration key).
+    #[serde(skip)]
+    pub otel: OtelSettings,
 }
 
 impl Settings {
@@ -148,7 +158,7 @@ impl Settings {
             .add_source(env)
             .build()
             .map_err(|e| ConfigError::Source(describe_source_error(&e)))?;
-        let settings: Settings = serde_path_to_error::deserialize(config).map_err(|e| {
+        let mut settings: Settings = serde_path_to_error::deserialize(config).map_err(|e| {
             let key = words::key_path(e.path());
             let message = without_quoted_text(&words::in_plain_words(&e.into_inner().to_string()));
             if key == "." || key.is_empty() {
@@ -158,6 +168,7 @@ impl Settings {
             }
         })?;
         settings.validate()?;
+        settings.otel = OtelSettings::from_vars(&sources.otel);
         Ok(settings)
     }
 

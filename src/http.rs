@@ -19,6 +19,7 @@ use crate::audit::Auditor;
 use crate::broker::Broker;
 use crate::callers::Callers;
 use crate::http::error::ApiError;
+use crate::telemetry::TraceMode;
 use crate::telemetry::metrics::Metrics;
 
 pub use routes::{OPENAPI_ROUTE, TOKENS_ROUTE, VENDOR_ROUTE};
@@ -33,6 +34,8 @@ pub struct AppParts {
     pub auditor: Auditor,
     pub callers: Callers,
     pub metrics: Arc<Metrics>,
+    /// How requests are traced (`telemetry::init` decided).
+    pub trace_mode: TraceMode,
 }
 
 impl AppState {

@@ -21,6 +21,7 @@ use crate::callers::Callers;
 use crate::callers::service_accounts::Verifier;
 use crate::config::{ConfigError, Settings};
 use crate::http::{self, AppState};
+use crate::telemetry::TraceMode;
 use crate::telemetry::metrics::{Features, Metrics};
 use crate::tls::Tls;
 use crate::upstream::UpstreamClient;
@@ -67,8 +68,13 @@ pub struct Application {
 
 impl Application {
     /// Wires the service from validated settings, its audit events
-    /// committed to `audit_trail`; reads the partner key.
-    pub async fn build(settings: &Settings, audit_trail: AuditTrail) -> Result<Self, StartupError> {
+    /// committed to `audit_trail` and its requests traced as `trace_mode`
+    /// says (`Telemetry` gives both); reads the partner key.
+    pub async fn build(
+        settings: &Settings,
+        audit_trail: AuditTrail,
+        trace_mode: TraceMode,
+    ) -> Result<Self, StartupError> {
         let tls_files = settings.server.tls();
         let metrics = Arc::new(Metrics::build(Features {
             shared_cache: settings.cache.redis_form().is_some(),
@@ -116,6 +122,7 @@ impl Application {
             auditor,
             callers,
             metrics: metrics.clone(),
+            trace_mode,
         }));
         let broker_handle = broker.clone();
         let admin_router = admin::router(AdminState {

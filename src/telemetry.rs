@@ -4,12 +4,14 @@
 //! a request carries its `request_id`, `trace_id` and `span_id` (in `spans`,
 //! as the `request` entry).
 //! Traces: `tracing` spans become OpenTelemetry spans. With
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` set they are exported over OTLP
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` set (read with the rest of the
+//! configuration, `config::OtelSettings`) they are exported over OTLP
 //! (`OTEL_EXPORTER_OTLP_PROTOCOL` = `http/protobuf`, the default, or `grpc`;
 //! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER[_ARG]`
 //! honoured). Without it nothing is recorded or exported, and a request makes
 //! no span: its `RequestContext` carries the W3C trace context, so logs and
-//! the vendor still see the caller's trace id.
+//! the vendor still see the caller's trace id. Which of the two is on is
+//! one value, `TraceMode`, handed to whatever needs it.
 
 mod escape;
 mod json;
@@ -34,7 +36,7 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::{LogFormat, LogSettings};
+use crate::config::{LogFormat, LogSettings, OtelSettings};
 use otlp::{exporting_provider, protocol_name, silent_provider};
 
 /// The target the audit trail's lines name. They do not pass through
@@ -55,7 +57,7 @@ pub const SERVICE_NAME: &str = "token-broker";
 #[must_use = "dropping Telemetry without shutdown loses buffered spans"]
 pub struct Telemetry {
     provider: SdkTracerProvider,
-    exporting: bool,
+    mode: TraceMode,
     /// Stops the log writer thread once the queue is written.
     log_writer: writer::WriterGuard,
     /// Where audit events are committed.
@@ -68,17 +70,22 @@ impl Telemetry {
         self.audit_trail.clone()
     }
 
+    /// How requests are traced.
+    pub fn mode(&self) -> TraceMode {
+        self.mode
+    }
+
     /// Flushes and stops span export (bounded by the exporter's own timeout),
     /// then writes the log lines still queued, until `deadline` at most, and
     /// says on stderr how many lines were lost.
     pub async fn shutdown(self, deadline: std::time::Instant) {
         let Telemetry {
             provider,
-            exporting,
+            mode,
             log_writer,
             ..
         } = self;
-        if exporting {
+        if mode.exporting {
             let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
             if let Ok(Err(error)) = flushed {
                 tracing::warn!(%error, "could not flush traces at shutdown");
@@ -100,20 +107,16 @@ impl Telemetry {
     }
 }
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
-/// Installs logging and tracing for the process. Call once, inside the runtime.
-pub fn init(settings: &LogSettings) -> Telemetry {
+/// Installs logging and tracing for the process, with trace export when
+/// `otel` names an endpoint. Call once, inside the runtime.
+pub fn init(settings: &LogSettings, otel: &OtelSettings) -> Telemetry {
     // W3C trace context only: a caller's `baggage` is neither read nor sent
     // on to the vendor, never `baggage`.
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let endpoint_set = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
-        || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
+    let endpoint_set = otel.endpoint_set();
     let mut setup_error = None;
     let provider = if endpoint_set {
-        exporting_provider().unwrap_or_else(|error| {
+        exporting_provider(otel).unwrap_or_else(|error| {
             setup_error = Some(error);
             silent_provider()
         })
@@ -122,12 +125,6 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     };
     let exporting = endpoint_set && setup_error.is_none();
     let tracer = provider.tracer(SERVICE_NAME);
-
-    EXPORTING.store(exporting, std::sync::atomic::Ordering::Relaxed);
-    REQUEST_SPANS.store(
-        exporting || settings.format == LogFormat::Pretty,
-        std::sync::atomic::Ordering::Relaxed,
-    );
     // A writer thread takes the lines off the request path; a full queue
     // drops lines rather than making a request wait.
     let (queue, log_writer) = writer::LogQueue::spawn(std::io::stdout(), settings.queue_bytes);
@@ -150,11 +147,11 @@ pub fn init(settings: &LogSettings) -> Telemetry {
     if let Some(error) = setup_error {
         tracing::error!(%error, "cannot set up OTLP trace export; traces are not exported");
     } else if exporting {
-        tracing::info!(protocol = %protocol_name(), "exporting traces over OTLP");
+        tracing::info!(protocol = %protocol_name(otel), "exporting traces over OTLP");
     }
     Telemetry {
         provider,
-        exporting,
+        mode: TraceMode::new(exporting, settings.format),
         log_writer,
         audit_trail: queue.audit_trail(),
     }
@@ -206,24 +203,28 @@ where
     }
 }
 
-/// Whether spans are exported (`OTEL_EXPORTER_OTLP_ENDPOINT` is set and the
-/// exporter was built). Without export no OpenTelemetry layer is installed:
-/// the W3C trace context is carried by the request's `TraceParent` alone.
-static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// True once `init` set up span export.
-pub fn exporting() -> bool {
-    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+/// How requests are traced, decided once by `init` and passed on as a
+/// value (to the API service, which puts it in each `RequestContext`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TraceMode {
+    /// Spans are exported over OTLP: an OpenTelemetry layer is installed,
+    /// and it carries the W3C trace context. Without it, no OpenTelemetry
+    /// layer: the request's `TraceParent` carries the context.
+    pub exporting: bool,
+    /// A request makes a `tracing` span: when spans are exported, and for
+    /// the pretty log format, which shows a request's fields from its span.
+    /// JSON logs without export take them from the `RequestContext` instead.
+    pub request_spans: bool,
 }
 
-/// Whether a request makes a `tracing` span: when spans are exported, and
-/// for the pretty log format, which shows a request's fields from its span.
-/// JSON logs without export take them from the `RequestContext` instead.
-static REQUEST_SPANS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// True when a request makes a `tracing` span (see `REQUEST_SPANS`).
-pub fn request_spans() -> bool {
-    REQUEST_SPANS.load(std::sync::atomic::Ordering::Relaxed)
+impl TraceMode {
+    /// The mode for `format` with export on or off.
+    pub fn new(exporting: bool, format: LogFormat) -> Self {
+        Self {
+            exporting,
+            request_spans: exporting || format == LogFormat::Pretty,
+        }
+    }
 }
 
 #[cfg(test)]

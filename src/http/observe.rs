@@ -235,12 +235,13 @@ where
         let id = request_id(request.headers());
         let route = routes::label(request.uri().path());
         let name = span_name(request.method(), route);
-        let exporting = telemetry::exporting();
+        let mode = self.state.trace_mode;
         // Continue the caller's trace (W3C traceparent/tracestate), if any:
         // by OpenTelemetry when exporting, else by the request's context.
-        let trace = (!exporting).then(|| telemetry::TraceParent::from_headers(request.headers()));
-        let context = RequestContext::new(name, route, id.clone(), trace);
-        let span = if telemetry::request_spans() {
+        let trace =
+            (!mode.exporting).then(|| telemetry::TraceParent::from_headers(request.headers()));
+        let context = RequestContext::new(name, route, id.clone(), trace, mode);
+        let span = if mode.request_spans {
             context.span(request.headers(), method_name(request.method()))
         } else {
             tracing::Span::none()
@@ -275,7 +276,7 @@ where
                 route,
                 started,
                 &mut response,
-                exporting,
+                mode.exporting,
             )
             .await;
             response.headers_mut().insert(X_REQUEST_ID, id);
@@ -431,6 +432,7 @@ mod tests {
             ),
             callers: Callers::new(&[], false, None),
             metrics,
+            trace_mode: crate::telemetry::TraceMode::default(),
         })
     }
 

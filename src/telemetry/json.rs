@@ -330,6 +330,7 @@ pub(super) mod tests {
             "/v1/tokens",
             axum::http::HeaderValue::from_static("r-1"),
             Some(trace),
+            crate::telemetry::TraceMode::default(),
         );
         request
             .scope(async {

@@ -5,12 +5,14 @@ use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, span_processor_with_async_runtime};
 
-use super::{SERVICE_NAME, env};
+use super::SERVICE_NAME;
+use crate::config::OtelSettings;
 
-pub(super) fn protocol_name() -> String {
-    env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .unwrap_or_else(|| "http/protobuf".into())
+pub(super) fn protocol_name(otel: &OtelSettings) -> String {
+    otel.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .or_else(|| otel.get("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or("http/protobuf")
+        .to_owned()
 }
 
 /// Records nothing: spans carry trace context for logs and propagation only.
@@ -21,9 +23,12 @@ pub(super) fn silent_provider() -> SdkTracerProvider {
 }
 
 /// Exports over OTLP with the protocol, endpoint, sampler and resource the
-/// standard `OTEL_*` variables give.
-pub(super) fn exporting_provider() -> Result<SdkTracerProvider, String> {
-    let exporter = match protocol_name().as_str() {
+/// standard `OTEL_*` variables give. This service decides from `otel`
+/// whether to export, with which protocol and under which name; the
+/// OpenTelemetry builders read the variables they own (endpoint, headers,
+/// sampler, resource attributes) from the process environment themselves.
+pub(super) fn exporting_provider(otel: &OtelSettings) -> Result<SdkTracerProvider, String> {
+    let exporter = match protocol_name(otel).as_str() {
         "grpc" => SpanExporter::builder().with_tonic().build(),
         "http/protobuf" => SpanExporter::builder()
             .with_http()
@@ -42,8 +47,10 @@ pub(super) fn exporting_provider() -> Result<SdkTracerProvider, String> {
     )
     .build();
     let mut resource = Resource::builder();
-    let named = env("OTEL_SERVICE_NAME").is_some()
-        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
+    let named = otel.get("OTEL_SERVICE_NAME").is_some()
+        || otel
+            .get("OTEL_RESOURCE_ATTRIBUTES")
+            .is_some_and(|a| a.contains("service.name="));
     if !named {
         resource = resource.with_service_name(SERVICE_NAME);
     }

@@ -4,8 +4,8 @@
 
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::TraceMode;
 use super::trace_context::{TraceParent, record_trace_ids};
-use super::{exporting, request_spans};
 use crate::domain::Proof;
 
 tokio::task_local! {
@@ -30,6 +30,8 @@ pub struct RequestContext {
     client: std::cell::OnceCell<std::sync::Arc<str>>,
     /// How the caller proved who it is.
     proof: std::cell::OnceCell<Proof>,
+    /// Whether the request makes a span and its spans are exported.
+    mode: TraceMode,
 }
 
 impl RequestContext {
@@ -38,6 +40,7 @@ impl RequestContext {
         route: &'static str,
         request_id: axum::http::HeaderValue,
         trace: Option<TraceParent>,
+        mode: TraceMode,
     ) -> Self {
         Self {
             name,
@@ -46,6 +49,7 @@ impl RequestContext {
             trace,
             client: std::cell::OnceCell::new(),
             proof: std::cell::OnceCell::new(),
+            mode,
         }
     }
 
@@ -96,7 +100,7 @@ impl RequestContext {
         let _ = REQUEST.try_with(|r| {
             let _ = r.client.set(client.clone());
             let _ = r.proof.set(proof.clone());
-            if request_spans() {
+            if r.mode.request_spans {
                 tracing::Span::current().record("client", &**client);
             }
         });
@@ -113,10 +117,10 @@ impl RequestContext {
     /// Calls `write` with the current request, when the log lines take its
     /// fields from here rather than from a span (`request_spans`).
     pub(crate) fn for_log_lines<R>(write: impl FnOnce(&Self) -> R) -> Option<R> {
-        if request_spans() {
-            return None;
-        }
-        REQUEST.try_with(write).ok()
+        REQUEST
+            .try_with(|request| (!request.mode.request_spans).then(|| write(request)))
+            .ok()
+            .flatten()
     }
 
     /// The request's `tracing` span, for when requests make one
@@ -138,7 +142,7 @@ impl RequestContext {
             trace_id,
             span_id,
         );
-        if exporting() {
+        if self.mode.exporting {
             let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
                 propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
             });
@@ -175,23 +179,27 @@ impl RequestContext {
 }
 
 /// Adds `traceparent` (and `tracestate`) for an outgoing request: from the
-/// current span when exporting, else from the request's `TraceParent` with a
-/// new span id for the call. Never `baggage`.
+/// request's `TraceParent` with a new span id for the call, or (when spans
+/// are exported, and for a background refresh) from the current span, if it
+/// has an OpenTelemetry context. Never `baggage`.
 pub fn inject_current(headers: &mut reqwest::header::HeaderMap) {
-    if exporting() {
-        opentelemetry::global::get_text_map_propagator(|propagator| {
-            propagator.inject_context(
-                &tracing::Span::current().context(),
-                &mut opentelemetry_http::HeaderInjector(headers),
-            );
-        });
+    let own = REQUEST.try_with(|request| match &request.trace {
+        Some(parent) => {
+            parent.inject_child(headers);
+            true
+        }
+        None => false,
+    });
+    if own == Ok(true) {
         return;
     }
-    let _ = REQUEST.try_with(|request| {
-        if let Some(parent) = &request.trace {
-            parent.inject_child(headers);
-        }
-    });
+    use opentelemetry::trace::TraceContextExt;
+    let context = tracing::Span::current().context();
+    if context.span().span_context().is_valid() {
+        opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.inject_context(&context, &mut opentelemetry_http::HeaderInjector(headers));
+        });
+    }
 }
 
 #[cfg(test)]
@@ -231,6 +239,7 @@ mod tests {
             "/v1/tokens",
             HeaderValue::from_static("r-1"),
             Some(parent),
+            TraceMode::default(),
         );
         request.scope(async { inject_current(&mut out) }).await;
         let sent = out["traceparent"].to_str().unwrap();

@@ -4,8 +4,6 @@
 use opentelemetry::trace::TraceContextExt;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::exporting;
-
 /// A W3C trace context (`traceparent`, and `tracestate` passed through), as
 /// carried without OpenTelemetry: the caller's trace id, or a new one.
 #[derive(Debug, Clone)]
@@ -132,9 +130,7 @@ impl TraceParent {
 /// fields, so every log event inside it carries them (when exporting; else
 /// the log lines have them from the request's `TraceParent`).
 pub fn record_trace_ids(span: &tracing::Span) {
-    if !exporting() {
-        return;
-    }
+    // Without export no OpenTelemetry layer is installed, and the context is empty.
     let context = span.context();
     let span_ref = context.span();
     let ids = span_ref.span_context();

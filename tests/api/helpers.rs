@@ -13,6 +13,7 @@ use token_broker::config::{Settings, Sources};
 use token_broker::domain::UserType;
 use token_broker::simulator::Simulator;
 use token_broker::startup::Application;
+use token_broker::telemetry::TraceMode;
 use token_broker::telemetry::writer::LogQueue;
 use tokio::sync::oneshot;
 
@@ -75,6 +76,8 @@ pub struct TestAppBuilder {
     partner_key_file: Option<std::path::PathBuf>,
     /// Whether the callers of `clients_toml` are configured.
     default_clients: bool,
+    /// Whether requests are traced as with OTLP export on.
+    exporting: bool,
 }
 
 impl TestAppBuilder {
@@ -87,6 +90,13 @@ impl TestAppBuilder {
     /// Read the partner key from this file (and watch it) instead of inline.
     pub fn partner_key_file(mut self, path: &std::path::Path) -> Self {
         self.partner_key_file = Some(path.to_owned());
+        self
+    }
+
+    /// Traces requests as the binary does with OTLP export on: the test
+    /// installs the OpenTelemetry layer (`traces::Exported` does).
+    pub fn exporting(mut self) -> Self {
+        self.exporting = true;
         self
     }
 
@@ -137,7 +147,8 @@ impl TestAppBuilder {
         // them to stdout; the writer thread ends with the test process.
         let audit = Captured::default();
         let (queue, _writer) = LogQueue::spawn(audit.clone(), settings.log.queue_bytes);
-        let app = Application::build(&settings, queue.audit_trail())
+        let mode = TraceMode::new(self.exporting, settings.log.format);
+        let app = Application::build(&settings, queue.audit_trail(), mode)
             .await
             .expect("application builds");
         let api = app.api_addr();
@@ -191,6 +202,7 @@ impl TestApp {
             upstream: None,
             partner_key_file: None,
             default_clients: true,
+            exporting: false,
         }
     }
 

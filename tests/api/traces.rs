@@ -367,3 +367,68 @@ async fn sampler_and_resource_attributes_come_from_the_standard_variables() {
     );
     assert_eq!(sim.calls(), 2, "each run fetched the token itself");
 }
+
+/// Spans an in-process app exported, kept in memory.
+#[derive(Clone, Debug, Default)]
+struct Exported(Arc<Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+impl opentelemetry_sdk::trace::SpanExporter for Exported {
+    fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+        self.0.lock().unwrap().extend(batch);
+        std::future::ready(Ok(()))
+    }
+}
+
+// On the current-thread runtime: the app's tasks run on this thread, under
+// the OpenTelemetry layer this test installs for it.
+#[tokio::test]
+async fn an_in_process_app_with_export_on_continues_the_callers_trace_to_the_vendor() {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let exported = Exported::default();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_simple_exporter(exported.clone())
+        .build();
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
+    let _traced = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    let app = TestApp::builder().exporting().spawn().await;
+
+    let response = app
+        .http
+        .get(app.url(&format!("/v1/tokens?{}", member_query(ALICE, "AGENT"))))
+        .bearer_auth(READER_KEY)
+        .header("traceparent", format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let spans = exported.0.lock().unwrap().clone();
+    let server = spans
+        .iter()
+        .find(|s| s.name == "GET /v1/tokens")
+        .unwrap_or_else(|| panic!("no server span among {spans:?}"));
+    let context = &server.span_context;
+    assert_eq!(context.trace_id().to_string(), CALLER_TRACE);
+    assert_eq!(server.parent_span_id.to_string(), CALLER_SPAN);
+    let lookup = spans
+        .iter()
+        .find(|s| s.name == "cache.lookup")
+        .expect("a miss makes a cache.lookup span");
+    assert_eq!(lookup.span_context.trace_id(), context.trace_id());
+    let sent = app.sim.requests()[0].headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        sent.starts_with(&format!("00-{CALLER_TRACE}-")),
+        "the vendor sees the caller's trace: {sent}"
+    );
+}
