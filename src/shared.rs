@@ -33,6 +33,7 @@ pub mod history;
 pub mod in_process;
 
 pub mod nodes;
+mod protocol;
 pub mod redis_tier;
 pub mod sealed;
 

@@ -31,7 +31,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::fleet_view::{FleetView, Seen};
-use super::{Event, EventSink, Fill, NotShared, SharedTier, Stored, TierFuture};
+use super::protocol::{self, Claim, HeldLock, LockedStore, Waiting};
+use super::{Event, EventSink, Fill, NotShared, Publish, SharedTier, Stored, TierFuture};
 use crate::domain::Identity;
 use crate::remembered::{Lowest, Remembered};
 
@@ -331,7 +332,7 @@ impl Replica {
     }
 
     /// Takes the fetch lock of `identity` if it is free.
-    fn claim(&self, identity: &Identity) -> Claimed {
+    fn claim_lock(&self, identity: &Identity) -> Claim<FetchLock> {
         let lowest = self.0.invalidated.get(identity);
         let epoch = self.0.view.epoch();
         let now = Instant::now();
@@ -365,7 +366,7 @@ impl Replica {
         }
         let current = value.and_then(|value| self.accept(value, generation, lowest));
         match taken {
-            Some(owner) => Claimed::Ours {
+            Some(owner) => Claim::Ours {
                 current,
                 lock: FetchLock {
                     replica: self.clone(),
@@ -376,59 +377,7 @@ impl Replica {
                     released: false,
                 },
             },
-            None => Claimed::Theirs(current),
-        }
-    }
-
-    /// Waits for a "filled" message or `FALLBACK_POLL`, until `deadline`;
-    /// `false` once the deadline passed.
-    async fn wait_for_release(&self, deadline: Instant) -> bool {
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        tokio::select! {
-            () = self.0.filled.notified() => {}
-            () = tokio::time::sleep(FALLBACK_POLL.min(deadline - now)) => {}
-        }
-        true
-    }
-
-    async fn fill_shared(&self, identity: &Identity, fill: &dyn Fill) {
-        if !self.in_sync() {
-            fill.fetch().await;
-            return;
-        }
-        if let Some(stored) = self.get(identity)
-            && fill.accept(stored).await
-        {
-            return;
-        }
-        let deadline = Instant::now() + self.0.wait;
-        let (current, lock) = loop {
-            match self.claim(identity) {
-                Claimed::Ours { current, lock } => break (current, lock),
-                Claimed::Theirs(seen) => {
-                    if let Some(stored) = seen
-                        && fill.accept(stored).await
-                    {
-                        return;
-                    }
-                    if !self.wait_for_release(deadline).await {
-                        // The holder outran the wait: ask alone.
-                        fill.fetch().await;
-                        return;
-                    }
-                }
-            }
-        };
-        if let Some(stored) = current
-            && fill.accept(stored).await
-        {
-            return;
-        }
-        if let Some(publish) = fill.fetch().await {
-            lock.publish(publish.value, publish.ttl);
+            None => Claim::Theirs(current),
         }
     }
 
@@ -561,16 +510,49 @@ impl Replica {
     }
 }
 
-enum Claimed {
-    Ours {
-        current: Option<Stored>,
-        lock: FetchLock,
-    },
-    Theirs(Option<Stored>),
+impl LockedStore for Replica {
+    type Waiting = Wait;
+
+    async fn look(&self, identity: &Identity) -> Option<Stored> {
+        self.get(identity)
+    }
+
+    async fn claim(&self, identity: &Identity) -> (Option<Claim<FetchLock>>, Wait) {
+        let wait = Wait {
+            replica: self.clone(),
+            identity: identity.clone(),
+            deadline: Instant::now() + self.0.wait,
+        };
+        (Some(self.claim_lock(identity)), wait)
+    }
+}
+
+/// A wait for another replica's fetch: woken by a "filled" message, else
+/// looking again every `FALLBACK_POLL`, until the replica's wait is over.
+pub(super) struct Wait {
+    replica: Replica,
+    identity: Identity,
+    deadline: Instant,
+}
+
+impl Waiting for Wait {
+    type Lock = FetchLock;
+
+    async fn next(&mut self) -> Option<Claim<FetchLock>> {
+        let now = Instant::now();
+        if now >= self.deadline {
+            return None;
+        }
+        tokio::select! {
+            () = self.replica.0.filled.notified() => {}
+            () = tokio::time::sleep(FALLBACK_POLL.min(self.deadline - now)) => {}
+        }
+        Some(self.replica.claim_lock(&self.identity))
+    }
 }
 
 /// A held fetch lock; released when published or dropped.
-struct FetchLock {
+pub(super) struct FetchLock {
     replica: Replica,
     identity: Identity,
     owner: u64,
@@ -579,10 +561,10 @@ struct FetchLock {
     released: bool,
 }
 
-impl FetchLock {
+impl HeldLock for FetchLock {
     /// Stores `value` (or removes the entry) unless the generation moved
     /// on since the lock was taken, and releases the lock.
-    fn publish(mut self, value: Option<Stored>, ttl: Duration) {
+    async fn publish(mut self, Publish { value, ttl }: Publish) {
         if self.replica.dead() {
             return;
         }
@@ -613,7 +595,9 @@ impl FetchLock {
         }
         fleet.publish(Message::Filled, None);
     }
+}
 
+impl FetchLock {
     fn unlock(store: &mut Store, identity: &Identity, owner: u64) {
         if store
             .locks
@@ -638,7 +622,7 @@ impl Drop for FetchLock {
 
 impl SharedTier for Replica {
     fn fill<'a>(&'a self, identity: &'a Identity, fill: &'a dyn Fill) -> TierFuture<'a, ()> {
-        Box::pin(self.fill_shared(identity, fill))
+        Box::pin(protocol::fill(self, identity, fill))
     }
 
     fn invalidate<'a>(&'a self, identity: &'a Identity) -> TierFuture<'a, Result<(), NotShared>> {

@@ -54,8 +54,9 @@ mod subscription;
 mod waiting;
 
 use super::nodes::{Commands, Nodes, Options};
+use super::protocol::{self, Claim, HeldLock, LockedStore};
 use super::sealed::{KeyName, Message, Sealed, Sealer, Stored};
-use super::{EventSink, Fill, FleetLimiter, NotShared, SharedTier, TierFuture};
+use super::{EventSink, Fill, FleetLimiter, NotShared, Publish, SharedTier, TierFuture};
 use crate::breaker::{Breaker, Change, Ticket};
 use crate::config::{CacheSettings, ConfigError, SharedRedis, read_secret_file};
 use crate::domain::Identity;
@@ -199,7 +200,7 @@ impl RedisTier {
 
     /// Takes the fetch lock of `identity` if it is free. `None`: Redis
     /// cannot be asked.
-    async fn claim(&self, identity: &Identity, name: &KeyName) -> Option<Claimed> {
+    async fn claim_lock(&self, identity: &Identity, name: &KeyName) -> Option<Claim<FetchLock>> {
         let owner = format!("{:032x}", rand::random::<u128>());
         let lowest = self.0.invalidated.get(identity);
         let epoch = self.0.fleet.view.epoch();
@@ -225,7 +226,7 @@ impl RedisTier {
         let generation = believable(&generation)?;
         let current = self.accept(identity, &value, generation, lowest);
         Some(if acquired == 1 {
-            Claimed::Ours(Permit {
+            Claim::Ours {
                 current,
                 lock: FetchLock {
                     tier: self.clone(),
@@ -235,9 +236,9 @@ impl RedisTier {
                     sealed: Sealed { epoch, generation },
                     released: false,
                 },
-            })
+            }
         } else {
-            Claimed::Theirs(current)
+            Claim::Theirs(current)
         })
     }
 
@@ -459,75 +460,23 @@ struct Moved {
     replicas: u32,
 }
 
-/// What `claim` found, with what Redis held for the identity.
-enum Claimed {
-    /// The lock was free and is now this replica's.
-    Ours(Permit),
-    /// Another replica holds it.
-    Theirs(Option<Stored>),
-}
+impl LockedStore for RedisTier {
+    type Waiting = Waiter;
 
-/// The right to fetch one identity and share the answer.
-struct Permit {
-    /// What Redis held when the lock was taken.
-    current: Option<Stored>,
-    lock: FetchLock,
-}
+    async fn look(&self, identity: &Identity) -> Option<Stored> {
+        self.get(identity).await
+    }
 
-impl RedisTier {
-    /// `SharedTier::fill` on Redis: a value the fleet holds, else the fetch
-    /// lock, else a wait for the lock's holder.
-    async fn fill_shared(&self, identity: &Identity, fill: &dyn Fill) {
-        if !self.in_sync() {
-            // Invalidations may be missed meanwhile: neither read nor share.
-            fill.fetch().await;
-            return;
-        }
-        if let Some(stored) = self.get(identity).await
-            && fill.accept(stored).await
-        {
-            return;
-        }
+    async fn claim(&self, identity: &Identity) -> (Option<Claim<FetchLock>>, Waiter) {
         let name = self.0.sealer.name(identity);
-        // Registered before the claim, so a release right after it is not missed.
-        let mut waiter = Waiter::register(self, identity, &name, Instant::now() + self.0.wait);
-        let mut claimed = self.claim(identity, &name).await;
-        let permit = loop {
-            match claimed {
-                // Redis cannot be asked, or the holder outran the wait: ask alone.
-                None => break None,
-                Some(Claimed::Ours(permit)) => break Some(permit),
-                Some(Claimed::Theirs(seen)) => {
-                    if let Some(stored) = seen
-                        && fill.accept(stored).await
-                    {
-                        return;
-                    }
-                    claimed = waiter.next().await;
-                }
-            }
-        };
-        drop(waiter);
-        let Some(Permit { current, lock }) = permit else {
-            fill.fetch().await;
-            return;
-        };
-        // Stored by another replica between the look and the lock; dropping
-        // the lock releases it.
-        if let Some(stored) = current
-            && fill.accept(stored).await
-        {
-            return;
-        }
-        if let Some(publish) = fill.fetch().await {
-            lock.publish(publish.value.as_ref(), publish.ttl).await;
-        }
+        let waiter = Waiter::register(self, identity, &name, Instant::now() + self.0.wait);
+        (self.claim_lock(identity, &name).await, waiter)
     }
 }
 
 impl SharedTier for RedisTier {
     fn fill<'a>(&'a self, identity: &'a Identity, fill: &'a dyn Fill) -> TierFuture<'a, ()> {
-        Box::pin(self.fill_shared(identity, fill))
+        Box::pin(protocol::fill(self, identity, fill))
     }
 
     fn invalidate<'a>(&'a self, identity: &'a Identity) -> TierFuture<'a, Result<(), NotShared>> {
@@ -574,7 +523,7 @@ impl FleetLimiter for RedisTier {
 
 /// A held fetch lock: `publish` stores the answer and releases it; dropped
 /// unpublished, it is released all the same.
-struct FetchLock {
+pub(super) struct FetchLock {
     tier: RedisTier,
     identity: Identity,
     name: KeyName,
@@ -584,10 +533,11 @@ struct FetchLock {
     released: bool,
 }
 
-impl FetchLock {
-    async fn publish(mut self, value: Option<&Stored>, ttl: Duration) {
+impl HeldLock for FetchLock {
+    async fn publish(mut self, Publish { value, ttl }: Publish) {
         self.released = true;
-        let sealed = value.map(|v| self.tier.0.sealer.seal(&self.identity, self.sealed, v));
+        let sealer = &self.tier.0.sealer;
+        let sealed = value.map(|v| sealer.seal(&self.identity, self.sealed, &v));
         let mut invocation = self.tier.0.store.prepare_invoke();
         invocation
             .key(entry_key(&self.name))

@@ -124,6 +124,16 @@ impl Replicas {
         self.brokers.len() - 1
     }
 
+    /// A lookup of `identity` on `replica`, left to run.
+    pub(super) fn read_in_background(
+        &self,
+        replica: usize,
+        identity: &Identity,
+    ) -> tokio::task::JoinHandle<Result<Issued, BrokerError>> {
+        let (broker, identity) = (self.brokers[replica].clone(), identity.clone());
+        tokio::spawn(async move { broker.lookup(&identity, &caller()).await })
+    }
+
     /// The version `replica` serves for `identity`.
     pub(super) async fn read(&self, replica: usize, identity: &Identity) -> u64 {
         let issued = self.brokers[replica].lookup(identity, &caller()).await;
@@ -169,11 +179,7 @@ async fn an_invalidation_while_a_fetch_is_in_flight_keeps_its_answer_out_of_ever
     let fleet = replicas(2, Duration::from_secs(1));
     settled().await;
     let id = customer();
-    let broker = fleet.brokers[0].clone();
-    let first = tokio::spawn({
-        let id = id.clone();
-        async move { broker.lookup(&id, &caller()).await }
-    });
+    let first = fleet.read_in_background(0, &id);
     // The fetch has begun (with v1) and has half a second to go.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(fleet.vendor.calls(), 1);
@@ -229,11 +235,7 @@ async fn a_dead_lock_holder_costs_a_wait_of_the_upstream_timeout_then_a_fetch() 
     let fleet = replicas(2, Duration::from_secs(60));
     settled().await;
     let id = customer();
-    let broker = fleet.brokers[0].clone();
-    let hung = tokio::spawn({
-        let id = id.clone();
-        async move { broker.lookup(&id, &caller()).await }
-    });
+    let hung = fleet.read_in_background(0, &id);
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Replica 0 holds the lock, and dies with it.
     fleet.tiers[0].die();

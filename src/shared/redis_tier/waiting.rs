@@ -9,8 +9,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::super::protocol::{Claim, Waiting};
 use super::super::sealed::KeyName;
-use super::{Claimed, RedisTier};
+use super::{FetchLock, RedisTier};
 use crate::domain::Identity;
 
 /// How often a waiter looks at Redis when no "filled" message came: a lock
@@ -53,7 +54,7 @@ impl Waiters {
 
 /// Waiting for another replica's fetch of one identity: woken when its lock
 /// is released, else looking again every `FALLBACK_POLL`, until `upstream.timeout`.
-pub(super) struct Waiter {
+pub(in crate::shared) struct Waiter {
     tier: RedisTier,
     identity: Identity,
     name: KeyName,
@@ -81,12 +82,16 @@ impl Waiter {
             deadline,
         }
     }
+}
+
+impl Waiting for Waiter {
+    type Lock = FetchLock;
 
     /// The next thing worth looking at: the lock, now free and this
     /// replica's, or a value Redis holds now (possibly too old for the
     /// caller: wait again). `None` once `upstream.timeout` has passed or
     /// Redis cannot be asked (the caller then asks the vendor alone).
-    pub(super) async fn next(&mut self) -> Option<Claimed> {
+    async fn next(&mut self) -> Option<Claim<FetchLock>> {
         let slot = self.slot.clone()?;
         loop {
             let now = Instant::now();
@@ -102,8 +107,8 @@ impl Waiter {
                 }
             }
             self.seen = slot.releases.load(Ordering::Acquire);
-            match self.tier.claim(&self.identity, &self.name).await? {
-                Claimed::Theirs(None) => continue,
+            match self.tier.claim_lock(&self.identity, &self.name).await? {
+                Claim::Theirs(None) => continue,
                 claimed => return Some(claimed),
             }
         }
