@@ -52,6 +52,15 @@ impl World {
         self.replicas.lock().unwrap().brokers[index].clone()
     }
 
+    /// `replica`'s process is replaced by a new one, which knows nothing.
+    fn replace(&self, replica: usize) {
+        let mut replicas = self.replicas.lock().unwrap();
+        replicas.tiers[replica].die();
+        let new = replicas.add();
+        replicas.tiers.swap(replica, new);
+        replicas.brokers.swap(replica, new);
+    }
+
     fn record(&self, broker: usize, key: usize, start: Instant, kind: Kind) {
         self.history.lock().unwrap().push(Op {
             broker,
@@ -137,18 +146,16 @@ async fn nemesis(world: &World, seed: u64, end: Instant) {
             }
             3 => match snapshot.take() {
                 None => snapshot = Some(fleet.snapshot()),
-                Some(older) => fleet.restore(&older),
+                Some(older) => {
+                    fleet.restore(&older);
+                    // Often with a new process that saw none of what was undone.
+                    if rng.random_bool(0.5) {
+                        world.replace(rng.random_range(0..REPLICAS));
+                    }
+                }
             },
             4 => fleet.lose(),
-            _ => {
-                // A replica's process is replaced by a new one.
-                let replica = rng.random_range(0..REPLICAS);
-                let mut replicas = world.replicas.lock().unwrap();
-                replicas.tiers[replica].die();
-                let new = replicas.add();
-                replicas.tiers.swap(replica, new);
-                replicas.brokers.swap(replica, new);
-            }
+            _ => world.replace(rng.random_range(0..REPLICAS)),
         }
     }
 }
