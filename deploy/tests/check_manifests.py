@@ -381,7 +381,7 @@ def check_dev(objects):
           "dev brokers ask the simulator, over http allowed in dev only")
     digest = hashlib.sha256(DEV_CALLER_KEY.encode()).hexdigest()
     check(any(c["key_sha256"] == digest for c in config.get("clients", [])),
-          "the dev caller key the README shows is configured")
+          "the dev caller key the quickstart shows is configured")
     secrets = {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"}
     check({"token-broker-partner-key", "token-broker-cache"} <= secrets, "dev generates its placeholder Secrets")
     egress = {(p["port"]) for o in objects if o["kind"] == "NetworkPolicy"
@@ -405,7 +405,7 @@ def render_variant():
     """The production overlay as another cluster would set it: another issuer
     and API server, no trace export, a managed Redis outside the cluster
     without a password, another monitoring namespace and release label. Made
-    as the README says: cluster.env and the components list, nothing else."""
+    as docs/DEPLOYING.md says: cluster.env and the components list, nothing else."""
     production = KUSTOMIZE / "overlays" / "production"
     with tempfile.TemporaryDirectory() as tmp:
         variant = Path(tmp) / "variant"

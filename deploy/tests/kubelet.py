@@ -20,7 +20,7 @@ node would run and runs it:
 
 Each process must stay up, listen on its declared containerPorts and answer
 its readiness probe. The dev overlay runs whole (two brokers, the Redis pod,
-the simulator) and must include its Namespace; the README's curl then goes
+the simulator) and must include its Namespace; the quickstart's curl (docs/DEPLOYING.md) then goes
 through the token-broker Service and must get a token. The production
 overlay's broker runs against a Redis and an API server that are not here,
 which it must tolerate; its API port must speak HTTPS with the Certificate's
@@ -52,7 +52,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 KUSTOMIZE = ROOT / "deploy" / "kubernetes"
 FAILURES = []
-# The README's dev caller key and the identity its curl asks for.
+# The quickstart's dev caller key (docs/DEPLOYING.md) and the identity its curl asks for.
 DEV_CALLER_KEY = "dev-caller-key-not-secret-0123456789abcdef"
 DEV_QUERY = "/v1/tokens?email=alice%40example.com&type=AGENT"
 
@@ -472,7 +472,7 @@ def run_overlay(overlay, binary, whole):
 
 
 def curl_through_the_service(cluster):
-    """The README's curl, through the token-broker Service, gets a token."""
+    """The quickstart's curl, through the token-broker Service, gets a token."""
     port = next((f.port for name, number, f in cluster.forwarders
                  if name == "token-broker" and number == 8080), None)
     if not check(port, "the token-broker Service has port 8080"):
@@ -484,11 +484,11 @@ def curl_through_the_service(cluster):
         try:
             with urllib.request.urlopen(request, timeout=5) as answer:
                 body = json.loads(answer.read())
-                check(answer.status == 200 and body.get("token"), f"the README's curl gets a token: {body}")
+                check(answer.status == 200 and body.get("token"), f"the quickstart's curl (docs/DEPLOYING.md) gets a token: {body}")
                 return
         except OSError as error:
             if time.monotonic() > deadline:
-                check(False, f"the README's curl through the token-broker Service: {error}")
+                check(False, f"the quickstart's curl (docs/DEPLOYING.md) through the token-broker Service: {error}")
                 return
             time.sleep(0.5)
 

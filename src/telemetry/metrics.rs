@@ -1,4 +1,4 @@
-//! The Prometheus metrics the service promises (README, "Metrics"), in one
+//! The Prometheus metrics the service promises (docs/OPERATIONS.md, "Metrics"), in one
 //! registry owned by the application (no global recorder), encoded on
 //! `/metrics`.
 //!
