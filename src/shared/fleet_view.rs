@@ -20,6 +20,8 @@ use tokio::time::Instant;
 pub struct FleetView {
     epoch: AtomicU64,
     sequence: AtomicU64,
+    /// The newest sequence read from the store, with the tip that named it.
+    tip: Mutex<Option<Tip>>,
     /// Which invalidations this subscription heard, by sequence number.
     continuity: Mutex<Continuity>,
 }
@@ -32,6 +34,25 @@ pub struct FleetView {
 pub struct Known {
     epoch: u64,
     sequence: u64,
+    tip: Option<Tip>,
+}
+
+/// Which advance made a sequence number: every advance names itself with a
+/// fresh random tip, so the same number reached again by another history
+/// (a restore undid an advance, and a new one took its number) shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tip {
+    epoch: u64,
+    sequence: u64,
+    tip: u64,
+}
+
+/// What one read of the store's counters showed (`None` where not believable).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counters {
+    pub epoch: Option<u64>,
+    pub sequence: Option<u64>,
+    pub tip: Option<u64>,
 }
 
 /// Whether the subscription heard every invalidation: every `DELETE`
@@ -98,16 +119,48 @@ impl FleetView {
         Known {
             epoch: self.epoch(),
             sequence: self.sequence.load(Ordering::Acquire),
+            tip: *self.tip.lock().unwrap_or_else(PoisonError::into_inner),
         }
     }
 
-    /// Compares what the store shows with what was `known` before asking, and learns it.
-    pub fn see(&self, known: Known, epoch: Option<u64>, sequence: Option<u64>) -> Seen {
-        let (Some(epoch), Some(sequence)) = (epoch, sequence) else {
+    /// Compares what a read of the store shows with what was `known` before
+    /// asking, and learns it. Less than known is a rollback: a lower epoch
+    /// or sequence, a counter not believable, or the sequence this replica
+    /// read before under another tip.
+    pub fn see(&self, known: Known, read: Counters) -> Seen {
+        self.judge(known, read, false)
+    }
+
+    /// As `see`, for the counters an advance of the sequence returned: a
+    /// number this replica already knew was taken before (a restore undid
+    /// the advance that took it first), so it is a rollback too.
+    pub fn see_advanced(&self, known: Known, read: Counters) -> Seen {
+        self.judge(known, read, true)
+    }
+
+    fn judge(&self, known: Known, read: Counters, advanced: bool) -> Seen {
+        let (Some(epoch), Some(sequence)) = (read.epoch, read.sequence) else {
             return Seen::RolledBack;
         };
-        if epoch < known.epoch || sequence < known.sequence {
+        let retaken = known.tip.is_some_and(|tip| {
+            tip.epoch == epoch && tip.sequence == sequence && read.tip != Some(tip.tip)
+        });
+        if epoch < known.epoch
+            || sequence < known.sequence
+            || (advanced && sequence <= known.sequence)
+            || retaken
+        {
             return Seen::RolledBack;
+        }
+        if let Some(tip) = read.tip {
+            let mut newest = self.tip.lock().unwrap_or_else(PoisonError::into_inner);
+            if newest.is_none_or(|n| (n.epoch, n.sequence) <= (epoch, sequence)) {
+                *newest = Some(Tip {
+                    epoch,
+                    sequence,
+                    tip,
+                });
+            }
         }
         if self.learn(epoch, sequence) {
             Seen::Raised
@@ -183,7 +236,14 @@ mod tests {
     #[test]
     fn redis_showing_less_than_known_is_a_rollback_and_more_is_learned() {
         let fleet = FleetView::default();
-        let see = |epoch, sequence| fleet.see(fleet.known(), epoch, sequence);
+        let see = |epoch, sequence| {
+            let read = Counters {
+                epoch,
+                sequence,
+                tip: None,
+            };
+            fleet.see(fleet.known(), read)
+        };
         assert_eq!(see(Some(0), Some(0)), Seen::AsKnown);
         assert_eq!(see(Some(0), Some(5)), Seen::AsKnown);
         assert_eq!(see(Some(0), Some(4)), Seen::RolledBack, "sequence back");
@@ -236,7 +296,40 @@ mod tests {
         let asked = fleet.known();
         // Another request's later answer (or a message) arrived first.
         fleet.heard_sequence(7);
-        assert_eq!(fleet.see(asked, Some(0), Some(6)), Seen::AsKnown);
+        let read = Counters {
+            epoch: Some(0),
+            sequence: Some(6),
+            tip: None,
+        };
+        assert_eq!(fleet.see(asked, read), Seen::AsKnown);
         assert_eq!(fleet.known().sequence, 7, "nothing learned moves back");
+    }
+
+    fn read(sequence: u64, tip: u64) -> Counters {
+        Counters {
+            epoch: Some(0),
+            sequence: Some(sequence),
+            tip: Some(tip),
+        }
+    }
+
+    #[test]
+    fn a_number_taken_again_by_another_history_is_a_rollback() {
+        let fleet = FleetView::default();
+        assert_eq!(fleet.see(fleet.known(), read(3, 30)), Seen::AsKnown);
+        assert_eq!(fleet.see(fleet.known(), read(3, 30)), Seen::AsKnown);
+        // A restore took 3 back to 2, and a new advance made 3 again.
+        assert_eq!(fleet.see(fleet.known(), read(3, 31)), Seen::RolledBack);
+        // A later number under a tip of its own is news, not a rollback.
+        assert_eq!(fleet.see(fleet.known(), read(4, 40)), Seen::AsKnown);
+    }
+
+    #[test]
+    fn an_advance_that_returns_a_known_number_is_a_rollback() {
+        let fleet = FleetView::default();
+        fleet.heard_sequence(3);
+        let advanced = |sequence| fleet.see_advanced(fleet.known(), read(sequence, sequence * 10));
+        assert_eq!(advanced(3), Seen::RolledBack, "3 was someone else's");
+        assert_eq!(advanced(4), Seen::AsKnown);
     }
 }

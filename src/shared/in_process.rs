@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::fleet_view::{FleetView, Seen};
+use super::fleet_view::{Counters, FleetView, Seen};
 use super::protocol::{self, Claim, HeldLock, LockedStore, Waiting};
 use super::{Event, EventSink, Fill, NotShared, Publish, SharedTier, Stored, TierFuture};
 use crate::domain::Identity;
@@ -40,6 +40,10 @@ use crate::remembered::{Lowest, Remembered};
 pub const CANARY_EVERY: Duration = Duration::from_millis(250);
 /// A replica that hears no canary of its own for this long is deaf.
 pub const SILENCE_LIMIT: Duration = Duration::from_millis(1250);
+/// A process trusts the store only this long after its first canary came
+/// back: by then a replica that saw an invalidation a restore undid has
+/// raised the epoch (as the Redis tier's `SETTLE`).
+pub const SETTLE: Duration = Duration::from_millis(1250);
 /// How long an announced invalidation may take to be heard.
 pub const MISSED_GRACE: Duration = Duration::from_millis(750);
 /// How often a waiter looks again when no "filled" message came.
@@ -78,6 +82,8 @@ struct Store {
     locks: HashMap<Identity, Lock>,
     epoch: u64,
     sequence: u64,
+    /// The tip the last advance named itself with.
+    tip: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -170,6 +176,7 @@ impl Fleet {
             filled: Notify::new(),
             canaries_sent: AtomicU64::new(0),
             canaries_heard: AtomicU64::new(0),
+            settled: OnceLock::new(),
             sink: OnceLock::new(),
         });
         locked(&self.0.replicas).push(Arc::downgrade(&inner));
@@ -269,6 +276,8 @@ struct Inner {
     filled: Notify,
     canaries_sent: AtomicU64,
     canaries_heard: AtomicU64,
+    /// `SETTLE` after the first canary came back.
+    settled: OnceLock<Instant>,
     sink: OnceLock<EventSink>,
 }
 
@@ -385,21 +394,16 @@ impl Replica {
         if self.dead() {
             return Err(NotShared);
         }
-        let known = self.0.view.known();
+        let sequence = self.advance();
         let lowest = self.0.invalidated.get(identity).value();
-        let (epoch, sequence, generation) = {
+        let generation = {
             let mut store = locked(&self.0.fleet.0.store);
-            store.sequence += 1;
             store.values.remove(identity);
             let current = store.generations.get(identity).copied().unwrap_or(0);
             let generation = self.0.fleet.next_generation(current, lowest);
             store.generations.insert(identity.clone(), generation);
-            (store.epoch, store.sequence, generation)
+            generation
         };
-        if self.0.view.see(known, Some(epoch), Some(sequence)) == Seen::RolledBack {
-            // The store lost writes; whatever it held goes before this is confirmed.
-            self.raise_epoch();
-        }
         self.0.invalidated.raise(identity, generation);
         self.0.fleet.publish(
             Message::Invalidated {
@@ -410,6 +414,34 @@ impl Replica {
             None,
         );
         Ok(())
+    }
+
+    /// Advances the fleet's sequence for an invalidation, under a fresh
+    /// tip; a rollback it shows raises the epoch, and the sequence is
+    /// advanced again in the new one.
+    fn advance(&self) -> u64 {
+        loop {
+            let known = self.0.view.known();
+            let read = {
+                let mut store = locked(&self.0.fleet.0.store);
+                store.sequence += 1;
+                store.tip = self.0.fleet.0.owners.fetch_add(1, Ordering::AcqRel) + 1;
+                Counters {
+                    epoch: Some(store.epoch),
+                    sequence: Some(store.sequence),
+                    tip: Some(store.tip),
+                }
+            };
+            match self.0.view.see_advanced(known, read) {
+                Seen::RolledBack => self.raise_epoch(),
+                seen => {
+                    if seen == Seen::Raised {
+                        self.emit(Event::Lost);
+                    }
+                    return read.sequence.unwrap_or_default();
+                }
+            }
+        }
     }
 
     /// The store shows less than this replica knew: raise the epoch past
@@ -455,16 +487,22 @@ impl Replica {
     }
 
     /// One canary round: reads the fleet's counters, judges them, and sends
-    /// a canary; the subscription is lost (every local entry dropped, out
-    /// of sync until a canary comes back again) when it was silent for
-    /// `SILENCE_LIMIT` or missed an announced invalidation.
+    /// a canary. In sync once a canary came back (for a new process, only
+    /// after `SETTLE`); the subscription is lost (every local entry
+    /// dropped, out of sync until a canary comes back again) when it was
+    /// silent for `SILENCE_LIMIT` or missed an announced invalidation.
     fn check(&self, last_heard: &mut Instant, heard: &mut u64) {
         let known = self.0.view.known();
-        let (epoch, sequence) = {
+        let (read, sequence) = {
             let store = locked(&self.0.fleet.0.store);
-            (store.epoch, store.sequence)
+            let read = Counters {
+                epoch: Some(store.epoch),
+                sequence: Some(store.sequence),
+                tip: Some(store.tip),
+            };
+            (read, store.sequence)
         };
-        match self.0.view.see(known, Some(epoch), Some(sequence)) {
+        match self.0.view.see(known, read) {
             Seen::AsKnown => {}
             Seen::Raised => self.emit(Event::Lost),
             Seen::RolledBack => self.raise_epoch(),
@@ -475,7 +513,8 @@ impl Replica {
         if canaries > *heard {
             *heard = canaries;
             *last_heard = now;
-            if !self.in_sync() {
+            let settled = *self.0.settled.get_or_init(|| now + SETTLE);
+            if !self.in_sync() && now >= settled {
                 // What was fetched while out of sync may have missed an invalidation.
                 self.emit(Event::Lost);
                 self.0.in_sync.store(true, Ordering::Release);

@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::shared::in_process::{CANARY_EVERY, Faults, Fleet, Replica};
+use crate::shared::in_process::{CANARY_EVERY, Faults, Fleet, Replica, SETTLE};
 
 /// How long a replica waits for another's fetch: `upstream.timeout`.
 pub(super) const WAIT: Duration = Duration::from_secs(2);
@@ -143,7 +143,7 @@ impl Replicas {
 
 /// Until every replica heard its first canaries and is in sync.
 async fn settled() {
-    tokio::time::sleep(CANARY_EVERY * 3).await;
+    tokio::time::sleep(SETTLE + CANARY_EVERY * 2).await;
 }
 
 fn customer() -> Identity {

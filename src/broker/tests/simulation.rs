@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use super::fleet::{Replicas, Vendor, WAIT, version};
 use super::*;
 use crate::shared::history::{Judged, Kind, Limits, Op, judge};
-use crate::shared::in_process::{CANARY_EVERY, Faults, Fleet};
+use crate::shared::in_process::{CANARY_EVERY, Faults, Fleet, SETTLE};
 
 const SEEDS: u64 = 1_000;
 const PARTS: u64 = 4;
@@ -44,16 +44,24 @@ fn key(key: usize) -> Identity {
 struct World {
     replicas: StdMutex<Replicas>,
     history: StdMutex<Vec<Op>>,
+    /// The faults, with when each began, for whoever reads a failure.
+    faults: StdMutex<Vec<(Duration, String)>>,
     origin: Instant,
 }
 
 impl World {
+    fn fault(&self, what: impl Into<String>) {
+        let at = Instant::now() - self.origin;
+        self.faults.lock().unwrap().push((at, what.into()));
+    }
+
     fn broker(&self, index: usize) -> Broker {
         self.replicas.lock().unwrap().brokers[index].clone()
     }
 
     /// `replica`'s process is replaced by a new one, which knows nothing.
     fn replace(&self, replica: usize) {
+        self.fault(format!("replica {replica} replaced"));
         let mut replicas = self.replicas.lock().unwrap();
         replicas.tiers[replica].die();
         let new = replicas.add();
@@ -133,20 +141,27 @@ async fn nemesis(world: &World, seed: u64, end: Instant) {
         let lasting = Duration::from_millis(rng.random_range(100..2_000));
         match rng.random_range(0..6) {
             0 | 1 => {
-                fleet.set_faults(faulty_network(&mut rng));
+                let faults = faulty_network(&mut rng);
+                world.fault(format!("{faults:?} for {lasting:?}"));
+                fleet.set_faults(faults);
                 tokio::time::sleep(lasting).await;
                 fleet.set_faults(Faults::default());
             }
             2 => {
                 let replica = rng.random_range(0..REPLICAS);
+                world.fault(format!("replica {replica} deaf for {lasting:?}"));
                 let tier = world.replicas.lock().unwrap().tiers[replica].clone();
                 tier.set_deaf(true);
                 tokio::time::sleep(lasting).await;
                 tier.set_deaf(false);
             }
             3 => match snapshot.take() {
-                None => snapshot = Some(fleet.snapshot()),
+                None => {
+                    world.fault("snapshot");
+                    snapshot = Some(fleet.snapshot());
+                }
                 Some(older) => {
+                    world.fault("restore");
                     fleet.restore(&older);
                     // Often with a new process that saw none of what was undone.
                     if rng.random_bool(0.5) {
@@ -154,7 +169,10 @@ async fn nemesis(world: &World, seed: u64, end: Instant) {
                     }
                 }
             },
-            4 => fleet.lose(),
+            4 => {
+                world.fault("store lost");
+                fleet.lose();
+            }
             _ => world.replace(rng.random_range(0..REPLICAS)),
         }
     }
@@ -164,10 +182,11 @@ async fn nemesis(world: &World, seed: u64, end: Instant) {
 async fn schedule(seed: u64) -> Result<Judged, String> {
     let vendor = Vendor::new(Duration::from_millis(1)..=Duration::from_millis(300), seed);
     let replicas = Replicas::new(REPLICAS, SIMULATED_TTL, Fleet::new(seed), vendor);
-    tokio::time::sleep(CANARY_EVERY * 3).await;
+    tokio::time::sleep(SETTLE + CANARY_EVERY * 2).await;
     let world = Arc::new(World {
         replicas: StdMutex::new(replicas),
         history: StdMutex::default(),
+        faults: StdMutex::default(),
         origin: Instant::now(),
     });
     let end = Instant::now() + LENGTH;
@@ -198,7 +217,14 @@ async fn schedule(seed: u64) -> Result<Judged, String> {
         task.await.map_err(|e| format!("a task failed: {e}"))?;
     }
     let history = world.history.lock().unwrap().clone();
-    let judged = judge(&history, LIMITS)?;
+    let judged = judge(&history, LIMITS).map_err(|violation| {
+        let faults = world.faults.lock().unwrap();
+        let told: Vec<String> = faults
+            .iter()
+            .map(|(at, f)| format!("  at {at:.3?}: {f}"))
+            .collect();
+        format!("{violation}\nfaults:\n{}", told.join("\n"))
+    })?;
     one_fetch_per_generation(&world).await?;
     Ok(judged)
 }

@@ -18,7 +18,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::super::Event;
-use super::super::fleet_view::{FleetView, Known, Seen};
+use super::super::fleet_view::{Counters, FleetView, Seen};
 use super::super::sealed::Message;
 use super::scripts::{self, believable};
 use super::{FLEET, INVALIDATED, RedisTier, invoking};
@@ -64,18 +64,13 @@ impl Fleet {
 }
 
 impl RedisTier {
-    /// What Redis shows of the fleet: `epoch` and `sequence` (`None` where
-    /// not believable). Learns them, or raises the epoch past them when they
-    /// are less than this replica `known` before it asked. `Some(true)`:
-    /// taken as they were; `Some(false)`: rolled back, and the epoch raised;
+    /// What Redis shows of the fleet (`seen`: `FleetView::see`, or
+    /// `see_advanced` for an advance's answer). Learns it, or raises the
+    /// epoch past it when it is less than this replica knew. `Some(true)`:
+    /// taken as it was; `Some(false)`: rolled back, and the epoch raised;
     /// `None`: rolled back, and the raise failed.
-    async fn saw_fleet(
-        &self,
-        known: Known,
-        epoch: Option<u64>,
-        sequence: Option<u64>,
-    ) -> Option<bool> {
-        match self.0.fleet.view.see(known, epoch, sequence) {
+    async fn saw_fleet(&self, seen: Seen) -> Option<bool> {
+        match seen {
             Seen::AsKnown => Some(true),
             Seen::Raised => {
                 self.saw_raised();
@@ -150,14 +145,17 @@ impl RedisTier {
         for _ in 0..2 {
             let known = self.0.fleet.view.known();
             let mut invocation = self.0.fleet.advance.prepare_invoke();
-            invocation.key(FLEET);
-            let (epoch, sequence): (String, String) = self
+            invocation.key(FLEET).arg(new_tip());
+            let read: (String, String, String) = self
                 .call(SharedCacheOp::Invalidate, invoking(invocation))
                 .await?;
-            let (epoch, sequence) = (believable(&epoch), believable(&sequence));
+            let read = counters(&read);
             // Rolled back (and raised): advance again, in the new epoch.
-            if self.saw_fleet(known, epoch, sequence).await? {
-                return sequence;
+            if self
+                .saw_fleet(self.0.fleet.view.see_advanced(known, read))
+                .await?
+            {
+                return read.sequence;
             }
         }
         None
@@ -200,17 +198,31 @@ impl RedisTier {
             .key(FLEET)
             .arg(fleet.canary_channel())
             .arg(canary);
-        let read: Option<(String, String)> =
+        let read: Option<(String, String, String)> =
             self.call(SharedCacheOp::Canary, invoking(invocation)).await;
-        let Some((epoch, sequence)) = read else {
+        let Some(read) = read else {
             return false;
         };
-        let (epoch, sequence) = (believable(&epoch), believable(&sequence));
+        let read = counters(&read);
         // A failed raise is tried again with the next canary.
-        let _ = self.saw_fleet(known, epoch, sequence).await;
-        if let Some(sequence) = sequence {
+        let _ = self.saw_fleet(fleet.view.see(known, read)).await;
+        if let Some(sequence) = read.sequence {
             fleet.view.expect(sequence);
         }
         true
     }
+}
+
+/// The epoch, sequence and tip the scripts answer, each if believable.
+fn counters((epoch, sequence, tip): &(String, String, String)) -> Counters {
+    Counters {
+        epoch: believable(epoch),
+        sequence: believable(sequence),
+        tip: believable(tip),
+    }
+}
+
+/// A fresh tip for an advance: random, and believable as a counter.
+fn new_tip() -> String {
+    rand::random_range(1..100_000_000_000_000_000u64).to_string()
 }

@@ -129,10 +129,10 @@ return {redis.call('GET', KEYS[2]), replaced}
     )
 }
 
-/// The fleet's epoch and invalidation sequence ('' where not believable),
-/// created at 0 if absent (so a snapshot holds them), and the replica's
-/// canary published on its own channel, all in one round trip.
-/// KEYS: fleet. ARGV: canary channel, sealed canary.
+/// The fleet's epoch, invalidation sequence and the tip of its last
+/// advance ('' where not believable), created at 0 if absent (so a snapshot
+/// holds them), and the replica's canary published on its own channel, all
+/// in one round trip. KEYS: fleet. ARGV: canary channel, sealed canary.
 pub(super) fn fleet() -> String {
     format!(
         "{PRELUDE}{}",
@@ -142,24 +142,26 @@ redis.call('HSETNX', KEYS[1], 'sequence', '0')
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 local epoch = counter(redis.call('HGET', KEYS[1], 'epoch')) or ''
 local sequence = counter(redis.call('HGET', KEYS[1], 'sequence')) or ''
-return {epoch, sequence}
+local tip = counter(redis.call('HGET', KEYS[1], 'tip')) or ''
+return {epoch, sequence, tip}
 "
     )
 }
 
-/// Advances the fleet's invalidation sequence; returns the epoch and the
-/// new sequence, or '' for both (and changes nothing) when either is not
-/// believable. KEYS: fleet.
+/// Advances the fleet's invalidation sequence and names the advance with
+/// the tip given; returns the epoch, the new sequence and the tip, or ''
+/// for all (and changes nothing) when epoch or sequence is not believable.
+/// KEYS: fleet. ARGV: tip.
 pub(super) fn advance() -> String {
     format!(
         "{PRELUDE}{}",
         r"
 local epoch = counter(redis.call('HGET', KEYS[1], 'epoch'))
 local sequence = counter(redis.call('HGET', KEYS[1], 'sequence'))
-if epoch == nil or sequence == nil then return {'', ''} end
-redis.call('HSET', KEYS[1], 'epoch', epoch)
+if epoch == nil or sequence == nil then return {'', '', ''} end
+redis.call('HSET', KEYS[1], 'epoch', epoch, 'tip', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'sequence', 1)
-return {epoch, redis.call('HGET', KEYS[1], 'sequence')}
+return {epoch, redis.call('HGET', KEYS[1], 'sequence'), ARGV[1]}
 "
     )
 }
