@@ -101,7 +101,7 @@ pub fn judge(history: &[Op], limits: Limits) -> Result<Judged, String> {
                         op.broker,
                         op.start - at
                     );
-                    let window = at.saturating_sub(Duration::from_secs(2))..op.end;
+                    let window = at.saturating_sub(Duration::from_secs(2))..=op.end;
                     for other in history
                         .iter()
                         .filter(|o| o.key == key && window.contains(&o.start))
