@@ -397,6 +397,11 @@ async fn an_in_process_app_with_export_on_continues_the_callers_trace_to_the_ven
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
     let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
+    // tracing caches whether a callsite is of interest, process-wide. While
+    // a single dispatcher is registered, a callsite first hit on another
+    // test's thread is judged by that thread's (absent) subscriber alone,
+    // and stays off here too; with two registered, every one is asked.
+    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
     let _traced = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
     let app = TestApp::builder().exporting().spawn().await;
 
