@@ -128,14 +128,9 @@ pub async fn get_token(
     revalidate: Revalidate,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, Response> {
-    let identity =
-        query::identity(raw.as_deref(), query::V1).map_err(IntoResponse::into_response)?;
-    let refused = |error| refused(&state, &identity, error);
-    let issued = lookup(&state, &caller, &identity, revalidate)
-        .await
-        .map_err(refused)?;
+    let (identity, issued) = read(&state, &caller, revalidate, raw, query::V1).await?;
     if !issued.active {
-        return Err(refused(ApiError::TokenInactive));
+        return Err(refused(&state, &identity, ApiError::TokenInactive));
     }
     let (email, user_type, user_id) = match &identity {
         Identity::TeamMember { email, user_type } => {
@@ -184,11 +179,7 @@ pub async fn get_vendor_token(
     revalidate: Revalidate,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, Response> {
-    let identity =
-        query::identity(raw.as_deref(), query::VENDOR).map_err(IntoResponse::into_response)?;
-    let issued = lookup(&state, &caller, &identity, revalidate)
-        .await
-        .map_err(|error| refused(&state, &identity, error))?;
+    let (identity, issued) = read(&state, &caller, revalidate, raw, query::VENDOR).await?;
     let body = VendorBody {
         success: true,
         message: "",
@@ -254,6 +245,23 @@ pub(super) fn refused(state: &AppState, identity: &Identity, error: ApiError) ->
         outcome.identity = Some(state.auditor.identity(identity));
     }
     response
+}
+
+/// The identity a read names in its query (`form`: how the customer id is
+/// spelled), and
+/// the token `caller` gets for it; a refusal as the answer to send.
+async fn read(
+    state: &AppState,
+    caller: &Caller,
+    revalidate: Revalidate,
+    raw: Option<String>,
+    form: query::CustomerParam,
+) -> Result<(Identity, Issued), Response> {
+    let identity = query::identity(raw.as_deref(), form).map_err(IntoResponse::into_response)?;
+    let issued = lookup(state, caller, &identity, revalidate)
+        .await
+        .map_err(|error| refused(state, &identity, error))?;
+    Ok((identity, issued))
 }
 
 async fn lookup(
