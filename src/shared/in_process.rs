@@ -86,6 +86,17 @@ struct Store {
     tip: u64,
 }
 
+impl Store {
+    /// The fleet's counters as a read of them shows them.
+    fn counters(&self) -> Counters {
+        Counters {
+            epoch: Some(self.epoch),
+            sequence: Some(self.sequence),
+            tip: Some(self.tip),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Value {
     stored: Stored,
@@ -426,20 +437,27 @@ impl Replica {
                 let mut store = locked(&self.0.fleet.0.store);
                 store.sequence += 1;
                 store.tip = self.0.fleet.0.owners.fetch_add(1, Ordering::AcqRel) + 1;
-                Counters {
-                    epoch: Some(store.epoch),
-                    sequence: Some(store.sequence),
-                    tip: Some(store.tip),
-                }
+                store.counters()
             };
-            match self.0.view.see_advanced(known, read) {
-                Seen::RolledBack => self.raise_epoch(),
-                seen => {
-                    if seen == Seen::Raised {
-                        self.emit(Event::Lost);
-                    }
-                    return read.sequence.unwrap_or_default();
-                }
+            if !self.saw(self.0.view.see_advanced(known, read)) {
+                return read.sequence.unwrap_or_default();
+            }
+        }
+    }
+
+    /// Acts on what a read of the counters showed: news of a raised epoch
+    /// drops every local entry, a rollback raises the epoch past it.
+    /// Whether it was a rollback.
+    fn saw(&self, seen: Seen) -> bool {
+        match seen {
+            Seen::AsKnown => false,
+            Seen::Raised => {
+                self.emit(Event::Lost);
+                false
+            }
+            Seen::RolledBack => {
+                self.raise_epoch();
+                true
             }
         }
     }
@@ -493,21 +511,9 @@ impl Replica {
     /// silent for `SILENCE_LIMIT` or missed an announced invalidation.
     fn check(&self, last_heard: &mut Instant, heard: &mut u64) {
         let known = self.0.view.known();
-        let (read, sequence) = {
-            let store = locked(&self.0.fleet.0.store);
-            let read = Counters {
-                epoch: Some(store.epoch),
-                sequence: Some(store.sequence),
-                tip: Some(store.tip),
-            };
-            (read, store.sequence)
-        };
-        match self.0.view.see(known, read) {
-            Seen::AsKnown => {}
-            Seen::Raised => self.emit(Event::Lost),
-            Seen::RolledBack => self.raise_epoch(),
-        }
-        self.0.view.expect(sequence);
+        let read = locked(&self.0.fleet.0.store).counters();
+        self.saw(self.0.view.see(known, read));
+        self.0.view.expect(read.sequence.unwrap_or_default());
         let now = Instant::now();
         let canaries = self.0.canaries_heard.load(Ordering::Acquire);
         if canaries > *heard {
